@@ -1,0 +1,222 @@
+"""Typed run configuration: YAML presets, validation with errors that name the key, dotted overrides.
+
+The dataclass defaults are the `tiny` preset, so the offline default needs no file at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from stages.errors import InputError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(InputError):
+    """A bad configuration value; the message names the key (and file) at fault."""
+
+
+@dataclass
+class Models:
+    stage1: str = "tiny"  # hub id or local diffusers folder; "tiny" = built locally on first use
+    stage2: str = "tiny"
+    stage3: str = "none"  # x4 upscaler hub id/folder, "tiny", or "none"
+    text_encoder: str = ""  # folder/hub id with text_encoder/ + tokenizer/; empty = same as stage1
+    variant: str | None = None  # "fp16" for the DeepFloyd hub weights
+    dtype: str = "float32"  # dtype of frozen weights used for sampling: float32|float16|bfloat16
+    cache_dir: str = "~/.cache/cascade"  # tiny components and text-embedding cache
+
+
+@dataclass
+class Identifier:
+    token: str = ""  # user-given identifier; empty = pick a rare token
+    seed: int = 0
+    min_id: int = 3000  # rare-token id range; the paper's 5000-10000 in if-*.yaml (the tiny vocab has ~4.6k)
+    max_id: int = 4400
+    max_chars: int = 3
+
+
+@dataclass
+class Train:
+    max_steps: int = 20
+    batch_size: int = 2  # instance images per step (plus as many class images with prior preservation)
+    learning_rate: float = 1e-4
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "auto"  # auto|no|bf16|fp16 (auto: bf16/fp16 on CUDA, no on CPU)
+    use_8bit_adam: bool = False
+    attention: str = "sdpa"  # sdpa|xformers
+    lora_rank: int = 0  # 0 = full fine-tuning
+    lora_alpha: float = 0.0  # 0 = same as rank
+    prior_preservation: bool = True
+    prior_weight: float = 1.0
+    num_class_images: int = 8
+    loss: str = "hybrid"  # hybrid (epsilon MSE + learned-variance bound) | epsilon (saves fixed_small)
+    vlb_weight: float = 1.0  # weight of the single-timestep bound term (= lambda 1/T on the full bound)
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    sample_every: int = 10
+    validation_images: int = 2
+    validation_steps: int = 10  # sampler steps for validation grids
+    seed: int = 0
+    report_to: str = "none"  # none|tensorboard|wandb
+    hflip: bool = False
+    # stage II only: noise augmentation of the low-res condition, an integer level in 0..999
+    noise_aug_min: int = 0
+    noise_aug_max: int = 20
+    random_crop: bool = False  # random 256 crops of larger photos (condition from the same crop)
+    crop_source_size: int = 320  # short side the photo is resized to before random cropping
+    allow_upscale: bool = False  # accept photos smaller than the stage resolution (upscaled, warned)
+
+
+@dataclass
+class Sample:
+    steps: int = 10
+    guidance_scale: float = 7.0
+    noise_level: int = -1  # stage II/III only; -1 = the stage's default (trained level or 250)
+    batch_size: int = 4
+
+
+@dataclass
+class Stage:
+    train: Train = field(default_factory=Train)
+    sample: Sample = field(default_factory=Sample)
+
+
+def _stage2_default() -> Stage:
+    return Stage(train=Train(learning_rate=1e-4, batch_size=1, prior_preservation=False, num_class_images=4),
+                 sample=Sample(steps=10, guidance_scale=4.0))
+
+
+@dataclass
+class Config:
+    name: str = "tiny"
+    models: Models = field(default_factory=Models)
+    identifier: Identifier = field(default_factory=Identifier)
+    max_text_length: int = 77
+    stage1: Stage = field(default_factory=Stage)
+    stage2: Stage = field(default_factory=_stage2_default)
+    stage3: Sample = field(default_factory=lambda: Sample(steps=10, guidance_scale=9.0, noise_level=100))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _allowed(tp) -> tuple:
+    """Python types a YAML value may have for a field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return tuple(t for a in typing.get_args(tp) for t in _allowed(a))
+    if tp is float:
+        return (float, int)
+    if tp is type(None):
+        return (type(None),)
+    return (tp,)
+
+
+def _merge(obj, data: dict, where: str, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
+    hints = typing.get_type_hints(type(obj))
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        if key not in hints:
+            raise ConfigError(f"{where}: unknown config key '{dotted}'")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value, where, dotted + ".")
+            continue
+        allowed = _allowed(hints[key])
+        if isinstance(value, bool) and bool not in allowed:
+            raise ConfigError(f"{where}: '{dotted}' must be {hints[key]}, got {value!r}")
+        if not isinstance(value, allowed):
+            raise ConfigError(f"{where}: '{dotted}' must be {hints[key]}, got {value!r}")
+        setattr(obj, key, float(value) if allowed[0] is float and not isinstance(value, bool) else value)
+
+
+def _set_override(cfg: Config, item: str):
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected key=value")
+    key, raw = item.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    nested: dict = {}
+    cursor = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        cursor = cursor.setdefault(part, {})
+    cursor[parts[-1]] = value
+    _merge(cfg, nested, f"--set {key}")
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A preset name (tiny, if-xl) or a YAML path."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return CONFIG_DIR / f"{name}.yaml"
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        p = resolve_path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        _merge(cfg, data, str(p))
+    for item in overrides or []:
+        _set_override(cfg, item)
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, msg: str):
+    if not ok:
+        raise ConfigError(f"config '{key}': {msg}")
+
+
+def validate(cfg: Config):
+    _check(cfg.models.dtype in ("float32", "float16", "bfloat16"), "models.dtype", "float32|float16|bfloat16")
+    _check(cfg.models.variant in (None, "fp16", "bf16"), "models.variant", "null, fp16 or bf16")
+    _check(1 <= cfg.max_text_length <= 512, "max_text_length", "must be in 1..512")
+    ident = cfg.identifier
+    _check(0 <= ident.min_id < ident.max_id, "identifier.min_id", "must be >= 0 and below identifier.max_id")
+    _check(ident.max_chars >= 1, "identifier.max_chars", "must be >= 1")
+    for stage in ("stage1", "stage2"):
+        t: Train = getattr(cfg, stage).train
+        s: Sample = getattr(cfg, stage).sample
+        k = f"{stage}.train."
+        _check(t.max_steps >= 1, k + "max_steps", "must be >= 1")
+        _check(t.batch_size >= 1, k + "batch_size", "must be >= 1")
+        _check(t.learning_rate > 0, k + "learning_rate", "must be > 0")
+        _check(t.gradient_accumulation_steps >= 1, k + "gradient_accumulation_steps", "must be >= 1")
+        _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"), k + "mixed_precision", "auto|no|bf16|fp16")
+        _check(t.attention in ("sdpa", "xformers"), k + "attention", "sdpa|xformers")
+        _check(t.lora_rank >= 0, k + "lora_rank", "must be >= 0 (0 = full fine-tuning)")
+        _check(t.prior_weight >= 0, k + "prior_weight", "must be >= 0")
+        _check(t.num_class_images >= 1, k + "num_class_images", "must be >= 1")
+        _check(t.loss in ("hybrid", "epsilon"), k + "loss", "hybrid|epsilon")
+        _check(t.vlb_weight >= 0, k + "vlb_weight", "must be >= 0")
+        _check(t.checkpoint_every >= 1 and t.sample_every >= 1, k + "checkpoint_every", "intervals must be >= 1")
+        _check(t.report_to in ("none", "tensorboard", "wandb"), k + "report_to", "none|tensorboard|wandb")
+        _check(0 <= t.noise_aug_min <= t.noise_aug_max <= 999, k + "noise_aug_min",
+               f"noise levels must satisfy 0 <= noise_aug_min <= noise_aug_max <= 999, got {t.noise_aug_min}..{t.noise_aug_max}")
+        _check(s.steps >= 1, f"{stage}.sample.steps", "must be >= 1")
+        _check(s.batch_size >= 1, f"{stage}.sample.batch_size", "must be >= 1")
+        _check(-1 <= s.noise_level <= 999, f"{stage}.sample.noise_level", "must be -1 (default) or in 0..999")
+    _check(-1 <= cfg.stage3.noise_level <= 350, "stage3.noise_level", "x4 upscaler accepts 0..350 (-1 = default)")
+
+
+def dump_config(cfg: Config, path: Path):
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

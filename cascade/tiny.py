@@ -1,0 +1,163 @@
+"""Tiny, architecturally faithful IF components in the real diffusers folder layout.
+
+No weights can be downloaded here, so tests and the offline demo build their own: a tiny T5 v1.1
+encoder with a real SentencePiece tokenizer, IF-style stage I / stage II UNets (6 output channels,
+learned-range variance, text-proj + text-pooled addition embedding, noise-level class embedding),
+IF's schedulers, and a tiny x4 upscaler for stage III. They are random-initialised: their images
+are noise. Everything is written with `save_pretrained` and loaded back with `from_pretrained`,
+the same code path users take with hub ids.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TINY_VERSION = "tiny-v1"
+T5_DIM = 32
+BUILD_SEED = 0
+
+
+def if_scheduler(sample_max_value: float) -> "DDPMScheduler":
+    """IF's sampling scheduler: cosine betas, epsilon, learned-range variance, dynamic thresholding."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
+                         variance_type="learned_range", thresholding=True, dynamic_thresholding_ratio=0.95,
+                         sample_max_value=sample_max_value, clip_sample=True, clip_sample_range=1.0)
+
+
+def if_noising_scheduler() -> "DDPMScheduler":
+    """IF's stage II `image_noising_scheduler` (noise augmentation of the low-res condition)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+
+
+def _corpus() -> list[str]:
+    """Deterministic training text for the tiny SentencePiece model: real prompt words plus
+    pseudo-words, so that real words tokenize and many short pieces land in the rare-id range."""
+    rng = random.Random(BUILD_SEED)
+    cons, vow = "bcdfghjklmnprstvwz", "aeiou"
+    words = ["".join(rng.choice(cons) + rng.choice(vow) for _ in range(rng.randint(2, 4))) for _ in range(3000)]
+    short = [c + v + d for c in cons for v in vow for d in cons]
+    english = ("a an the of in on with photo dog cat backpack can teapot robot toy stuffed animal bowl "
+               "candle clock sneaker boot glasses cartoon vase jungle snow beach cobblestone street top pink "
+               "fabric wooden floor city background mountain blue house purple rug forest wheat field tree "
+               "autumn leaves eiffel tower floating water ocean milk green grass sunflowers around it mirror "
+               "sidewalk crowded dirt road white red shiny wet cube shaped wearing hat santa rainbow scarf "
+               "chef outfit police firefighter sleeping bag bucket").split()
+    lines = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(20000)]
+    lines += [" ".join(rng.sample(short, 12)) for _ in range(400)]
+    lines += [" ".join(rng.sample(english, 10)) for _ in range(3000)]
+    return lines
+
+
+def build_tokenizer(folder: Path):
+    """Train a tiny SentencePiece unigram model (T5 ids: pad 0, eos 1, unk 2) and save a T5 tokenizer."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus()), model_writer=buf, vocab_size=16000,
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, num_threads=1, character_coverage=1.0, minloglevel=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spiece.model").write_bytes(buf.getvalue())
+        # from_pretrained on a folder with spiece.model really converts it; T5Tokenizer(vocab_file=...)
+        # silently builds an empty vocabulary with transformers 5.x.
+        tok = T5Tokenizer.from_pretrained(tmp, extra_ids=100)
+    if tok("a dog").input_ids == tok("a cat").input_ids:
+        raise RuntimeError("tiny tokenizer does not tokenize: 'a dog' and 'a cat' give the same ids")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def build_text_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(vocab_size=vocab_size, d_model=T5_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=8, dropout_rate=0.0)
+    return T5EncoderModel(cfg)
+
+
+def _unet_common() -> dict:
+    # The IF UNet family: scale-shift ResNets with skip-time activation, 1/0.7 output scaling, GELU,
+    # text projection into cross-attention and attention-pooled text in the time embedding.
+    return dict(layers_per_block=1, out_channels=6, act_fn="gelu", resnet_time_scale_shift="scale_shift",
+                resnet_skip_time_act=True, resnet_out_scale_factor=1 / 0.7, mid_block_scale_factor=1 / 0.7,
+                cross_attention_dim=64, encoder_hid_dim=T5_DIM, encoder_hid_dim_type="text_proj",
+                attention_head_dim=16, addition_embed_type="text", addition_embed_type_num_heads=2,
+                cross_attention_norm="group_norm", mid_block_type="UNetMidBlock2DSimpleCrossAttn", norm_num_groups=8)
+
+
+def build_stage1_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=64, in_channels=3, block_out_channels=(32, 64),
+                                down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+                                up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+                                **_unet_common())
+
+
+def build_stage2_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=256, in_channels=6, block_out_channels=(16, 32, 64, 64),
+                                down_block_types=("ResnetDownsampleBlock2D",) * 3 + ("SimpleCrossAttnDownBlock2D",),
+                                up_block_types=("SimpleCrossAttnUpBlock2D",) + ("ResnetUpsampleBlock2D",) * 3,
+                                class_embed_type="timestep", time_embedding_act_fn="gelu", **_unet_common())
+
+
+def build_tiny(output: Path, with_stage3: bool = True) -> Path:
+    """Write stage1/ (IFPipeline with T5 + tokenizer), stage2/ (IFSuperResolutionPipeline) and
+    stage3/ (StableDiffusionUpscalePipeline) under `output`, atomically (temp folder + rename)."""
+    from diffusers import IFPipeline, IFSuperResolutionPipeline
+
+    output = Path(output)
+    if output.exists() and any(output.iterdir()):
+        raise FileExistsError(f"{output} exists and is not empty; choose another --output")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=output.parent))
+    try:
+        torch.manual_seed(BUILD_SEED)
+        tok = build_tokenizer(tmp / "tokenizer-src")
+        text_encoder = build_text_encoder(len(tok))
+        off = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
+        IFPipeline(tokenizer=tok, text_encoder=text_encoder, unet=build_stage1_unet(),
+                   scheduler=if_scheduler(1.5), **off).save_pretrained(tmp / "stage1")
+        IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=build_stage2_unet(),
+                                  scheduler=if_scheduler(1.0), image_noising_scheduler=if_noising_scheduler(),
+                                  **off).save_pretrained(tmp / "stage2")
+        if with_stage3:
+            from cascade.tiny_stage3 import build_tiny_upscaler
+
+            build_tiny_upscaler(tmp / "stage3")
+        shutil.rmtree(tmp / "tokenizer-src")
+        (tmp / "BUILD.json").write_text(json.dumps({"version": TINY_VERSION, "seed": BUILD_SEED,
+                                                    "note": "random-initialised tiny components; images are noise"}))
+        if output.exists():
+            output.rmdir()
+        os.replace(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output
+
+
+def tiny_root(cache_dir: str) -> Path:
+    """The shared tiny components, built on first use."""
+    root = Path(os.path.expanduser(cache_dir)) / TINY_VERSION
+    if not (root / "BUILD.json").exists():
+        log.info("building tiny IF components into %s (first use)", root)
+        build_tiny(root)
+    return root

@@ -1,0 +1,1 @@
+"""stages: train and run one stage of the IF cascade. Never loads the text encoder, never chains stages."""

@@ -1,0 +1,105 @@
+"""Checkpoints (atomic, resumable) and exports that plain diffusers pipelines load.
+
+A checkpoint is accelerate's full training state (model, optimizer, LR schedule, RNG) plus our
+`trainer_state.json` (step, loss history), written to `checkpoint-NNNNNN.tmp` and renamed when
+complete, so a killed run never leaves a half-written checkpoint that resume would pick up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+from accelerate.utils import DistributedType
+
+from stages.components import EXPORT_META, LORA_WEIGHTS
+
+STATE_FILE = "trainer_state.json"
+_CKPT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _CKPT.match(p.name)) and
+             (p / STATE_FILE).is_file()]
+    return sorted(found)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(accelerator, folder: Path, step: int, state: dict, keep: int) -> Path:
+    """Collective: every process calls it (accelerate gathers sharded states); the main process writes
+    the temp folder, then renames it into place and prunes old checkpoints."""
+    final = folder / f"checkpoint-{step:06d}"
+    tmp = folder / f"checkpoint-{step:06d}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for _, old in checkpoints(folder)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: Path) -> dict:
+    accelerator.load_state(str(path))
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None, save_fixed_small: bool = False):
+    """Write `out/` atomically: full fine-tunes as `unet/` + `scheduler/` (UNet2DConditionModel and
+    DDPMScheduler `from_pretrained` load them, and `IFPipeline.from_pretrained(base, unet=...)`
+    takes them), LoRA as diffusers LoRA weights for `pipe.load_lora_weights(out)`.
+
+    The LoRA state dict is saved with peft's key names as they are: converting it to the old
+    diffusers `lora.down/up` names first makes diffusers 0.42 load only the add_k/add_v adapters of
+    IF's attention and silently drop to_q/to_k/to_v/to_out."""
+    tmp = out.with_name(out.name + ".tmp")
+    state_dict = accelerator.get_state_dict(unet)  # collective under FSDP/DeepSpeed
+    if not accelerator.is_main_process:
+        return None
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model = accelerator.unwrap_model(unet)
+    if lora_config is not None:
+        from diffusers import IFPipeline
+        from peft.utils import get_peft_model_state_dict
+
+        lora_sd = get_peft_model_state_dict(model, state_dict=state_dict)
+        IFPipeline.save_lora_weights(tmp, unet_lora_layers=lora_sd, weight_name=LORA_WEIGHTS,
+                                     unet_lora_adapter_metadata=lora_config.to_dict())
+        kind = "lora"
+    else:
+        model.save_pretrained(tmp / "unet", safe_serialization=True)
+        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            # sharded engines: the unwrapped module holds shards; write the gathered weights instead
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in state_dict.items()},
+                      str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+        kind = "full"
+    if save_fixed_small:
+        # epsilon-only training leaves the variance channels untrained: sample with beta~ instead
+        scheduler = scheduler.__class__.from_config(scheduler.config, variance_type="fixed_small")
+    scheduler.save_pretrained(tmp / "scheduler")
+    (tmp / EXPORT_META).write_text(json.dumps({**meta, "kind": kind}, indent=2, default=str))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,103 @@
+"""Load one stage's UNet and schedulers from a hub id, a local diffusers folder, or our export.
+
+An export folder (written by `checkpoint.export`) carries `cascade.json` naming its base model:
+full exports hold `unet/` (+ `scheduler/`), LoRA exports hold the adapter weights that
+`load_lora_weights` reads. Either way the stage is the base pipeline folder plus what we trained.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stages.errors import InputError
+
+EXPORT_META = "cascade.json"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+STAGE_IN_CHANNELS = {1: 3, 2: 6}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class StageMismatchError(InputError):
+    """A stage I model given where a stage II one is expected, or vice versa."""
+
+
+@dataclass
+class StageSource:
+    """Where a stage's weights come from: a base model, plus an optional fine-tuned export."""
+    base: str
+    export: Path | None = None
+    kind: str = "base"  # base | full | lora
+    meta: dict | None = None
+
+
+def describe_source(path: str) -> StageSource:
+    p = Path(path)
+    meta_file = p / EXPORT_META
+    if meta_file.is_file():
+        meta = json.loads(meta_file.read_text())
+        return StageSource(base=meta["base"], export=p, kind=meta["kind"], meta=meta)
+    return StageSource(base=str(path))
+
+
+def unet_stage(in_channels: int) -> int:
+    """1 for base models (3 input channels), 2 for super-resolution (6: x_t + low-res condition)."""
+    for stage, ch in STAGE_IN_CHANNELS.items():
+        if in_channels == ch:
+            return stage
+    raise StageMismatchError(f"UNet with in_channels={in_channels} is neither an IF stage I (3) "
+                             f"nor stage II (6) model")
+
+
+def check_stage(path: str, expected: int, setting: str):
+    """Read only the UNet config (cheap) and fail early if it is the wrong stage."""
+    from diffusers import UNet2DConditionModel
+
+    src = describe_source(path)
+    if src.meta is not None and src.meta.get("stage") != expected:
+        raise StageMismatchError(f"{setting}: {path} is a stage {src.meta.get('stage')} export, "
+                                 f"but stage {expected} is expected")
+    folder = src.export if src.kind == "full" else src.base
+    try:
+        config = UNet2DConditionModel.load_config(folder, subfolder="unet")
+    except (OSError, EnvironmentError, ValueError) as e:
+        raise FileNotFoundError(f"{setting}: cannot read a UNet config from {folder} ({e})") from None
+    found = unet_stage(config["in_channels"])
+    if found != expected:
+        raise StageMismatchError(f"{setting}: {path} holds a stage {found} UNet (in_channels="
+                                 f"{config['in_channels']}), but stage {expected} is expected")
+
+
+def load_unet(path: str, dtype: torch.dtype = torch.float32, variant: str | None = None, lora: bool = True):
+    """The stage's UNet: the base weights, a full export's weights, or base + a LoRA export (fused
+    by diffusers' own loader)."""
+    from diffusers import UNet2DConditionModel
+
+    src = describe_source(path)
+    if src.kind == "full":
+        return UNet2DConditionModel.from_pretrained(src.export, subfolder="unet", torch_dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(src.base, subfolder="unet", torch_dtype=dtype, variant=variant)
+    if src.kind == "lora" and lora:
+        unet.load_lora_adapter(str(src.export), weight_name=LORA_WEIGHTS, prefix="unet")
+    return unet
+
+
+def load_scheduler(path: str, subfolder: str = "scheduler"):
+    from diffusers import DDPMScheduler
+
+    src = describe_source(path)
+    if src.export is not None and (src.export / subfolder).is_dir():
+        return DDPMScheduler.from_pretrained(src.export, subfolder=subfolder)
+    return DDPMScheduler.from_pretrained(src.base, subfolder=subfolder)
+
+
+def file_digest(path: Path, limit: int = 1 << 30) -> str:
+    """sha256 of a weights file (first GiB), to record which checkpoint made an image."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(limit))
+    return h.hexdigest()[:16]

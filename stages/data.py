@@ -1,0 +1,114 @@
+"""Subject and class images at a stage's resolution, with low-res views for stage II.
+
+Pixels are float tensors in [-1, 1] (what IF's UNets see). Resizing follows IF's training recipe:
+a square centre crop, then PIL BICUBIC. Low-res conditions are made from the high-res tensor with
+antialiased bicubic downsampling, so a random crop and its condition always come from the same pixels.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+from stages.errors import InputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class ImageInputError(InputError):
+    """A bad image folder or file; the message names it."""
+
+
+def list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_folder(folder: str | Path, min_size: int, what: str = "subject", allow_upscale: bool = False,
+                min_count: int = 1) -> list[Image.Image]:
+    """Open and validate every image of a folder: RGB (converted with a warning), at least `min_size`
+    on the short side (or upscaled with a warning when allowed). Raises ImageInputError naming the fault."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise ImageInputError(f"{what} folder not found: {folder}")
+    if not folder.is_dir():
+        raise ImageInputError(f"{what} path is not a folder: {folder}")
+    paths = list_images(folder)
+    if len(paths) < min_count:
+        raise ImageInputError(f"{what} folder {folder} has {len(paths)} images "
+                              f"({', '.join(sorted(IMAGE_SUFFIXES))}); at least {min_count} needed")
+    images = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                im.load()
+                img = im.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            raise ImageInputError(f"{what} image {p} cannot be read ({e.__class__.__name__}: {e})") from None
+        if img.mode != "RGB":
+            log.warning("%s image %s is %s, converted to RGB", what, p, img.mode)
+            img = img.convert("RGB")
+        short = min(img.size)
+        if short < min_size:
+            if not allow_upscale:
+                raise ImageInputError(f"{what} image {p} is {img.size[0]}x{img.size[1]}, smaller than the "
+                                      f"stage's {min_size}px (set allow_upscale to upscale it)")
+            log.warning("%s image %s is %dpx on its short side; upscaling to %dpx", what, p, short, min_size)
+        images.append(img)
+    return images
+
+
+def center_square(img: Image.Image, name: str = "") -> Image.Image:
+    w, h = img.size
+    if w == h:
+        return img
+    log.info("image %s is %dx%d: centre-cropped to %dx%d", name, w, h, min(w, h), min(w, h))
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return img.crop((left, top, left + s, top + s))
+
+
+def to_tensor(img: Image.Image, size: int) -> torch.Tensor:
+    """Square-crop, resize with PIL BICUBIC, and map to a [-1, 1] CHW float tensor."""
+    img = center_square(img, getattr(img, "filename", "")).resize((size, size), Image.BICUBIC, reducing_gap=None)
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def stack(images: list[Image.Image], size: int) -> torch.Tensor:
+    return torch.stack([to_tensor(im, size) for im in images])
+
+
+def downsample(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The low-res view of a [-1, 1] batch (antialiased bicubic), clamped back into range."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, (size, size), mode="bicubic", antialias=True, align_corners=False).clamp(-1, 1)
+
+
+def random_crops(x: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """One random `size` crop per image of a [B, C, H, W] batch."""
+    _, _, h, w = x.shape
+    tops = torch.randint(0, h - size + 1, (x.shape[0],), generator=generator).tolist()
+    lefts = torch.randint(0, w - size + 1, (x.shape[0],), generator=generator).tolist()
+    return torch.stack([im[:, t:t + size, l:l + size] for im, t, l in zip(x, tops, lefts)])
+
+
+def to_pil(x: torch.Tensor) -> list[Image.Image]:
+    arr = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+    cols = cols or len(images)
+    rows = (len(images) + cols - 1) // cols
+    w, h = images[0].size
+    out = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        out.paste(im, ((i % cols) * w, (i // cols) * h))
+    return out

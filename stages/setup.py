@@ -1,0 +1,68 @@
+"""What the training loop needs before step 1: precision, attention, LoRA, optimizer, trackers.
+Every GPU-only path falls back on CPU with a warning instead of failing."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from stages.errors import InputError
+
+log = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]  # IF's AttnAddedKV attention
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if setting == "fp16" and not torch.cuda.is_available():
+        log.warning("mixed_precision=fp16 needs CUDA; training in fp32 on CPU")
+        return "no"
+    return setting
+
+
+def set_attention(unet, attention: str):
+    """SDPA is diffusers' default for IF's attention on torch 2; xformers when asked and usable."""
+    if attention != "xformers":
+        return "sdpa"
+    if importlib.util.find_spec("xformers") is None or not torch.cuda.is_available():
+        log.warning("attention=xformers needs the xformers package and CUDA; using SDPA")
+        return "sdpa"
+    unet.enable_xformers_memory_efficient_attention()
+    return "xformers"
+
+
+def add_lora(unet, rank: int, alpha: float):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    unet.requires_grad_(False)
+    unet.add_adapter(config)
+    return config
+
+
+def make_optimizer(params, lr: float, weight_decay: float, use_8bit: bool):
+    if use_8bit:
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
+        if torch.cuda.is_available():
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), "adamw-8bit"
+        log.warning("use_8bit_adam: bitsandbytes' 8-bit AdamW needs CUDA here; using torch AdamW on CPU")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
+
+
+def check_tracker(report_to: str):
+    """Fail before training if the chosen tracker is not installed."""
+    if report_to == "none":
+        return None
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
+    if importlib.util.find_spec(package) is None and not (
+            report_to == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        raise InputError(f"report_to={report_to} needs the {package} package installed")
+    return report_to

@@ -1,0 +1,181 @@
+"""The training loop both stages share: accelerate (single/multi-process, mixed precision, gradient
+accumulation), hybrid loss with prior preservation, atomic checkpoints, exact resume, validation
+grids, loss curves and the final export. What differs per stage lives in a task object
+(stage1.Stage1Task, stage2.Stage2Task)."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from stages import checkpoint, data, setup
+from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Embeddings:
+    """T5 embeddings the stage receives (it never loads the text encoder): [1, L, D] each."""
+    instance: torch.Tensor
+    negative: torch.Tensor
+    prior: torch.Tensor | None = None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    export_dir: Path | None
+    steps: int
+    losses: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """All randomness of one micro-step comes from (seed, step, rank): resuming needs no RNG state,
+    and ranks draw different data."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63))
+
+
+def _write_losses(run_dir: Path, rows: list[dict]):
+    if not rows:
+        return
+    with open(run_dir / "loss.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot_losses(rows, run_dir / "loss.png")
+
+
+def plot_losses(rows: list[dict], path: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["instance_loss"] for r in rows], label="instance loss")
+    if any(r["prior_loss"] != "" for r in rows):
+        ax.plot(steps, [r["prior_loss"] if r["prior_loss"] != "" else math.nan for r in rows], label="prior loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_meta: dict,
+          resume: bool = False, tracker_config: dict | None = None) -> TrainResult:
+    """Fine-tune `unet` (fp32 master weights) on `task`; `cfg` is a cascade Train config section."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    report_to = setup.check_tracker(cfg.report_to)
+    accelerator = Accelerator(mixed_precision=setup.resolve_mixed_precision(cfg.mixed_precision),
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              log_with=report_to, project_dir=str(run_dir))
+    set_seed(cfg.seed)
+    if report_to:
+        accelerator.init_trackers(f"cascade-stage{task.stage}", config=tracker_config or {})
+    attention = setup.set_attention(unet, cfg.attention)
+    lora_config = setup.add_lora(unet, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank > 0 else None
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer, opt_name = setup.make_optimizer(params, cfg.learning_rate, cfg.weight_decay, cfg.use_8bit_adam)
+    lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
+    unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    math_ = DiffusionMath(scheduler.alphas_cumprod)
+    n_train = scheduler.config.num_train_timesteps
+    device = accelerator.device
+
+    start, rows = 0, []
+    if resume and (latest := checkpoint.latest_checkpoint(ckpt_dir)) is not None:
+        state = checkpoint.load_checkpoint(accelerator, latest)
+        start, rows = state["step"], state["losses"]
+        log.info("resumed from %s at step %d", latest, start)
+    n_params = sum(p.numel() for p in params)
+    log.info("stage %d: %s, %d trainable params, %s, precision %s, attention %s, %d process(es)",
+             task.stage, "LoRA r=%d" % cfg.lora_rank if lora_config else "full fine-tune", n_params, opt_name,
+             accelerator.mixed_precision, attention, accelerator.num_processes)
+
+    n_inst = cfg.batch_size
+    prior_on = task.has_prior and cfg.prior_preservation
+    enc = torch.cat([embeds.instance.expand(n_inst, -1, -1)] +
+                    ([embeds.prior.expand(n_inst, -1, -1)] if prior_on else [])).to(device)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc=f"stage {task.stage}",
+               disable=not accelerator.is_local_main_process)
+    for step in bar:
+        inst_acc = prior_acc = 0.0
+        for micro in range(cfg.gradient_accumulation_steps):
+            gen = step_generator(cfg.seed, step * cfg.gradient_accumulation_steps + micro, accelerator.process_index)
+            batch = task.batch(n_inst, prior_on, gen)
+            x0 = batch["x0"].to(device)
+            noise = torch.randn(x0.shape, generator=gen).to(device)
+            t = torch.randint(0, n_train, (x0.shape[0],), generator=gen).to(device)
+            xt = math_.q_sample(x0, noise, t)
+            inp, class_labels = task.model_input(xt, batch, gen)
+            with accelerator.accumulate(unet), accelerator.autocast():
+                out = unet(inp, t, encoder_hidden_states=enc, class_labels=class_labels, return_dict=False)[0]
+                per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight)
+                loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                lr_sched.step()
+                optimizer.zero_grad(set_to_none=True)
+            inst_acc += inst.item() / cfg.gradient_accumulation_steps
+            prior_acc += (prior.item() if prior is not None else 0.0) / cfg.gradient_accumulation_steps
+        done = step + 1
+        # losses logged per rank-0 batch; ranks see different data but share weights
+        rows.append({"step": done, "instance_loss": round(inst_acc, 6),
+                     "prior_loss": round(prior_acc, 6) if prior_on else "", "lr": lr_sched.get_last_lr()[0]})
+        bar.set_postfix(loss=f"{inst_acc:.4f}")
+        if report_to:
+            accelerator.log({k: v for k, v in rows[-1].items() if v != ""}, step=done)
+        if done % cfg.sample_every == 0 or done == cfg.max_steps:
+            _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir, done)
+        if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
+            checkpoint.save_checkpoint(accelerator, ckpt_dir, done, {"step": done, "losses": rows},
+                                       cfg.keep_checkpoints)
+            if accelerator.is_main_process:
+                _write_losses(run_dir, rows)
+    seconds = time.time() - t0
+    meta = {**export_meta, "stage": task.stage, "steps": cfg.max_steps, "loss": cfg.loss,
+            "lora_rank": cfg.lora_rank}
+    out = checkpoint.export(unet, accelerator, scheduler, run_dir / "export", meta, lora_config,
+                            save_fixed_small=cfg.loss == "epsilon")
+    accelerator.wait_for_everyone()
+    if report_to:
+        accelerator.end_training()
+    log.info("stage %d: %d steps in %.1f s; export %s", task.stage, cfg.max_steps - start, seconds, out)
+    return TrainResult(run_dir, out, cfg.max_steps, rows, seconds)
+
+
+def _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir: Path, step: int):
+    if not accelerator.is_main_process or cfg.validation_images < 1:
+        return
+    model = accelerator.unwrap_model(unet)
+    model.eval()
+    with accelerator.autocast():
+        images = task.validation_samples(model, scheduler, embeds, cfg.validation_images, cfg.validation_steps,
+                                         torch.Generator().manual_seed(cfg.seed))
+    model.train()
+    folder = run_dir / "samples"
+    folder.mkdir(exist_ok=True)
+    data.grid(data.to_pil(images)).save(folder / f"step-{step:06d}.png")
