@@ -3,6 +3,7 @@ else is a hub id or a local folder, passed to `from_pretrained` unchanged."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -20,18 +21,23 @@ class ModelPaths:
 
     @property
     def uses_tiny(self) -> bool:
-        return any("tiny-v1" in p for p in (self.stage1, self.stage2, self.text_encoder))
+        return any("tiny-v1" in describe_source(p).base for p in (self.stage1, self.stage2, self.text_encoder))
+
+
+def resolve_name(cfg: Config, name: str, which: str) -> str:
+    """"tiny" -> the built tiny folder for `which` (stage1|stage2|stage3); "none" and paths unchanged."""
+    if name == "tiny":
+        return str(tiny_root(cfg.models.cache_dir) / which)
+    if name != "none" and not Path(name).exists() and (name.count("/") != 1 or name.startswith((".", "/"))):
+        raise FileNotFoundError(f"models.{which}: {name} is neither an existing folder nor a hub id (owner/name)")
+    return name
 
 
 def resolve(cfg: Config) -> ModelPaths:
     m = cfg.models
-
-    def one(name: str, which: str) -> str:
-        return str(tiny_root(m.cache_dir) / which) if name == "tiny" else name
-
-    s1 = one(m.stage1, "stage1")
-    text = one(m.text_encoder, "stage1") if m.text_encoder else describe_source(s1).base
-    return ModelPaths(s1, one(m.stage2, "stage2"), "none" if m.stage3 == "none" else one(m.stage3, "stage3"), text)
+    s1 = resolve_name(cfg, m.stage1, "stage1")
+    text = resolve_name(cfg, m.text_encoder, "stage1") if m.text_encoder else describe_source(s1).base
+    return ModelPaths(s1, resolve_name(cfg, m.stage2, "stage2"), resolve_name(cfg, m.stage3, "stage3"), text)
 
 
 def weights_dtype(cfg: Config) -> torch.dtype:

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from cascade import models
 from cascade.config import Config
-from stages import components, sampling
+from cascade.text import TextEncoder
+from stages import components, data, sampling
+from stages.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +103,149 @@ def class_pair_sampler(cfg: Config, paths: models.ModelPaths, class_embeds, nega
     return make
 
 
+def run_stage3(path: str, cfg: Config, images: torch.Tensor, prompts: list[str], seeds: list[int],
+               negative: str = "") -> list:
+    """x4 upscaling (256 -> 1024) with diffusers' StableDiffusionUpscalePipeline: it brings its own
+    CLIP text encoder. Model CPU offload on CUDA keeps only the running part on the GPU."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    s = cfg.stage3
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(path, torch_dtype=models.weights_dtype(cfg))
+    if torch.cuda.is_available():
+        pipe.enable_model_cpu_offload()
+    pipe.set_progress_bar_config(disable=True)
+    pil = data.to_pil(images)
+    out = []
+    for sl in _batches(len(seeds), s.batch_size):
+        gens = [torch.Generator().manual_seed(x + 2 * STAGE2_SEED_OFFSET) for x in seeds[sl]]
+        out += pipe(prompt=prompts[sl], image=pil[sl], num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
+                    noise_level=s.noise_level if s.noise_level >= 0 else 100, generator=gens,
+                    negative_prompt=[negative] * len(seeds[sl]) if s.guidance_scale > 1 else None).images
+    del pipe
+    release()
+    return out
+
+
+def fill_identifier(prompt: str, stage1_path: str) -> str:
+    """Replace the "[V]" placeholder with the identifier a fine-tuned stage I export was trained on."""
+    if "[V]" not in prompt:
+        return prompt
+    meta = components.describe_source(stage1_path).meta or {}
+    if "identifier" not in meta:
+        raise InputError(f"prompt {prompt!r} uses [V] but stage I ({stage1_path}) is not a fine-tuned "
+                                    f"export with an identifier; write the identifier into the prompt")
+    return prompt.replace("[V]", meta["identifier"])
+
+
+def model_record(path: str) -> dict:
+    """Which weights made an image: the source, and a digest of the trained weights when an export."""
+    src = components.describe_source(path)
+    rec = {"path": path, "kind": src.kind, "base": src.base}
+    if src.export is not None:
+        files = sorted(src.export.rglob("*.safetensors"))
+        rec["sha256_16"] = {str(f.relative_to(src.export)): components.file_digest(f) for f in files}
+    return rec
+
+
 @dataclass
-class CascadeOutput:
-    stage1: torch.Tensor
-    stage2: torch.Tensor | None
-    stage3: list | None
-    noise_level: int | None
+class SampleResult:
+    folder: Path
+    prompts: list[str]
+    seeds: list[int]
+    files: dict = field(default_factory=dict)  # stage name -> list of image paths (this process)
+    seconds: dict = field(default_factory=dict)
+
+
+def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_images: int, seed: int,
+                output: Path, negative_prompt: str = "", encoder: TextEncoder | None = None,
+                progress: bool = True) -> SampleResult:
+    """Sample `num_images` per prompt through stage I -> II (-> III); write each stage's images, a
+    grid per stage, and samples.json. With several processes (accelerate / torchrun) the images are
+    split between them; every image is the same as in a single-process run."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    components.check_stage(paths.stage1, 1, "stage I model")
+    if paths.stage2 != "none":
+        components.check_stage(paths.stage2, 2, "stage II model")
+    prompts = [fill_identifier(p, paths.stage1) for p in prompts]
+    items = [(i * num_images + k, p) for i, p in enumerate(prompts) for k in range(num_images)]
+    encoder = encoder or TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
+                                     models.weights_dtype(cfg), cfg.models.variant)
+    if state.is_main_process:
+        encoder.check_lengths(prompts)
+        embeds = encoder.encode(list(dict.fromkeys(prompts)) + [negative_prompt])  # T5 once, then released
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        embeds = encoder.encode(list(dict.fromkeys(prompts)) + [negative_prompt])  # from the cache
+    with state.split_between_processes(items) as mine:
+        mine = list(mine)
+    result = SampleResult(output, prompts, [seed + i for i, _ in items])
+    if mine:
+        idx = [i for i, _ in mine]
+        seeds = [seed + i for i in idx]
+        e = torch.cat([embeds[p] for _, p in mine])
+        neg = embeds[negative_prompt]
+        t = time.time()
+        images = run_stage1(paths.stage1, cfg, e, neg, seeds, progress)
+        result.seconds["stage1"] = time.time() - t
+        result.files["stage1"] = _save(images, output / "stage1", idx)
+        if paths.stage2 != "none":
+            t = time.time()
+            images = run_stage2(paths.stage2, cfg, images, e, neg, seeds, progress)
+            result.seconds["stage2"] = time.time() - t
+            result.files["stage2"] = _save(images, output / "stage2", idx)
+            if paths.stage3 != "none":
+                t = time.time()
+                up = run_stage3(paths.stage3, cfg, images, [p for _, p in mine], seeds, negative_prompt)
+                result.seconds["stage3"] = time.time() - t
+                result.files["stage3"] = _save_pil(up, output / "stage3", idx)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        _write_grids(output, num_images)
+        _write_record(cfg, paths, output, prompts, num_images, seed, negative_prompt, result)
+    return result
+
+
+def _save(images: torch.Tensor, folder: Path, idx: list[int]) -> list[Path]:
+    return _save_pil(data.to_pil(images), folder, idx)
+
+
+def _save_pil(images: list, folder: Path, idx: list[int]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i, im in zip(idx, images):
+        im.save(folder / f"{i:05d}.png")
+        out.append(folder / f"{i:05d}.png")
+    return out
+
+
+def _write_grids(output: Path, num_images: int):
+    from PIL import Image
+
+    for stage in ("stage1", "stage2", "stage3"):
+        files = sorted((output / stage).glob("[0-9]*.png")) if (output / stage).is_dir() else []
+        if files:
+            ims = [Image.open(f).convert("RGB") for f in files]
+            size = min(ims[0].size[0], 256)  # keep 1024px grids small
+            data.grid([im.resize((size, size)) for im in ims], cols=num_images).save(output / f"grid-{stage}.png")
+
+
+def _write_record(cfg, paths, output, prompts, num_images, seed, negative, result: SampleResult):
+    rec = {
+        "prompts": prompts, "negative_prompt": negative, "num_images_per_prompt": num_images, "seed": seed,
+        "images": [{"index": i, "prompt": prompts[i // num_images], "seed_stage1": seed + i,
+                    "seed_stage2": seed + i + STAGE2_SEED_OFFSET} for i in range(len(prompts) * num_images)],
+        "stage1": {**model_record(paths.stage1), "steps": cfg.stage1.sample.steps,
+                   "guidance_scale": cfg.stage1.sample.guidance_scale},
+        "stage2": None if paths.stage2 == "none" else {
+            **model_record(paths.stage2), "steps": cfg.stage2.sample.steps,
+            "guidance_scale": cfg.stage2.sample.guidance_scale,
+            "noise_level": sr_noise_level(paths.stage2, cfg.stage2.sample.noise_level)},
+        "stage3": None if paths.stage3 == "none" or paths.stage2 == "none" else {
+            "path": paths.stage3, "steps": cfg.stage3.steps, "guidance_scale": cfg.stage3.guidance_scale,
+            "noise_level": cfg.stage3.noise_level},
+        "seconds_main_process": result.seconds,
+        "random_weights": paths.uses_tiny,
+    }
+    (output / "samples.json").write_text(json.dumps(rec, indent=2))

@@ -60,9 +60,11 @@ def build_tiny_upscaler(folder: Path):
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, scaling_factor=0.08333)
+    # attention only at the coarsest level: a 256x256 latent (1024px output) stays cheap on CPU
     unet = UNet2DConditionModel(sample_size=64, in_channels=7, out_channels=4, layers_per_block=1,
-                                block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                                block_out_channels=(16, 16, 32, 32),
+                                down_block_types=("DownBlock2D",) * 3 + ("CrossAttnDownBlock2D",),
+                                up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * 3, cross_attention_dim=32,
                                 attention_head_dim=8, num_class_embeds=1000, norm_num_groups=8)
     pipe = StableDiffusionUpscalePipeline(
         vae=vae, text_encoder=text, tokenizer=tok, unet=unet,

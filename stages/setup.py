@@ -49,11 +49,12 @@ def make_optimizer(params, lr: float, weight_decay: float, use_8bit: bool):
     if use_8bit:
         if importlib.util.find_spec("bitsandbytes") is None:
             raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
-        if torch.cuda.is_available():
-            import bitsandbytes as bnb
+        import bitsandbytes as bnb
 
+        if torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes.backends.cpu") is not None:
+            # bitsandbytes >= 0.48 also runs its 8-bit optimizer states on CPU
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), "adamw-8bit"
-        log.warning("use_8bit_adam: bitsandbytes' 8-bit AdamW needs CUDA here; using torch AdamW on CPU")
+        log.warning("use_8bit_adam: this bitsandbytes has no CPU backend; using torch AdamW")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
 
 
