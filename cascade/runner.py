@@ -110,7 +110,7 @@ def run_stage3(path: str, cfg: Config, images: torch.Tensor, prompts: list[str],
     from diffusers import StableDiffusionUpscalePipeline
 
     s = cfg.stage3
-    pipe = StableDiffusionUpscalePipeline.from_pretrained(path, torch_dtype=models.weights_dtype(cfg))
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(path, dtype=models.weights_dtype(cfg))
     if torch.cuda.is_available():
         pipe.enable_model_cpu_offload()
     pipe.set_progress_bar_config(disable=True)

@@ -77,8 +77,8 @@ def load_unet(path: str, dtype: torch.dtype = torch.float32, variant: str | None
 
     src = describe_source(path)
     if src.kind == "full":
-        return UNet2DConditionModel.from_pretrained(src.export, subfolder="unet", torch_dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(src.base, subfolder="unet", torch_dtype=dtype, variant=variant)
+        return UNet2DConditionModel.from_pretrained(src.export, subfolder="unet", dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(src.base, subfolder="unet", dtype=dtype, variant=variant)
     if src.kind == "lora" and lora:
         unet.load_lora_adapter(str(src.export), weight_name=LORA_WEIGHTS, prefix="unet")
     return unet

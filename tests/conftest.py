@@ -1,0 +1,68 @@
+"""Shared fixtures: one tiny component build per test session, offline, deterministic."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """A models.cache_dir holding the tiny components (built once per session)."""
+    from cascade.tiny import tiny_root
+
+    cache = tmp_path_factory.mktemp("cascade-cache")
+    tiny_root(str(cache))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny(cache_dir) -> Path:
+    """The tiny component root: stage1/ (IFPipeline), stage2/ (IFSuperResolutionPipeline), stage3/."""
+    return cache_dir / "tiny-v1"
+
+
+@pytest.fixture
+def make_cfg(cache_dir):
+    """load_config("tiny") pointed at the session's tiny cache, plus dotted overrides."""
+    from cascade.config import load_config
+
+    def make(*overrides: str):
+        return load_config("tiny", [f"models.cache_dir={cache_dir}", *overrides])
+    return make
+
+
+def _write_subject(folder: Path, n: int, size: int, seed: int = 0) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        # smooth coloured blobs: structured enough to learn, different per image
+        c = rng.uniform(0, 1, (3, 2))
+        img = np.stack([np.sin(6 * xx * c[k, 0] + 4 * yy * c[k, 1] + i) for k in range(3)], -1)
+        Image.fromarray(((img + 1) * 127.5).astype("uint8")).save(folder / f"{i:02d}.png")
+    return folder
+
+
+@pytest.fixture
+def subject_dir(tmp_path) -> Path:
+    """The DreamBench dog when shared/ is beside the checkout, else 4 synthetic 320px images."""
+    dog = SHARED_DATA / "dog"
+    if dog.is_dir():
+        return dog
+    return _write_subject(tmp_path / "subject", 4, 320)
+
+
+@pytest.fixture
+def write_subject():
+    return _write_subject
