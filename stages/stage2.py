@@ -6,12 +6,13 @@ from __future__ import annotations
 import torch
 
 from stages import data, noise_aug, sampling
+from stages.task import ImageTask
 
 RESOLUTION = 256
 LOWRES = 64
 
 
-class Stage2Task:
+class Stage2Task(ImageTask):
     stage = 2
     resolution = RESOLUTION
 
@@ -19,31 +20,14 @@ class Stage2Task:
                  prior: torch.Tensor | None = None, random_crop: bool = False, hflip: bool = False,
                  sample_noise_level: int | None = None):
         """`instance`/`prior`: [N, 3, S, S] in [-1, 1] with S = 256, or larger when `random_crop`."""
-        self.instance, self.prior = instance, prior
+        super().__init__(instance, prior, hflip)
         self.noising_scheduler = noising_scheduler
         self.noise_min, self.noise_max = noise_min, noise_max
-        self.random_crop, self.hflip = random_crop, hflip
+        self.random_crop = random_crop
         self.sample_noise_level = noise_max if sample_noise_level is None else sample_noise_level
 
-    @property
-    def has_prior(self) -> bool:
-        return self.prior is not None
-
-    def _draw(self, images: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
-        x = images[torch.randint(0, images.shape[0], (n,), generator=gen)]
-        if self.random_crop and x.shape[-1] > RESOLUTION:
-            x = data.random_crops(x, RESOLUTION, gen)
-        else:
-            x = data.downsample(x, RESOLUTION)
-        if self.hflip:
-            flip = torch.rand(n, generator=gen) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return x
-
     def batch(self, n: int, with_prior: bool, gen: torch.Generator) -> dict:
-        x0 = self._draw(self.instance, n, gen)
-        if with_prior:
-            x0 = torch.cat([x0, self._draw(self.prior, n, gen)])
+        x0 = self.draw_x0(n, with_prior, gen)
         levels = noise_aug.sample_noise_levels(x0.shape[0], self.noise_min, self.noise_max, gen)
         return {"x0": x0, "lowres": data.downsample(x0, LOWRES), "noise_level": levels}
 
