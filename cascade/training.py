@@ -130,6 +130,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
         level = sec.sample.noise_level if sec.sample.noise_level >= 0 else tc.noise_aug_max
         task = stage2.Stage2Task(instance, noising, tc.noise_aug_min, tc.noise_aug_max, prior, tc.random_crop,
                                  tc.hflip, level)
+    task.guidance_scale = sec.sample.guidance_scale
     unet = components.load_unet(model_path, torch.float32, cfg.models.variant)
     scheduler = components.load_scheduler(model_path)
     emb = trainer.Embeddings(embeds[prompts["instance"]], embeds[""], embeds[prompts["class"]])

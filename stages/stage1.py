@@ -21,4 +21,4 @@ class Stage1Task(ImageTask):
 
     def validation_samples(self, unet, scheduler, embeds, n: int, steps: int, gen: torch.Generator):
         return sampling.sample(unet, scheduler, embeds.instance.expand(n, -1, -1), embeds.negative, steps,
-                               guidance_scale=7.0, generator=gen, resolution=self.resolution)
+                               guidance_scale=self.guidance_scale, generator=gen, resolution=self.resolution)

@@ -42,5 +42,5 @@ class Stage2Task(ImageTask):
         n = min(n, self.instance.shape[0])
         lowres = data.downsample(data.downsample(self.instance[:n], RESOLUTION), LOWRES)
         return sampling.sample(unet, scheduler, embeds.instance.expand(n, -1, -1), embeds.negative, steps,
-                               guidance_scale=4.0, generator=gen, resolution=RESOLUTION, lowres=lowres,
+                               guidance_scale=self.guidance_scale, generator=gen, resolution=RESOLUTION, lowres=lowres,
                                noise_level=self.sample_noise_level, noising_scheduler=self.noising_scheduler)

@@ -10,6 +10,7 @@ class ImageTask:
     """Holds [N, 3, S, S] tensors in [-1, 1]; draws `n` instance (+ `n` class) images per step."""
     resolution: int
     random_crop = False
+    guidance_scale = 7.0  # for validation grids; set from the stage's sample settings
 
     def __init__(self, instance: torch.Tensor, prior: torch.Tensor | None = None, hflip: bool = False):
         self.instance, self.prior, self.hflip = instance, prior, hflip
