@@ -58,8 +58,9 @@ def console_logging():
         h.setFormatter(LOG_FORMAT)
         h._cascade_console = True
         root.addHandler(h)
-    for noisy in ("httpx", "urllib3", "filelock", "accelerate", "matplotlib", "bitsandbytes"):
+    for noisy in ("httpx", "urllib3", "filelock", "accelerate", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices at import
 
 
 def start_logging(run_dir: Path, cfg: Config | None = None, is_main: bool = True):
