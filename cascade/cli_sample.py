@@ -55,9 +55,9 @@ def cmd_sample(args):
     for stage in ("stage1", "stage2", "stage3"):
         if getattr(args, stage) is not None:
             paths = dataclasses.replace(paths, **{stage: models.resolve_name(cfg, getattr(args, stage), stage)})
-    from accelerate import PartialState
+    from stages.setup import process_state
 
-    state = PartialState()
+    state = process_state()
     output = runs.prepare_output(args.output, "sample", overwrite=args.overwrite) if state.is_main_process else None
     output = _broadcast_path(state, output)
     runs.start_logging(output, cfg, state.is_main_process)

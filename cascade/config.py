@@ -135,6 +135,11 @@ def _merge(obj, data: dict, where: str, prefix: str = ""):
             _merge(current, value, where, dotted + ".")
             continue
         allowed = _allowed(hints[key])
+        if float in allowed and isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-5" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) and bool not in allowed:
             raise ConfigError(f"{where}: '{dotted}' must be {hints[key]}, got {value!r}")
         if not isinstance(value, allowed):

@@ -19,7 +19,7 @@ import torch
 from cascade import models
 from cascade.config import Config
 from cascade.text import TextEncoder
-from stages import components, data, sampling
+from stages import components, data, sampling, setup
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -162,9 +162,7 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
     """Sample `num_images` per prompt through stage I -> II (-> III); write each stage's images, a
     grid per stage, and samples.json. With several processes (accelerate / torchrun) the images are
     split between them; every image is the same as in a single-process run."""
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = setup.process_state()
     components.check_stage(paths.stage1, 1, "stage I model")
     if paths.stage2 != "none":
         components.check_stage(paths.stage2, 2, "stage II model")
@@ -180,6 +178,7 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
         embeds = encoder.encode(list(dict.fromkeys(prompts)) + [negative_prompt])  # from the cache
     with state.split_between_processes(items) as mine:
         mine = list(mine)
+    log.info("process %d/%d samples %d of %d images", state.process_index, state.num_processes, len(mine), len(items))
     result = SampleResult(output, prompts, [seed + i for i, _ in items])
     if mine:
         idx = [i for i, _ in mine]

@@ -12,7 +12,7 @@ from cascade import identifier as ident
 from cascade import models, runs
 from cascade.config import Config
 from cascade.text import TextEncoder, load_tokenizer
-from stages import components, data, stage1, stage2, trainer
+from stages import components, data, setup, stage1, stage2, trainer
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -86,15 +86,15 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
 
 
 def train(req: TrainRequest) -> trainer.TrainResult:
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     cfg = req.cfg
     sec = cfg.stage1 if req.stage == 1 else cfg.stage2
     tc = sec.train
-    state = PartialState()
+    state = setup.process_state()
     if not req.class_noun.strip():
         raise InputError("--class-noun must name the subject's class, e.g. dog")
+    setup.early_checks(tc)
     subject_images = _load_subject(req, tc)
     paths = _main_first(state, lambda: models.resolve(cfg))
     model_path = paths.stage1 if req.stage == 1 else paths.stage2

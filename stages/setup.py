@@ -14,6 +14,17 @@ log = logging.getLogger(__name__)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_k_proj", "add_v_proj"]  # IF's AttnAddedKV attention
 
 
+def on_cpu() -> bool:
+    """accelerate only forms a CPU process group (gloo, e.g. under torchrun) when told cpu=True."""
+    return not torch.cuda.is_available()
+
+
+def process_state():
+    from accelerate import PartialState
+
+    return PartialState(cpu=on_cpu())
+
+
 def resolve_mixed_precision(setting: str) -> str:
     if setting == "auto":
         if torch.cuda.is_available():
@@ -56,6 +67,13 @@ def make_optimizer(params, lr: float, weight_decay: float, use_8bit: bool):
             return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay), "adamw-8bit"
         log.warning("use_8bit_adam: this bitsandbytes has no CPU backend; using torch AdamW")
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
+
+
+def early_checks(train_cfg):
+    """Optional packages a setting needs, checked before any model loads."""
+    check_tracker(train_cfg.report_to)
+    if train_cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
 
 
 def check_tracker(report_to: str):

@@ -83,7 +83,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     report_to = setup.check_tracker(cfg.report_to)
-    accelerator = Accelerator(mixed_precision=setup.resolve_mixed_precision(cfg.mixed_precision),
+    accelerator = Accelerator(cpu=setup.on_cpu(), mixed_precision=setup.resolve_mixed_precision(cfg.mixed_precision),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with=report_to, project_dir=str(run_dir))
     set_seed(cfg.seed)
@@ -161,6 +161,10 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     out = checkpoint.export(unet, accelerator, scheduler, run_dir / "export", meta, lora_config,
                             save_fixed_small=cfg.loss == "epsilon")
     accelerator.wait_for_everyone()
+    # every rank reports its weights' checksum: DDP must leave them identical
+    checksum = sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(unet).parameters())
+    log.info("rank %d/%d final weights checksum %.10e", accelerator.process_index, accelerator.num_processes,
+             checksum)
     if report_to:
         accelerator.end_training()
     log.info("stage %d: %d steps in %.1f s; export %s", task.stage, cfg.max_steps - start, seconds, out)

@@ -26,6 +26,8 @@ def test_two_process_sampling_matches_one(make_cfg, tmp_path):
     proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(HELPER), *args,
                            "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "process 0/2 samples 2 of 4 images" in text and "process 1/2 samples 2 of 4 images" in text
     for stage in ("stage1", "stage2"):
         one = sorted((tmp_path / "one" / stage).glob("*.png"))
         two = sorted((tmp_path / "two" / stage).glob("*.png"))
