@@ -19,13 +19,14 @@ import torch
 from cascade import models
 from cascade.config import Config
 from cascade.text import TextEncoder
-from stages import components, data, sampling, setup
+from stages import components, data, sampling, setup, stage3
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
 
 STAGE2_SEED_OFFSET = 1_000_000
 DEFAULT_SR_NOISE_LEVEL = 250  # IFSuperResolutionPipeline's default
+DEFAULT_UPSCALER_NOISE_LEVEL = 100  # what DeepFloyd's IF examples use with the x4 upscaler
 
 
 def device() -> torch.device:
@@ -105,23 +106,12 @@ def class_pair_sampler(cfg: Config, paths: models.ModelPaths, class_embeds, nega
 
 def run_stage3(path: str, cfg: Config, images: torch.Tensor, prompts: list[str], seeds: list[int],
                negative: str = "") -> list:
-    """x4 upscaling (256 -> 1024) with diffusers' StableDiffusionUpscalePipeline: it brings its own
-    CLIP text encoder. Model CPU offload on CUDA keeps only the running part on the GPU."""
-    from diffusers import StableDiffusionUpscalePipeline
-
+    """x4 upscaling (256 -> 1024) of the stage II output; image k uses its own seeded generator."""
     s = cfg.stage3
-    pipe = StableDiffusionUpscalePipeline.from_pretrained(path, dtype=models.weights_dtype(cfg))
-    if torch.cuda.is_available():
-        pipe.enable_model_cpu_offload()
-    pipe.set_progress_bar_config(disable=True)
-    pil = data.to_pil(images)
-    out = []
-    for sl in _batches(len(seeds), s.batch_size):
-        gens = [torch.Generator().manual_seed(x + 2 * STAGE2_SEED_OFFSET) for x in seeds[sl]]
-        out += pipe(prompt=prompts[sl], image=pil[sl], num_inference_steps=s.steps, guidance_scale=s.guidance_scale,
-                    noise_level=s.noise_level if s.noise_level >= 0 else 100, generator=gens,
-                    negative_prompt=[negative] * len(seeds[sl]) if s.guidance_scale > 1 else None).images
-    del pipe
+    gens = [torch.Generator().manual_seed(x + 2 * STAGE2_SEED_OFFSET) for x in seeds]
+    out = stage3.upscale(path, data.to_pil(images), prompts, gens, s.steps, s.guidance_scale,
+                         s.noise_level if s.noise_level >= 0 else DEFAULT_UPSCALER_NOISE_LEVEL,
+                         models.weights_dtype(cfg), s.batch_size, negative)
     release()
     return out
 

@@ -1,0 +1,26 @@
+"""Stage III (optional, sampling only): 256 -> 1024 with diffusers' StableDiffusionUpscalePipeline,
+which brings its own CLIP text encoder and takes the text prompt itself."""
+from __future__ import annotations
+
+import torch
+
+
+def upscale(path: str, images: list, prompts: list[str], generators: list, steps: int, guidance_scale: float,
+            noise_level: int, dtype: torch.dtype, batch_size: int, negative_prompt: str = "") -> list:
+    """PIL images in, PIL images (4x) out. On CUDA, model CPU offload keeps only the running part
+    (text encoder, UNet or VAE) on the GPU."""
+    from diffusers import StableDiffusionUpscalePipeline
+
+    pipe = StableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype)
+    if torch.cuda.is_available():
+        pipe.enable_model_cpu_offload()
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    for start in range(0, len(images), batch_size):
+        sl = slice(start, start + batch_size)
+        n = len(images[sl])
+        out += pipe(prompt=prompts[sl], image=images[sl], num_inference_steps=steps, guidance_scale=guidance_scale,
+                    noise_level=noise_level, generator=generators[sl],
+                    negative_prompt=[negative_prompt] * n if guidance_scale > 1 else None).images
+    del pipe
+    return out
