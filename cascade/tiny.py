@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from stages.errors import InputError
+
 log = logging.getLogger(__name__)
 
 TINY_VERSION = "tiny-v1"
@@ -125,7 +127,7 @@ def build_tiny(output: Path, with_stage3: bool = True) -> Path:
 
     output = Path(output)
     if output.exists() and any(output.iterdir()):
-        raise FileExistsError(f"{output} exists and is not empty; choose another --output")
+        raise InputError(f"{output} exists and is not empty; choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=output.parent))
     try:
@@ -159,5 +161,9 @@ def tiny_root(cache_dir: str) -> Path:
     root = Path(os.path.expanduser(cache_dir)) / TINY_VERSION
     if not (root / "BUILD.json").exists():
         log.info("building tiny IF components into %s (first use)", root)
-        build_tiny(root)
+        try:
+            build_tiny(root)
+        except (OSError, InputError):
+            if not (root / "BUILD.json").exists():  # not just another process finishing first
+                raise
     return root
