@@ -59,6 +59,7 @@ def load_folder(folder: str | Path, min_size: int, what: str = "subject", allow_
                 raise ImageInputError(f"{what} image {p} is {img.size[0]}x{img.size[1]}, smaller than the "
                                       f"stage's {min_size}px (set allow_upscale to upscale it)")
             log.warning("%s image %s is %dpx on its short side; upscaling to %dpx", what, p, short, min_size)
+        img.filename = str(p)  # copy()/convert() drop it; the centre-crop log names the file
         images.append(img)
     return images
 

@@ -31,10 +31,16 @@ class DiffusionMath:
         ac = alphas_cumprod.double()
         ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
         self.alphas_cumprod = ac.float()
-        self.betas = (1 - ac / ac_prev).float()
-        post_var = (1 - ac / ac_prev) * (1 - ac_prev) / (1 - ac)
+        # The variance bounds are computed in float32 with DDPMScheduler._get_variance's exact operations:
+        # at small t, 1 - ac/ac_prev cancels and float64 would differ from the sampler by up to 3e-4 in
+        # log-variance, so the v the loss trains would not be the v the stock sampler reads.
+        ac32 = alphas_cumprod.float()
+        ac_prev32 = torch.cat([ac32.new_ones(1), ac32[:-1]])
+        beta32 = 1 - ac32 / ac_prev32
+        post_var = torch.clamp((1 - ac_prev32) / (1 - ac32) * beta32, min=1e-20)
+        self.betas = beta32
         # t = 0 has zero posterior variance; use t = 1's value there (guided-diffusion's clipping)
-        self.post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]])).float()
+        self.post_log_var = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
         self.post_coef_x0 = ((1 - ac / ac_prev) * ac_prev.sqrt() / (1 - ac)).float()
         self.post_coef_xt = ((1 - ac_prev) * (ac / ac_prev).sqrt() / (1 - ac)).float()
 
