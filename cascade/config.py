@@ -215,8 +215,9 @@ def validate(cfg: Config):
         _check(t.vlb_weight >= 0, k + "vlb_weight", "must be >= 0")
         _check(t.checkpoint_every >= 1 and t.sample_every >= 1, k + "checkpoint_every", "intervals must be >= 1")
         _check(t.report_to in ("none", "tensorboard", "wandb"), k + "report_to", "none|tensorboard|wandb")
-        _check(0 <= t.noise_aug_min <= t.noise_aug_max <= 999, k + "noise_aug_min",
-               f"noise levels must satisfy 0 <= noise_aug_min <= noise_aug_max <= 999, got {t.noise_aug_min}..{t.noise_aug_max}")
+        rule = f"noise levels must satisfy 0 <= noise_aug_min <= noise_aug_max <= 999, got {t.noise_aug_min}..{t.noise_aug_max}"
+        _check(0 <= t.noise_aug_max <= 999, k + "noise_aug_max", rule)
+        _check(0 <= t.noise_aug_min <= t.noise_aug_max, k + "noise_aug_min", rule)
         _check(s.steps >= 1, f"{stage}.sample.steps", "must be >= 1")
         _check(s.batch_size >= 1, f"{stage}.sample.batch_size", "must be >= 1")
         _check(-1 <= s.noise_level <= 999, f"{stage}.sample.noise_level", "must be -1 (default) or in 0..999")
