@@ -91,9 +91,6 @@ class TextEncoder:
         texts = [preprocess(p) for p in prompts]
         inputs = tok(texts, padding="max_length", max_length=self.max_length, truncation=True,
                      add_special_tokens=True, return_tensors="pt")
-        for p, ids in zip(prompts, tok(texts, padding="longest").input_ids):
-            if len(ids) > self.max_length:
-                log.warning("prompt longer than %d T5 tokens was truncated: %r", self.max_length, p)
         embeds = model(inputs.input_ids.to(self.device), attention_mask=inputs.attention_mask.to(self.device))[0]
         result = [e.unsqueeze(0).float().cpu() for e in embeds]
         del model  # release T5 before any UNet loads

@@ -114,6 +114,8 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     prompts = {"instance": ident.instance_prompt(token, req.class_noun), "class": ident.class_prompt(req.class_noun)}
     encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
                           models.weights_dtype(cfg), cfg.models.variant)
+    if state.is_main_process:
+        encoder.check_lengths(list(prompts.values()))
     embeds = _main_first(state, lambda: encoder.encode([prompts["instance"], prompts["class"], ""]))
     log.info("instance prompt %r, class prompt %r", prompts["instance"], prompts["class"])
 

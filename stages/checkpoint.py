@@ -20,12 +20,6 @@ STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def checkpoints(folder: Path) -> list[tuple[int, Path]]:
     if not folder.is_dir():
         return []
