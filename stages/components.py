@@ -62,7 +62,7 @@ def check_stage(path: str, expected: int, setting: str):
     folder = src.export if src.kind == "full" else src.base
     try:
         config = UNet2DConditionModel.load_config(folder, subfolder="unet")
-    except (OSError, EnvironmentError, ValueError) as e:
+    except (OSError, ValueError) as e:
         raise FileNotFoundError(f"{setting}: cannot read a UNet config from {folder} ({e})") from None
     found = unet_stage(config["in_channels"])
     if found != expected:
