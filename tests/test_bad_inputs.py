@@ -96,3 +96,13 @@ def test_tracker_not_installed(run, subject_dir, tmp_path):
     code, err = run("--subject", str(subject_dir), "--class-noun", "dog", "--report-to", "wandb",
                     "--output", str(tmp_path / "o"))
     assert code == 2 and "wandb" in err
+
+
+def test_tensorboard_tracker_logs_losses(run, subject_dir, tmp_path):
+    pytest.importorskip("tensorboardX", reason="the [dev] extra installs tensorboardX")
+    out = tmp_path / "tb"
+    code, err = run("--subject", str(subject_dir), "--class-noun", "dog", "--report-to", "tensorboard",
+                    "--set", "stage1.train.max_steps=2", "--output", str(out))
+    assert code == 0, err
+    events = [p for p in out.rglob("events.out.tfevents*") if p.stat().st_size > 0]
+    assert events and any(b"instance_loss" in p.read_bytes() and b"prior_loss" in p.read_bytes() for p in events)
