@@ -124,6 +124,7 @@ def cmd_class_images(args):
     from cascade import class_images, models, runner
     from cascade.identifier import class_prompt
     from cascade.text import TextEncoder
+    from stages.components import describe_source
 
     cfg = load_config(args.config, args.overrides)
     if args.num < 1:
@@ -136,7 +137,7 @@ def cmd_class_images(args):
     def factory():
         if args.stage == 2:
             return runner.class_pair_sampler(cfg, paths, embeds[prompt], embeds[""])
-        base1 = runner.components.describe_source(paths.stage1).base
+        base1 = describe_source(paths.stage1).base
         return lambda seeds: runner.run_stage1(base1, cfg, embeds[prompt].expand(len(seeds), -1, -1), embeds[""], seeds)
 
     files = class_images.generate(Path(args.output), args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,

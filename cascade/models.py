@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from cascade.config import Config
-from cascade.tiny import tiny_root
+from cascade.tiny import TINY_VERSION, tiny_root
 from stages.components import DTYPES, describe_source
 
 
@@ -21,7 +21,7 @@ class ModelPaths:
 
     @property
     def uses_tiny(self) -> bool:
-        return any("tiny-v1" in describe_source(p).base for p in (self.stage1, self.stage2, self.text_encoder))
+        return any(TINY_VERSION in describe_source(p).base for p in (self.stage1, self.stage2, self.text_encoder))
 
 
 def resolve_name(cfg: Config, name: str, which: str) -> str:
