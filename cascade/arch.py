@@ -1,0 +1,61 @@
+"""The real DeepFloyd IF architectures (IF-I-M/L/XL, IF-II-M/L) and the T5 v1.1 XXL encoder, built
+without weights (meta device or FakeTensorMode) for memory planning and random-weight benchmarks.
+
+The configs ship as package data in cascade/if_configs/*.json; each file's "source" says where its
+numbers come from. No download is needed or attempted."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parent / "if_configs"
+UNETS = ("if-i-m", "if-i-l", "if-i-xl", "if-ii-m", "if-ii-l")
+T5 = "t5-v1_1-xxl"
+# the hub ids our presets name -> shipped architecture
+HUB_TO_ARCH = {"DeepFloyd/IF-I-M-v1.0": "if-i-m", "DeepFloyd/IF-I-L-v1.0": "if-i-l",
+               "DeepFloyd/IF-I-XL-v1.0": "if-i-xl", "DeepFloyd/IF-II-M-v1.0": "if-ii-m",
+               "DeepFloyd/IF-II-L-v1.0": "if-ii-l"}
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> dict:
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        from stages.errors import InputError
+
+        raise InputError(f"unknown architecture '{name}'; known: {', '.join(UNETS + (T5,))}")
+    return json.loads(path.read_text())
+
+
+def unet_config(name: str) -> dict:
+    return {k: v for k, v in load(name)["unet"].items() if not k.startswith("_")}
+
+
+def build_unet(name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
+    """The UNet with uninitialised (meta) or random weights; build under FakeTensorMode for fake ones."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device(device):
+        model = UNet2DConditionModel(**unet_config(name))
+    return model.to(dtype) if dtype != torch.float32 else model
+
+
+def build_t5(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
+    from transformers import T5Config, T5EncoderModel
+
+    cfg = T5Config(**load(T5)["t5"])
+    with torch.device(device):
+        model = T5EncoderModel(cfg)
+    return model.to(dtype) if dtype != torch.float32 else model
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def arch_for(model_id: str) -> str | None:
+    """The shipped architecture of a hub id / preset model name ('tiny' and local folders: None)."""
+    return HUB_TO_ARCH.get(model_id) or (model_id if model_id in UNETS else None)
