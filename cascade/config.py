@@ -75,6 +75,16 @@ class Train:
     random_crop: bool = False  # random 256 crops of larger photos (condition from the same crop)
     crop_source_size: int = 320  # short side the photo is resized to before random cropping
     allow_upscale: bool = False  # accept photos smaller than the stage resolution (upscaled, warned)
+    # memory/speed switches (issue 11; `cascade bench --estimate-memory` shows what each saves)
+    weights_dtype: str = "float32"  # float32|bfloat16|float16: the UNet's weights (trainable and frozen/LoRA base)
+    bf16_update: str = "stochastic"  # stochastic|kahan|nearest: how a low-precision weight takes its fp32 update
+    optimizer_states: str = "fp32"  # fp32|bf16 Adam moments (use_8bit_adam: 8-bit blockwise)
+    optimizer_in_backward: bool = False  # step each parameter in backward, never hold all gradients (1 process)
+    gradient_checkpointing_scope: str = "full"  # full: ResNets + attention + mid block | resnets: diffusers' own
+    fused_optimizer: bool = True  # torch's fused AdamW where the device has it (fp32 weights, no 8-bit)
+    ddp_bucket_view: bool = True  # DDP gradient_as_bucket_view: gradients live in the all-reduce buckets
+    compile: bool = False  # torch.compile the UNet (first steps slower; GPU)
+    export_variant: str = "none"  # fp16|bf16: export weights as IF's variant files (half the size); none: fp32
 
 
 @dataclass
@@ -208,6 +218,14 @@ def validate(cfg: Config):
         _check(t.gradient_accumulation_steps >= 1, k + "gradient_accumulation_steps", "must be >= 1")
         _check(t.mixed_precision in ("auto", "no", "bf16", "fp16"), k + "mixed_precision", "auto|no|bf16|fp16")
         _check(t.attention in ("sdpa", "xformers"), k + "attention", "sdpa|xformers")
+        _check(t.weights_dtype in ("float32", "bfloat16", "float16"), k + "weights_dtype", "float32|bfloat16|float16")
+        _check(t.bf16_update in ("stochastic", "kahan", "nearest"), k + "bf16_update", "stochastic|kahan|nearest")
+        _check(t.optimizer_states in ("fp32", "bf16"), k + "optimizer_states", "fp32|bf16 (8-bit: use_8bit_adam)")
+        _check(t.gradient_checkpointing_scope in ("full", "resnets"), k + "gradient_checkpointing_scope",
+               "full|resnets")
+        _check(t.export_variant in ("none", "fp16", "bf16"), k + "export_variant", "none|fp16|bf16")
+        _check(not (t.optimizer_in_backward and t.gradient_accumulation_steps > 1), k + "optimizer_in_backward",
+               "cannot be combined with gradient_accumulation_steps > 1")
         _check(t.lora_rank >= 0, k + "lora_rank", "must be >= 0 (0 = full fine-tuning)")
         _check(t.prior_weight >= 0, k + "prior_weight", "must be >= 0")
         _check(t.num_class_images >= 1, k + "num_class_images", "must be >= 1")

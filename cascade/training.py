@@ -133,7 +133,8 @@ def train(req: TrainRequest) -> trainer.TrainResult:
         task = stage2.Stage2Task(instance, noising, tc.noise_aug_min, tc.noise_aug_max, prior, tc.random_crop,
                                  tc.hflip, level)
     task.guidance_scale = sec.sample.guidance_scale
-    unet = components.load_unet(model_path, torch.float32, cfg.models.variant)
+    # weights_dtype (issue 11): bf16/fp16 master weights, or the frozen base of a LoRA run
+    unet = components.load_unet(model_path, components.DTYPES[tc.weights_dtype], cfg.models.variant)
     scheduler = components.load_scheduler(model_path)
     emb = trainer.Embeddings(embeds[prompts["instance"]], embeds[""], embeds[prompts["class"]])
     meta = {"base": components.describe_source(model_path).base, "identifier": token, "class_noun": req.class_noun,

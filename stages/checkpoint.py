@@ -57,7 +57,8 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
-def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None, save_fixed_small: bool = False):
+def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None, save_fixed_small: bool = False,
+           variant: str = "none"):
     """Write `out/` atomically: full fine-tunes as `unet/` + `scheduler/` (UNet2DConditionModel and
     DDPMScheduler `from_pretrained` load them, and `IFPipeline.from_pretrained(base, unet=...)`
     takes them), LoRA as diffusers LoRA weights for `pipe.load_lora_weights(out)`.
@@ -89,6 +90,11 @@ def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None
             save_file({k: v.contiguous() for k, v in state_dict.items()},
                       str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
         kind = "full"
+        if variant != "none":  # IF's own layout: half-precision weights in diffusion_pytorch_model.<variant>.*
+            from stages.precision import convert_to_variant
+
+            convert_to_variant(tmp / "unet", variant)
+            meta = {**meta, "variant": variant}
     if save_fixed_small:
         # epsilon-only training leaves the variance channels untrained: sample with beta~ instead
         scheduler = scheduler.__class__.from_config(scheduler.config, variance_type="fixed_small")

@@ -77,7 +77,8 @@ def load_unet(path: str, dtype: torch.dtype = torch.float32, variant: str | None
 
     src = describe_source(path)
     if src.kind == "full":
-        return UNet2DConditionModel.from_pretrained(src.export, subfolder="unet", dtype=dtype)
+        return UNet2DConditionModel.from_pretrained(src.export, subfolder="unet", dtype=dtype,
+                                                    variant=(src.meta or {}).get("variant"))
     unet = UNet2DConditionModel.from_pretrained(src.base, subfolder="unet", dtype=dtype, variant=variant)
     if src.kind == "lora" and lora:
         unet.load_lora_adapter(str(src.export), weight_name=LORA_WEIGHTS, prefix="unet")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from stages import checkpoint, data, setup
+from stages import activation_ckpt, checkpoint, data, optim, precision, setup
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 
 log = logging.getLogger(__name__)
@@ -85,17 +85,18 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     report_to = setup.check_tracker(cfg.report_to)
     accelerator = Accelerator(cpu=setup.on_cpu(), mixed_precision=setup.resolve_mixed_precision(cfg.mixed_precision),
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              log_with=report_to, project_dir=str(run_dir))
+                              log_with=report_to, project_dir=str(run_dir), kwargs_handlers=optim.ddp_kwargs(cfg))
     set_seed(cfg.seed)
     if report_to:
         accelerator.init_trackers(f"cascade-stage{task.stage}", config=tracker_config or {})
     attention = setup.set_attention(unet, cfg.attention)
     lora_config = setup.add_lora(unet, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank > 0 else None
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    activation_ckpt.apply(unet, cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope)
+    if cfg.compile:
+        unet.compile()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer, opt_name = setup.make_optimizer(params, cfg.learning_rate, cfg.weight_decay, cfg.use_8bit_adam)
+    optimizer, opt_name = optim.build(params, cfg, accelerator.num_processes, cfg.seed)
     lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
     math_ = DiffusionMath(scheduler.alphas_cumprod)
@@ -129,8 +130,9 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             t = torch.randint(0, n_train, (x0.shape[0],), generator=gen).to(device)
             xt = math_.q_sample(x0, noise, t)
             inp, class_labels = task.model_input(xt, batch, gen)
+            inp, enc_in = precision.cast_for_model(unet, inp, enc)  # bf16/fp16 weights
             with accelerator.accumulate(unet), accelerator.autocast():
-                out = unet(inp, t, encoder_hidden_states=enc, class_labels=class_labels, return_dict=False)[0]
+                out = unet(inp, t, encoder_hidden_states=enc_in, class_labels=class_labels, return_dict=False)[0].float()
                 per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight)
                 loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
                 accelerator.backward(loss)
@@ -159,7 +161,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     meta = {**export_meta, "stage": task.stage, "steps": cfg.max_steps, "loss": cfg.loss,
             "lora_rank": cfg.lora_rank}
     out = checkpoint.export(unet, accelerator, scheduler, run_dir / "export", meta, lora_config,
-                            save_fixed_small=cfg.loss == "epsilon")
+                            save_fixed_small=cfg.loss == "epsilon", variant=cfg.export_variant)
     accelerator.wait_for_everyone()
     # every rank reports its weights' checksum: DDP must leave them identical
     checksum = sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(unet).parameters())

@@ -1,0 +1,119 @@
+"""Optimizer construction for every memory option: torch AdamW (fused where the device has it),
+bitsandbytes 8-bit AdamW, LowPrecisionAdamW for bf16/fp16 weights, and the optimizer step taken
+inside backward.
+
+Optimizer-in-backward: each parameter gets a `register_post_accumulate_grad_hook` that steps that
+parameter's own optimizer as soon as its gradient is complete and frees the gradient, so a full set
+of gradients never exists (peak grads = the largest single tensor). Consequences, all checked:
+- one process only: under DDP the hook fires on the local gradient *before* DDP's bucket
+  all-reduce has averaged it, so ranks would step on different gradients and drift apart; we
+  refuse it there (the gradient_as_bucket_view option is the multi-GPU saving instead);
+- no gradient accumulation (each backward would step) and no global-norm clipping (the norm needs
+  all gradients at once; per-step clipping is skipped with a warning);
+- no fp16 GradScaler (the gradients would still be scaled).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from stages.errors import InputError
+from stages.precision import LowPrecisionAdamW
+
+log = logging.getLogger(__name__)
+
+
+def _fused_ok(params) -> bool:
+    p = params[0]
+    return p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cuda", "cpu", "mps")
+
+
+def make(params, cfg, seed: int = 0):
+    """(optimizer, name) for the trainable `params` and a Train config section."""
+    params = list(params)
+    low_precision = params[0].dtype != torch.float32
+    if low_precision:
+        states = "8bit" if cfg.use_8bit_adam else cfg.optimizer_states
+        if states == "8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
+        opt = LowPrecisionAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                rounding=cfg.bf16_update, states=states, seed=seed)
+        return opt, f"adamw-{states}-states/{cfg.bf16_update}-rounding"
+    if cfg.use_8bit_adam:
+        from stages.setup import make_optimizer
+
+        return make_optimizer(params, cfg.learning_rate, cfg.weight_decay, True)
+    if cfg.optimizer_states == "bf16":
+        return LowPrecisionAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, rounding="nearest",
+                                 states="bf16"), "adamw-bf16-states"
+    fused = bool(cfg.fused_optimizer) and _fused_ok(params)
+    return (torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None),
+            "adamw-fused" if fused else "adamw")
+
+
+class InBackwardOptimizer(torch.optim.Optimizer):
+    """Steps each parameter inside backward. Holds the learning rate in its own param_groups so LR
+    schedulers drive it; `step()`/`zero_grad()` are no-ops (the work happened in backward)."""
+
+    def __init__(self, params, factory):
+        params = list(params)
+        inner0 = factory(params[:1])
+        super().__init__(params, {k: v for k, v in inner0.param_groups[0].items() if k != "params"})
+        self.inner = {params[0]: inner0}
+        for p in params[1:]:
+            self.inner[p] = factory([p])
+        self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
+        self.steps_in_backward = 0
+
+    def _hook(self, p: torch.Tensor):
+        opt = self.inner[p]
+        for g in opt.param_groups:
+            g["lr"] = self.param_groups[0]["lr"]
+        opt.step()
+        p.grad = None
+        self.steps_in_backward += 1
+
+    def step(self, closure=None):
+        return closure() if closure is not None else None
+
+    def zero_grad(self, set_to_none: bool = True):
+        return None
+
+    def state_dict(self):
+        return {"inner": [opt.state_dict() for opt in self.inner.values()], "lr": self.param_groups[0]["lr"]}
+
+    def load_state_dict(self, state_dict):
+        for opt, sd in zip(self.inner.values(), state_dict["inner"]):
+            opt.load_state_dict(sd)
+        self.param_groups[0]["lr"] = state_dict["lr"]
+
+    def remove_hooks(self):
+        for h in self.handles:
+            h.remove()
+
+
+def build(params, cfg, num_processes: int = 1, seed: int = 0):
+    """The optimizer the trainer uses: `make`, optionally moved inside backward."""
+    params = list(params)
+    if not cfg.optimizer_in_backward:
+        return make(params, cfg, seed)
+    if num_processes > 1:
+        raise InputError("train.optimizer_in_backward works in a single process only: under DDP the per-parameter "
+                         "hook would step before the gradient all-reduce; use ddp_bucket_view instead")
+    if cfg.gradient_accumulation_steps > 1:
+        raise InputError("train.optimizer_in_backward cannot accumulate gradients; set gradient_accumulation_steps=1")
+    if cfg.max_grad_norm > 0:
+        log.warning("optimizer_in_backward: gradient-norm clipping needs all gradients at once; max_grad_norm ignored")
+    name = make(params[:1], cfg, seed)[1]
+    opt = InBackwardOptimizer(params, lambda ps: make(ps, cfg, seed)[0])
+    return opt, name + "+in-backward"
+
+
+def ddp_kwargs(cfg) -> list:
+    """accelerate kwargs handlers: DDP with gradient_as_bucket_view (gradients are views into the
+    all-reduce buckets, so DDP holds no second full copy of them)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(gradient_as_bucket_view=bool(cfg.ddp_bucket_view))]

@@ -1,0 +1,179 @@
+"""Low-precision trainable weights: AdamW whose update is computed in fp32 and written back to bf16/fp16
+weights without the bias of round-to-nearest.
+
+A bf16 weight keeps 8 mantissa bits, so an update smaller than ~1/256 of the weight rounds away
+entirely with round-to-nearest and fine-tuning at lr 1e-5 silently stops. Two remedies, each a
+config switch (`train.bf16_update`):
+- "stochastic": round up or down with probability proportional to the distance (unbiased in
+  expectation; no extra memory);
+- "kahan": keep the rounding error of each weight in a compensation tensor of the weight's dtype and
+  add it back on the next update (one extra 2-byte tensor per parameter, deterministic).
+Moment states are kept in fp32, bf16, or 8-bit blockwise-quantised form (bitsandbytes' dynamic
+quantisation maps, ~2 bytes/parameter for both moments)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+ROUNDINGS = ("stochastic", "kahan", "nearest")
+STATE_KINDS = ("fp32", "bf16", "8bit")
+_BLOCK = 256
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 -> bf16 rounding up or down with probability equal to the fractional distance (unbiased).
+    fp16 (no shared exponent layout) falls back to adding uniform noise of one ulp before rounding."""
+    x = x.float()
+    if dtype == torch.bfloat16:
+        noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device="cpu").to(x.device)
+        bits = (x.view(torch.int32) + noise) & -65536  # add random low 16 bits, truncate
+        return bits.view(torch.float32).to(torch.bfloat16)
+    if dtype == torch.float16:
+        lo = x.to(torch.float16)
+        ulp = (torch.nextafter(lo, torch.full_like(lo, math.inf)) - lo).float()
+        u = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
+        up = (x - lo.float()) / ulp.clamp(min=1e-30) > u
+        return torch.where(up & (x > lo.float()), torch.nextafter(lo, torch.full_like(lo, math.inf)), lo)
+    return x.to(dtype)
+
+
+class _State8bit:
+    """One Adam moment in 8-bit blockwise form (bitsandbytes' dynamic maps)."""
+
+    def __init__(self, like: torch.Tensor, signed: bool):
+        import bitsandbytes.functional as bnbf
+
+        self._f = bnbf
+        self.code = bnbf.create_dynamic_map(signed=signed).to(like.device)
+        self.q, self.qs = bnbf.quantize_blockwise(torch.zeros(like.numel(), device=like.device), code=self.code,
+                                                  blocksize=_BLOCK)
+        self.shape = like.shape
+
+    def get(self) -> torch.Tensor:
+        return self._f.dequantize_blockwise(self.q, self.qs).view(self.shape)
+
+    def set(self, value: torch.Tensor):
+        self.q, self.qs = self._f.quantize_blockwise(value.reshape(-1).contiguous(), code=self.code, blocksize=_BLOCK)
+
+
+class LowPrecisionAdamW(torch.optim.Optimizer):
+    """AdamW with fp32 math for weights of any float dtype. For fp32 weights with fp32 states and
+    rounding "nearest" it is exactly torch's AdamW (decoupled weight decay)."""
+
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 rounding: str = "stochastic", states: str = "fp32", seed: int = 0):
+        if rounding not in ROUNDINGS or states not in STATE_KINDS:
+            raise ValueError(f"rounding must be one of {ROUNDINGS}, states one of {STATE_KINDS}")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.rounding, self.states = rounding, states
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        st = {"step": 0}
+        if self.states == "8bit":
+            st["m"], st["v"] = _State8bit(p, signed=True), _State8bit(p, signed=False)
+        else:
+            dt = torch.float32 if self.states == "fp32" else torch.bfloat16
+            st["m"], st["v"] = torch.zeros_like(p, dtype=dt), torch.zeros_like(p, dtype=dt)
+        if self.rounding == "kahan" and p.dtype != torch.float32:
+            st["comp"] = torch.zeros_like(p)
+        return st
+
+    def _moments(self, st):
+        if self.states == "8bit":
+            return st["m"].get(), st["v"].get()
+        return st["m"].float(), st["v"].float()
+
+    def _store(self, st, m, v):
+        if self.states == "8bit":
+            st["m"].set(m)
+            st["v"].set(v)
+        else:
+            st["m"].copy_(m)
+            st["v"].copy_(v)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p] if p in self.state else self.state.setdefault(p, self._init_state(p))
+                st["step"] += 1
+                g = p.grad.float()
+                m, v = self._moments(st)
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                self._store(st, m, v)
+                bc1, bc2 = 1 - b1 ** st["step"], 1 - b2 ** st["step"]
+                p32 = p.float()
+                # torch AdamW's order: decay first, then the Adam step
+                new = p32 * (1 - group["lr"] * group["weight_decay"])
+                new.addcdiv_(m, (v.sqrt() / math.sqrt(bc2)).add_(group["eps"]), value=-group["lr"] / bc1)
+                self._write(p, p32, new, st)
+        return loss
+
+    def _write(self, p, old32, new32, st):
+        if p.dtype == torch.float32 or self.rounding == "nearest":
+            p.copy_(new32)
+        elif self.rounding == "stochastic":
+            p.copy_(stochastic_round(new32, p.dtype, self.generator))
+        else:  # kahan: re-add what earlier roundings lost, remember what this one loses
+            wanted = new32 - old32 + st["comp"].float()
+            target = old32 + wanted
+            p.copy_(target)
+            st["comp"].copy_(target - p.float())
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state actually held (for the planner and the bench)."""
+        total = 0
+        for st in self.state.values():
+            for k, val in st.items():
+                if isinstance(val, torch.Tensor):
+                    total += val.numel() * val.element_size()
+                elif isinstance(val, _State8bit):
+                    total += val.q.numel() + val.qs.absmax.numel() * val.qs.absmax.element_size()
+        return total
+
+
+def cast_for_model(model, *tensors):
+    """Inputs in the dtype of the model's weights (bf16 weights run without autocast on CPU)."""
+    dtype = next(model.parameters()).dtype
+    return [t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors]
+
+
+VARIANT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def convert_to_variant(unet_dir, variant: str, max_shard_size: str = "10GB"):
+    """Rewrite an exported `unet/` folder's weights as IF's half-precision variant files
+    (diffusion_pytorch_model.fp16.safetensors, sharded like diffusers does above 10 GB), loadable with
+    `from_pretrained(..., variant="fp16")`. Tensors are read one at a time from the memory-mapped fp32
+    files, so the extra memory is the half-precision copy (2 bytes/parameter)."""
+    import json
+    import os
+    from pathlib import Path
+
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    unet_dir = Path(unet_dir)
+    dtype = VARIANT_DTYPES[variant]
+    tensors, metadata = {}, {"format": "pt"}
+    sources = sorted(unet_dir.glob("diffusion_pytorch_model*.safetensors"))
+    for src in sources:
+        with safe_open(str(src), framework="pt") as f:
+            tensors.update({k: f.get_tensor(k).to(dtype) for k in f.keys()})
+    for old in sources + list(unet_dir.glob("diffusion_pytorch_model*.index.json")):
+        os.remove(old)
+    split = split_torch_state_dict_into_shards(tensors, max_shard_size=max_shard_size,
+                                               filename_pattern=f"diffusion_pytorch_model.{variant}{{suffix}}.safetensors")
+    for filename, keys in split.filename_to_tensors.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, str(unet_dir / filename), metadata=metadata)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (unet_dir / f"diffusion_pytorch_model.safetensors.index.{variant}.json").write_text(json.dumps(index, indent=2))
