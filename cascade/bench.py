@@ -1,0 +1,280 @@
+"""`cascade bench`: time training steps and sampling of one stage on the device present.
+
+Weights are random (real presets: the shipped real architecture; tiny: the tiny one), the batch is
+synthetic and the step is the trainer's (forward under autocast, backward, optimizer step with the
+config's memory options). Reports the median step time after warm-up, steps/s, images/s, peak
+memory (CUDA allocator stats, or peak RSS on CPU), FLOPs per step (FlopCounterMode) and, on a GPU
+whose peak is known, MFU. `--compare` runs the naive path (fp32 weights, no checkpointing,
+full-precision AdamW, T5 resident) in the same process, after the configured one, so on CPU its
+peak RSS is not hidden by the first run's (peak RSS only grows)."""
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from cascade import arch
+from stages import activation_ckpt, optim, precision, setup
+
+# dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
+PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
+              "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+@dataclass
+class Variant:
+    name: str
+    weights_dtype: str = "float32"
+    checkpointing: str = "none"
+    use_8bit_adam: bool = False
+    optimizer_states: str = "fp32"
+    in_backward: bool = False
+    fused: bool = True
+    lora_rank: int = 0
+    t5_resident: bool = False
+    compile: bool = False
+
+
+def from_train_cfg(tc, name: str = "config") -> Variant:
+    ckpt = tc.gradient_checkpointing_scope if tc.gradient_checkpointing else "none"
+    return Variant(name, tc.weights_dtype, ckpt, tc.use_8bit_adam, tc.optimizer_states, tc.optimizer_in_backward,
+                   tc.fused_optimizer, tc.lora_rank, False, tc.compile)
+
+
+def naive() -> Variant:
+    return Variant("naive", "float32", "none", False, "fp32", False, False, 0, True, False)
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name(0)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (rev + ("-dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def rss_bytes() -> int:
+    """Current resident set size (Linux /proc), for the baseline before a run."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        return 0
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def build_unet(model: str, stage: int, dtype: torch.dtype, device):
+    """Random weights: the real architecture for hub ids of the presets, else the tiny one."""
+    torch.manual_seed(0)
+    name = arch.arch_for(model)
+    if name is not None:
+        unet = arch.build_unet(name, device="cpu")
+    else:
+        from cascade import tiny
+
+        unet = tiny.build_stage1_unet() if stage == 1 else tiny.build_stage2_unet()
+    return unet.to(device=device, dtype=dtype)
+
+
+def _batch(unet, n: int, text_len: int, device, gen):
+    cfg = unet.config
+    size = cfg.sample_size
+    x = torch.randn(n, cfg.in_channels, size, size, generator=gen).to(device)
+    t = torch.randint(0, 1000, (n,), generator=gen).to(device)
+    enc = torch.randn(n, text_len, cfg.encoder_hid_dim or cfg.cross_attention_dim, generator=gen).to(device)
+    labels = torch.randint(0, 1000, (n,), generator=gen).to(device) if cfg.class_embed_type == "timestep" else None
+    return x, t, enc, labels
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, warmup: int, sample_steps: int,
+                sample_batch: int, text_len: int = 77) -> dict:
+    """Time `steps` training steps (after `warmup`) and one sampling call; report memory and FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    rss0 = rss_bytes()
+    t5 = None
+    if v.t5_resident:  # the naive path keeps the text encoder loaded while training
+        t5 = arch.build_t5(device="cpu", dtype=torch.float16).to(device) if arch.arch_for(model) else \
+            _tiny_t5(device)
+    unet = build_unet(model, stage, getattr(torch, v.weights_dtype), device)
+    if v.lora_rank:
+        setup.add_lora(unet, v.lora_rank, 0)
+    activation_ckpt.apply(unet, v.checkpointing)
+    if v.compile:
+        unet.compile()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    cfg = replace(tc, weights_dtype=v.weights_dtype, use_8bit_adam=v.use_8bit_adam, optimizer_states=v.optimizer_states,
+                  optimizer_in_backward=v.in_backward, fused_optimizer=v.fused, max_grad_norm=0.0,
+                  gradient_accumulation_steps=1)
+    opt, opt_name = optim.build(params, cfg)
+    autocast = device.type == "cuda"
+    n = batch * (2 if stage == 1 and tc.prior_preservation else 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        x, t, enc, labels = _batch(unet, n, text_len, device, gen)
+        x, enc = precision.cast_for_model(unet, x, enc)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)[0]
+        loss = (out.float()[:, :3] - x[:, :3].float()).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    for i in range(warmup + steps):
+        _sync()
+        t0 = time.perf_counter()
+        step()
+        _sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    flops = FlopCounterMode(display=False)
+    with flops:
+        step()
+    step_flops = flops.get_total_flops()
+    median = statistics.median(times)
+    result = {"variant": v.__dict__, "optimizer": opt_name, "params": sum(p.numel() for p in unet.parameters()),
+              "trainable": sum(p.numel() for p in params), "images_per_step": n,
+              "train": {"step_s_median": median, "step_s_all": times, "steps_per_s": 1 / median,
+                        "images_per_s": n / median, "flops_per_step": step_flops,
+                        "achieved_flops_per_s": step_flops / median}}
+    pf = peak_flops()
+    result["train"]["mfu"] = step_flops / median / pf if pf else None
+    result["sample"] = _time_sampling(unet, stage, sample_batch, sample_steps, text_len, device) if sample_steps else None
+    if device.type == "cuda":
+        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
+        result["peak_memory_kind"] = "cuda max_memory_allocated"
+    else:
+        result["peak_memory_bytes"] = peak_rss_bytes()
+        result["peak_memory_kind"] = "peak RSS of the process"
+        result["rss_before_bytes"] = rss0
+    del unet, opt, t5
+    return result
+
+
+def _tiny_t5(device):
+    from cascade import tiny
+
+    return tiny.build_text_encoder(16000).to(device)
+
+
+def _time_sampling(unet, stage: int, batch: int, steps: int, text_len: int, device) -> dict:
+    from cascade import tiny
+    from stages import sampling
+
+    unet.eval()
+    dtype = unet.dtype
+    cfg = unet.config
+    emb_dim = cfg.encoder_hid_dim or cfg.cross_attention_dim
+    gen = torch.Generator().manual_seed(0)
+    embeds = torch.randn(batch, text_len, emb_dim, generator=gen)
+    neg = torch.randn(1, text_len, emb_dim, generator=gen)
+    kw = {}
+    if stage == 2:
+        kw = dict(lowres=torch.rand(batch, 3, 64, 64, generator=gen) * 2 - 1, noise_level=20,
+                  noising_scheduler=tiny.if_noising_scheduler())
+    _sync()
+    t0 = time.perf_counter()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        sampling.sample(unet, tiny.if_scheduler(1.5 if stage == 1 else 1.0), embeds.to(dtype), neg.to(dtype), steps,
+                        guidance_scale=7.0, generator=gen, resolution=cfg.sample_size, **kw)
+    _sync()
+    seconds = time.perf_counter() - t0
+    unet.train()
+    return {"batch": batch, "steps": steps, "seconds": seconds, "images_per_s": batch / seconds}
+
+
+def markdown_line(report: dict) -> str:
+    rows = []
+    for r in report["results"]:
+        tr = r["train"]
+        mfu = f", MFU {tr['mfu'] * 100:.1f}%" if tr.get("mfu") else ""
+        sample = f"sampling {r['sample']['images_per_s']:.3f} img/s, " if r["sample"] else ""
+        rows.append(f"{r['variant']['name']}: {tr['steps_per_s']:.3f} steps/s ({tr['images_per_s']:.2f} img/s), "
+                    f"{sample}peak {r['peak_memory_bytes'] / 2**30:.2f} GiB "
+                    f"({r['peak_memory_kind']}), {tr['flops_per_step'] / 1e12:.3f} TFLOP/step{mfu}")
+    return f"| {report['model']} (stage {report['stage']}) on {report['device']} | " + " / ".join(rows) + " |"
+
+
+def bench(cfg, stage: int, steps: int, warmup: int, sample_steps: int, compare: bool, batch: int | None = None,
+          t5_resident: bool | None = None, variant_overrides: dict | None = None) -> dict:
+    sec = cfg.stage1 if stage == 1 else cfg.stage2
+    tc = sec.train
+    model = cfg.models.stage1 if stage == 1 else cfg.models.stage2
+    batch = batch or tc.batch_size
+    variants = [replace(from_train_cfg(tc), **(variant_overrides or {}))]
+    if compare:
+        nv = naive()
+        if t5_resident is not None:
+            nv.t5_resident = t5_resident
+        variants.append(nv)
+    results = [run_variant(v, model, stage, tc, batch, steps, warmup, sample_steps, sec.sample.batch_size)
+               for v in variants]
+    report = {"device": device_name(), "command": " ".join(["cascade"] + sys.argv[1:]), "model": model,
+              "stage": stage, "config": {"name": cfg.name, "train": tc.__dict__, "sample": sec.sample.__dict__},
+              "versions": versions(), "git": git_revision(), "steps": steps, "warmup": warmup, "results": results}
+    if compare:
+        a, b = results
+        report["ratios_naive_over_config"] = {
+            "peak_memory": b["peak_memory_bytes"] / a["peak_memory_bytes"],
+            "step_time": b["train"]["step_s_median"] / a["train"]["step_s_median"]}
+    report["markdown"] = markdown_line(report)
+    return report
+
+
+def write_report(report: dict, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=str))
+    tmp.replace(path)

@@ -1,0 +1,62 @@
+"""`cascade bench`: timing (default) or `--estimate-memory` (the planner), parsing and run."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def add_commands(sub, common_config):
+    p = sub.add_parser("bench", help="time training/sampling of a stage, or plan memory (--estimate-memory)")
+    common_config(p)
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    p.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--sample-steps", type=int, default=10, help="sampler steps timed (0: skip sampling)")
+    p.add_argument("--batch", type=int, default=None, help="instance images per step (default: the config's)")
+    p.add_argument("--compare", action="store_true", help="also run the naive path in this process")
+    p.add_argument("--no-t5", action="store_true", help="naive path without the resident T5 (small machines)")
+    p.add_argument("--output", default=None, help="JSON report path (default: print only)")
+    p.add_argument("--estimate-memory", action="store_true", help="plan device memory instead of timing")
+    p.add_argument("--models", default=None,
+                   help="with --estimate-memory: comma-separated architectures (if-i-m,if-i-l,if-i-xl,if-ii-m,if-ii-l) "
+                        "for a table of option combinations; default: the config's stage model")
+    p.add_argument("--gpu-memory", default=None, help="e.g. 40GB: say whether the config fits, and what to switch on")
+    p.add_argument("--cpu-run", action="store_true",
+                   help="with --estimate-memory: plan a CPU run (no autocast), as `cascade bench` runs on CPU")
+
+
+def _check(args):
+    from stages.errors import InputError
+
+    if args.steps < 1 or args.warmup < 0 or args.sample_steps < 0:
+        raise InputError("--steps must be >= 1, --warmup and --sample-steps >= 0")
+    if args.batch is not None and args.batch < 1:
+        raise InputError("--batch must be >= 1")
+
+
+def cmd_bench(args):
+    from cascade.config import load_config
+
+    _check(args)
+    cfg = load_config(args.config, args.overrides)
+    if args.estimate_memory:
+        from cascade import planner_report
+
+        report = planner_report.run(cfg, args)
+    else:
+        from cascade import bench
+
+        report = bench.bench(cfg, args.stage, args.steps, args.warmup, args.sample_steps, args.compare, args.batch,
+                             False if args.no_t5 else None)
+    if args.output:
+        from cascade.bench import write_report
+
+        write_report(report, Path(args.output))
+        print(f"report: {args.output}")
+    print(report["markdown"])
+
+
+COMMANDS = {"bench": cmd_bench}

@@ -1,0 +1,294 @@
+"""The memory planner behind `cascade bench --estimate-memory`.
+
+Each real model is built from its shipped architecture config with no weights (meta device, then
+fake tensors), and one real training step (forward, backward, optimizer step) runs under
+`FakeTensorMode` inside torch's `MemTracker`, which records every tensor the step allocates and
+frees: parameters, gradients, optimizer state, activations and temporaries, and the peak. Nothing
+is computed and nothing is downloaded, so IF-I-XL plans on a laptop.
+
+What it counts and what it does not: tensor bytes on the training device (the CUDA context, ~0.5-1
+GB, and allocator fragmentation come on top; the fit verdict adds a margin for them). The optimizer
+state is created before tracing (one step on zero gradients), so the trace is a steady-state step.
+8-bit AdamW (bitsandbytes kernels do not run on fake tensors) is stood in for by an optimizer that
+allocates exactly bitsandbytes' state layout; tests/test_memory.py checks it against the real one.
+The loss in the trace is the epsilon MSE (the hybrid bound adds a few per-pixel tensors: < 1 MB/img).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from cascade import arch
+from stages import activation_ckpt, optim, precision, setup
+
+log = logging.getLogger(__name__)
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One combination of options to estimate (the training-step part of a `cascade train`)."""
+    model: str  # an arch name (if-i-xl ...) or "tiny-stage1"/"tiny-stage2"
+    batch: int = 4  # instance images per step
+    prior: bool = True  # + as many class images (stage I prior preservation)
+    weights_dtype: str = "float32"
+    checkpointing: str = "none"  # none | resnets | full
+    use_8bit_adam: bool = False
+    optimizer_states: str = "fp32"
+    in_backward: bool = False
+    lora_rank: int = 0
+    autocast: str | None = "bfloat16"  # mixed precision of the activations (None: CPU fp32 run)
+    text_len: int = 77
+
+    def label(self) -> str:
+        opt = "8-bit Adam" if self.use_8bit_adam else f"Adam ({self.optimizer_states})"
+        parts = [self.weights_dtype.replace("float", "fp").replace("bfloat", "bf"),
+                 f"ckpt {self.checkpointing}", opt + (" in backward" if self.in_backward else "")]
+        if self.lora_rank:
+            parts.insert(0, f"LoRA r{self.lora_rank}")
+        return ", ".join(parts)
+
+
+class Bnb8bitStandIn(torch.optim.Optimizer):
+    """Allocates what bitsandbytes' AdamW8bit allocates (blockwise: uint8 state1/state2 + fp32
+    absmax per 256 values for tensors of >= 4096 elements, fp32 states below) and does no math."""
+    min_8bit_size, block = 4096, 256
+
+    def __init__(self, params, lr=1e-4):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p in self.state:
+                    continue
+                if p.numel() >= self.min_8bit_size:
+                    nblocks = (p.numel() + self.block - 1) // self.block
+                    self.state[p] = {"state1": torch.zeros_like(p, dtype=torch.uint8),
+                                     "state2": torch.zeros_like(p, dtype=torch.uint8),
+                                     "absmax1": p.new_zeros(nblocks, dtype=torch.float32),
+                                     "absmax2": p.new_zeros(nblocks, dtype=torch.float32)}
+                else:
+                    self.state[p] = {"state1": torch.zeros_like(p, dtype=torch.float32),
+                                     "state2": torch.zeros_like(p, dtype=torch.float32)}
+
+
+class _Fake8bitState:
+    """LowPrecisionAdamW's 8-bit moment, with the same tensors, for fake tracing."""
+
+    def __init__(self, like, signed):
+        self.q = torch.zeros(like.numel(), dtype=torch.uint8, device=like.device)
+        self.absmax = torch.zeros((like.numel() + 255) // 256, dtype=torch.float32, device=like.device)
+        self.shape = like.shape
+
+    def get(self):
+        return torch.zeros(self.shape, dtype=torch.float32, device=self.q.device)
+
+    def set(self, value):
+        pass
+
+
+def unet_config(model: str) -> dict:
+    if model.startswith("tiny-stage"):
+        from cascade import tiny
+
+        build = tiny.build_stage1_unet if model.endswith("1") else tiny.build_stage2_unet
+        with torch.device("meta"):
+            return dict(build().config)
+    return arch.unet_config(model)
+
+
+def _train_cfg(plan: Plan):
+    from cascade.config import Train
+
+    return Train(weights_dtype=plan.weights_dtype, use_8bit_adam=plan.use_8bit_adam, fused_optimizer=False,
+                 optimizer_states=plan.optimizer_states, optimizer_in_backward=plan.in_backward, max_grad_norm=0.0,
+                 lora_rank=plan.lora_rank)
+
+
+def _make_optimizer(params, plan: Plan):
+    cfg = _train_cfg(plan)
+    if plan.use_8bit_adam and params[0].dtype == torch.float32:
+        factory = lambda ps: Bnb8bitStandIn(ps)  # noqa: E731
+        if plan.in_backward:
+            return optim.InBackwardOptimizer(params, factory)
+        return factory(params)
+    return optim.build(params, cfg)[0]
+
+
+def _prime(optimizer, params):
+    """Create the optimizer state (a step on zero gradients) so the traced step is a steady-state one."""
+    opts = list(optimizer.inner.values()) if isinstance(optimizer, optim.InBackwardOptimizer) else [optimizer]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for o in opts:
+        o.step()
+    for p in params:
+        p.grad = None
+
+
+def _inputs(cfg: dict, n: int, text_len: int, dtype):
+    size = cfg["sample_size"]
+    x = torch.randn(n, cfg["in_channels"], size, size, dtype=dtype)
+    t = torch.randint(0, 1000, (n,))
+    enc = torch.randn(n, text_len, cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"], dtype=dtype)
+    labels = torch.randint(0, 1000, (n,)) if cfg.get("class_embed_type") == "timestep" else None
+    return x, t, enc, labels
+
+
+def _build(plan: Plan, cfg: dict):
+    from diffusers import UNet2DConditionModel
+
+    # under FakeTensorMode: fake parameters, initialisers do no work; built directly in the weights'
+    # dtype (Module.to() cannot swap fake parameters)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, plan.weights_dtype))
+    try:
+        unet = UNet2DConditionModel(**cfg)
+    finally:
+        torch.set_default_dtype(default)
+    if plan.lora_rank:
+        setup.add_lora(unet, plan.lora_rank, 0)
+    return unet
+
+
+def trace_step(plan: Plan) -> dict:
+    """Bytes of one steady-state training step: params, grads, optimizer state, activations, peak."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cfg = unet_config(plan.model)
+    saved = precision._State8bit
+    precision._State8bit = _Fake8bitState
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            unet = _build(plan, cfg)
+            activation_ckpt.apply(unet, plan.checkpointing)
+            unet.train()
+            params = [p for p in unet.parameters() if p.requires_grad]
+            opt = _make_optimizer(params, plan)
+            _prime(opt, params)
+            n = plan.batch * (2 if plan.prior else 1)
+            dtype = next(unet.parameters()).dtype
+            x, t, enc, labels = _inputs(cfg, n, plan.text_len, dtype)
+            tracker = MemTracker()
+            tracker.track_external(unet, opt)
+            ac = torch.autocast("cpu", dtype=getattr(torch, plan.autocast), enabled=plan.autocast is not None) \
+                if plan.autocast else torch.autocast("cpu", enabled=False)
+            with tracker:
+                with ac:
+                    out = unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)[0]
+                loss = (out.float()[:, :3] - x[:, :3].float()).pow(2).mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
+            now = tracker.get_tracker_snapshot("current")[torch.device("cpu")]
+            kinds = {str(k.value) if hasattr(k, "value") else str(k): v for k, v in peak.items()}
+            cur = {str(k.value) if hasattr(k, "value") else str(k): v for k, v in now.items()}
+            grads_max = max(p.numel() * p.element_size() for p in params)
+    finally:
+        precision._State8bit = saved
+    n_all = sum(p.numel() for p in unet.parameters())
+    n_train = sum(p.numel() for p in params)
+    return {"plan": asdict(plan), "label": plan.label(), "params_total": n_all, "params_trainable": n_train,
+            "bytes": {"params": cur["Parameter"] + cur["Buffer"],
+                      "grads": (grads_max if plan.in_backward else
+                                sum(p.numel() * p.element_size() for p in params)),
+                      "optimizer": cur["Optstate"],
+                      "activations_at_peak": kinds["Activation"] + kinds["Temp"] + kinds["Other"],
+                      "peak": kinds["Total"]}}
+
+
+def trace_inference(model: str, batch: int, dtype: str = "float16", text_len: int = 77) -> int:
+    """Peak bytes of one sampling forward (classifier-free guidance doubles the batch) of a frozen UNet."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cfg = unet_config(model)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unet = _build(Plan(model, weights_dtype=dtype), cfg)
+        unet.eval()
+        x, t, enc, labels = _inputs(cfg, 2 * batch, text_len, next(unet.parameters()).dtype)
+        tracker = MemTracker()
+        tracker.track_external(unet)
+        with tracker, torch.no_grad():
+            unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)
+        return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def command_phases(plan: Plan, step: dict, frozen_dtype: str = "float16", sample_batch: int = 4,
+                   validation_images: int = 4, t5_resident: bool = False, export_variant: str = "fp16") -> dict:
+    """Device bytes of each phase of `cascade train`, in order: T5 encoding (T5 alone, freed after),
+    class images (the frozen stage model sampling), training steps, validation grids (during
+    training: weights + optimizer state + a sampling forward), export (state dict + half copy)."""
+    t5_bytes = arch.n_params(arch.build_t5()) * DTYPE_BYTES[frozen_dtype]
+    t5_act = 64 * 2**20  # encoder activations for 3 prompts of 77 tokens: a few MB, rounded up
+    resident = t5_bytes if t5_resident else 0
+    b = step["bytes"]
+    sample_peak = trace_inference(plan.model, sample_batch, frozen_dtype)
+    weights_opt = b["params"] + b["optimizer"]
+    val = weights_opt + trace_inference(plan.model, validation_images,
+                                        plan.weights_dtype) - step["params_total"] * DTYPE_BYTES[plan.weights_dtype]
+    export_extra = step["params_total"] * (2 if export_variant != "none" and plan.lora_rank == 0 else 0)
+    phases = {"t5_encode": t5_bytes + t5_act,
+              "class_images": resident + (sample_peak if plan.prior else 0),
+              "train_step": resident + b["peak"],
+              "validation": resident + val,
+              "export": resident + weights_opt + export_extra}
+    return phases
+
+
+def fits(peak: int, gpu_bytes: float, context: float = 1.0 * 2**30, slack: float = 0.05) -> tuple[bool, float]:
+    """(fits, headroom bytes) with a margin for the CUDA context and allocator fragmentation."""
+    need = peak * (1 + slack) + context
+    return need <= gpu_bytes, gpu_bytes - need
+
+
+# switches tried in order when a plan does not fit: the advice names the first combination that does
+LADDER = (("weights_dtype", "bfloat16", "train.weights_dtype=bfloat16"),
+          ("checkpointing", "full", "train.gradient_checkpointing=true (scope full)"),
+          ("use_8bit_adam", True, "train.use_8bit_adam=true"),
+          ("in_backward", True, "train.optimizer_in_backward=true"),
+          ("batch", None, "a smaller train.batch_size"))
+
+
+def advise(plan: Plan, gpu_bytes: float, trace=trace_step) -> tuple[Plan | None, list[str], dict | None]:
+    """Switch options on one at a time (LADDER) until the training step fits; (plan, switches, trace)."""
+    current, switched = plan, []
+    for field, value, text in LADDER:
+        if field == "batch":
+            while current.batch > 1:
+                current = replace(current, batch=current.batch // 2)
+                result = trace(current)
+                if fits(result["bytes"]["peak"], gpu_bytes)[0]:
+                    return current, switched + [f"train.batch_size={current.batch}"], result
+            return None, switched, None
+        if getattr(current, field) == value:
+            continue
+        current = replace(current, **{field: value})
+        switched.append(text)
+        result = trace(current)
+        if fits(result["bytes"]["peak"], gpu_bytes)[0]:
+            return current, switched, result
+    return None, switched, None
+
+
+def parse_size(text: str) -> float:
+    """'40GB', '24GiB', '16G', '12000MB' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m:
+        from stages.errors import InputError
+
+        raise InputError(f"--gpu-memory {text!r}: expected a size like 40GB or 24GiB")
+    value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
+    power = " KMGT".index(unit) if unit else 0
+    return value * (1024 if binary else 1000) ** power

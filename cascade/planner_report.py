@@ -1,0 +1,97 @@
+"""`cascade bench --estimate-memory`: the planner's table, the whole-command phases and the fit verdict."""
+from __future__ import annotations
+
+import logging
+import time
+
+from cascade import arch, memory
+from cascade.bench import device_name, git_revision, versions
+
+log = logging.getLogger(__name__)
+
+# the option combinations of the table (rows per model)
+COMBOS = {
+    "naive (fp32, no ckpt, AdamW)": dict(),
+    "before #11 (fp32, resnet ckpt, 8-bit Adam)": dict(checkpointing="resnets", use_8bit_adam=True),
+    "preset (bf16 SR, full ckpt, 8-bit Adam in backward)": dict(weights_dtype="bfloat16", checkpointing="full",
+                                                                use_8bit_adam=True, in_backward=True),
+    "LoRA r8 (bf16 base, full ckpt, AdamW)": dict(weights_dtype="bfloat16", checkpointing="full", lora_rank=8),
+}
+
+
+def plan_from_config(cfg, stage: int, batch: int | None, cpu_run: bool) -> memory.Plan:
+    sec = cfg.stage1 if stage == 1 else cfg.stage2
+    tc = sec.train
+    model_id = cfg.models.stage1 if stage == 1 else cfg.models.stage2
+    name = arch.arch_for(model_id) or f"tiny-stage{stage}"
+    return memory.Plan(name, batch or tc.batch_size, bool(tc.prior_preservation), tc.weights_dtype,
+                       (tc.gradient_checkpointing_scope if tc.gradient_checkpointing else "none"), tc.use_8bit_adam,
+                       tc.optimizer_states, tc.optimizer_in_backward, tc.lora_rank,
+                       None if cpu_run else "bfloat16")
+
+
+def _gb(x: float) -> str:
+    return f"{x / memory.GB:.1f}"
+
+
+def table(models: list[str], batch: int) -> tuple[list[dict], str]:
+    rows, lines = [], ["| model | options | params | grads | optimizer | activations at peak | peak (GB) |",
+                       "|---|---|---|---|---|---|---|"]
+    for model in models:
+        for label, opts in COMBOS.items():
+            t0 = time.time()
+            r = memory.trace_step(memory.Plan(model, batch, True, **opts))
+            b = r["bytes"]
+            rows.append({"model": model, "combo": label, **r, "trace_seconds": time.time() - t0})
+            lines.append(f"| {model} | {label} | {_gb(b['params'])} | {_gb(b['grads'])} | {_gb(b['optimizer'])} | "
+                         f"{_gb(b['activations_at_peak'])} | **{_gb(b['peak'])}** |")
+            log.info("%s / %s: peak %.2f GB (%.0f s)", model, label, b["peak"] / memory.GB, time.time() - t0)
+    return rows, "\n".join(lines)
+
+
+def run(cfg, args) -> dict:
+    report = {"device_planned_for": "cpu (no autocast)" if args.cpu_run else "CUDA GPU (bf16 autocast)",
+              "planned_on": device_name(), "command": "cascade bench --estimate-memory " + " ".join(
+                  a for a in (f"--config {args.config}" if args.config else "", f"--stage {args.stage}",
+                              f"--models {args.models}" if args.models else "",
+                              f"--batch {args.batch}" if args.batch else "",
+                              f"--gpu-memory {args.gpu_memory}" if args.gpu_memory else "",
+                              "--cpu-run" if args.cpu_run else "") if a),
+              "versions": versions(), "git": git_revision()}
+    if args.models:
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        for m in models:
+            arch.load(m)  # unknown names fail here, before any tracing
+        rows, md = table(models, args.batch or 4)
+        report.update(rows=rows, markdown=md)
+        return report
+    plan = plan_from_config(cfg, args.stage, args.batch, args.cpu_run)
+    step = memory.trace_step(plan)
+    sec = cfg.stage1 if args.stage == 1 else cfg.stage2
+    phases = memory.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images,
+                                   export_variant=sec.train.export_variant)
+    peak_phase = max(phases, key=phases.get)
+    report.update(plan=step, phases=phases, peak_phase=peak_phase, command_peak=phases[peak_phase])
+    lines = [f"{plan.model}, batch {plan.batch}{' + ' + str(plan.batch) + ' prior' if plan.prior else ''}, "
+             f"{plan.label()}: training step peak {_gb(step['bytes']['peak'])} GB "
+             f"(params {_gb(step['bytes']['params'])}, grads {_gb(step['bytes']['grads'])}, optimizer "
+             f"{_gb(step['bytes']['optimizer'])}, activations {_gb(step['bytes']['activations_at_peak'])})",
+             "phases (GB): " + ", ".join(f"{k} {_gb(v)}" for k, v in phases.items()) +
+             f"; command peak {_gb(phases[peak_phase])} GB in {peak_phase}"]
+    if args.gpu_memory:
+        gpu = memory.parse_size(args.gpu_memory)
+        ok, headroom = memory.fits(phases[peak_phase], gpu)
+        report["fits"] = ok
+        if ok:
+            lines.append(f"fits {args.gpu_memory}: {_gb(headroom)} GB to spare (after 1 GiB context + 5% slack)")
+        else:
+            better, switched, result = memory.advise(plan, gpu)
+            report["advice"] = {"switch_on": switched, "plan": result}
+            if better is None:
+                lines.append(f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB), even with "
+                             f"{', '.join(switched) or 'every option'}: use LoRA or a larger GPU")
+            else:
+                lines.append(f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB); switch on: "
+                             f"{', '.join(switched)} -> training step peak {_gb(result['bytes']['peak'])} GB")
+    report["markdown"] = "\n".join(lines)
+    return report

@@ -1,0 +1,108 @@
+"""The memory planner (fake-tensor trace) against real measured runs, and `cascade bench` JSON."""
+import json
+
+import pytest
+import torch
+
+from cascade import memory
+from cascade.config import Train
+from stages import activation_ckpt, optim
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _measured_peak(plan: memory.Plan) -> int:
+    """Real tensors, real optimizer (bitsandbytes for 8-bit), two steps; peak tensor bytes of the second."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from cascade.tiny import build_stage1_unet
+
+    torch.manual_seed(0)
+    unet = build_stage1_unet().to(getattr(torch, plan.weights_dtype))
+    activation_ckpt.apply(unet, plan.checkpointing)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    cfg = Train(weights_dtype=plan.weights_dtype, use_8bit_adam=plan.use_8bit_adam, fused_optimizer=False,
+                optimizer_in_backward=plan.in_backward, max_grad_norm=0.0)
+    opt, _ = optim.build(params, cfg)
+    n = plan.batch * 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 64, 64, generator=g).to(params[0].dtype)
+    t = torch.randint(0, 1000, (n,), generator=g)
+    enc = torch.randn(n, plan.text_len, 32, generator=g).to(params[0].dtype)
+
+    def step():
+        out = unet(x, t, encoder_hidden_states=enc, return_dict=False)[0]
+        (out.float()[:, :3] - x.float()).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # creates the optimizer state
+    tracker = MemTracker()
+    tracker.track_external(unet, opt)
+    with tracker:
+        step()
+    return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),  # naive: fp32, AdamW
+    dict(use_8bit_adam=True, checkpointing="resnets"),  # real bitsandbytes AdamW8bit vs the stand-in
+    dict(weights_dtype="bfloat16", checkpointing="full", use_8bit_adam=True, in_backward=True),  # the presets'
+], ids=["naive", "8bit", "bf16-full-inbackward"])
+def test_planner_estimate_within_10_percent_of_measured(opts):
+    plan = memory.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16, **opts)
+    estimate = memory.trace_step(plan)["bytes"]["peak"]
+    measured = _measured_peak(plan)
+    assert abs(estimate - measured) / measured < 0.10, (estimate, measured)
+
+
+def test_planner_orders_the_options():
+    naive = memory.trace_step(memory.Plan("tiny-stage1", batch=2, text_len=16))
+    best = memory.trace_step(memory.Plan("tiny-stage1", batch=2, text_len=16, weights_dtype="bfloat16",
+                                         checkpointing="full", use_8bit_adam=True, in_backward=True))
+    nb, bb = naive["bytes"], best["bytes"]
+    assert nb["optimizer"] == 2 * 4 * naive["params_trainable"]  # AdamW: two fp32 moments
+    assert bb["params"] == 2 * best["params_total"]  # bf16 weights
+    assert bb["optimizer"] < nb["optimizer"] / 3  # 8-bit moments
+    assert bb["peak"] < nb["peak"]
+
+
+def test_parse_size_and_fit():
+    assert memory.parse_size("40GB") == 40e9 and memory.parse_size("24GiB") == 24 * 2**30
+    assert memory.fits(int(10e9), 40e9)[0] and not memory.fits(int(39.5e9), 40e9)[0]
+    from stages.errors import InputError
+
+    with pytest.raises(InputError, match="gpu-memory"):
+        memory.parse_size("lots")
+
+
+def test_bench_tiny_writes_valid_json(tmp_path, capsys):
+    from cascade.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", "tiny", "--steps", "1", "--warmup", "0", "--sample-steps", "1",
+                 "--batch", "1", "--compare", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("cascade") and report["device"].startswith("cpu")
+    assert report["versions"]["torch"] == torch.__version__.split("+")[0] or report["versions"]["torch"]
+    assert [r["variant"]["name"] for r in report["results"]] == ["config", "naive"]
+    for r in report["results"]:
+        assert r["train"]["flops_per_step"] > 0 and r["train"]["steps_per_s"] > 0
+        assert r["peak_memory_bytes"] > 0 and r["sample"]["images_per_s"] > 0
+        assert r["train"]["mfu"] is None  # no GPU: no MFU
+    assert report["results"][1]["variant"]["t5_resident"] is True
+    assert "|" in report["markdown"] and report["markdown"] in capsys.readouterr().out
+
+
+def test_estimate_memory_cli_fit_verdict(capsys):
+    from cascade.cli import main
+
+    assert main(["bench", "--estimate-memory", "--config", "tiny", "--gpu-memory", "40GB", "--batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "phases (GB)" in out and "fits 40GB" in out
