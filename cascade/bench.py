@@ -107,18 +107,23 @@ def build_unet(model: str, stage: int, dtype: torch.dtype, device):
     """Random weights: the real architecture for hub ids of the presets, else the tiny one."""
     torch.manual_seed(0)
     name = arch.arch_for(model)
-    if name is not None:
-        unet = arch.build_unet(name, device="cpu")
-    else:
-        from cascade import tiny
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: no transient fp32 copy (as from_pretrained(dtype=))
+    try:
+        if name is not None:
+            unet = arch.build_unet(name, device="cpu")
+        else:
+            from cascade import tiny
 
-        unet = tiny.build_stage1_unet() if stage == 1 else tiny.build_stage2_unet()
-    return unet.to(device=device, dtype=dtype)
+            unet = tiny.build_stage1_unet() if stage == 1 else tiny.build_stage2_unet()
+    finally:
+        torch.set_default_dtype(default)
+    return unet.to(device=device)
 
 
-def _batch(unet, n: int, text_len: int, device, gen):
+def _batch(unet, n: int, text_len: int, device, gen, resolution: int | None = None):
     cfg = unet.config
-    size = cfg.sample_size
+    size = resolution or cfg.sample_size
     x = torch.randn(n, cfg.in_channels, size, size, generator=gen).to(device)
     t = torch.randint(0, 1000, (n,), generator=gen).to(device)
     enc = torch.randn(n, text_len, cfg.encoder_hid_dim or cfg.cross_attention_dim, generator=gen).to(device)
@@ -132,7 +137,7 @@ def _sync():
 
 
 def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, warmup: int, sample_steps: int,
-                sample_batch: int, text_len: int = 77) -> dict:
+                sample_batch: int, text_len: int = 77, resolution: int | None = None) -> dict:
     """Time `steps` training steps (after `warmup`) and one sampling call; report memory and FLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -162,7 +167,7 @@ def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, 
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        x, t, enc, labels = _batch(unet, n, text_len, device, gen)
+        x, t, enc, labels = _batch(unet, n, text_len, device, gen, resolution)
         x, enc = precision.cast_for_model(unet, x, enc)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             out = unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)[0]
@@ -248,7 +253,8 @@ def markdown_line(report: dict) -> str:
 
 
 def bench(cfg, stage: int, steps: int, warmup: int, sample_steps: int, compare: bool, batch: int | None = None,
-          t5_resident: bool | None = None, variant_overrides: dict | None = None) -> dict:
+          t5_resident: bool | None = None, variant_overrides: dict | None = None,
+          resolution: int | None = None) -> dict:
     sec = cfg.stage1 if stage == 1 else cfg.stage2
     tc = sec.train
     model = cfg.models.stage1 if stage == 1 else cfg.models.stage2
@@ -259,10 +265,10 @@ def bench(cfg, stage: int, steps: int, warmup: int, sample_steps: int, compare: 
         if t5_resident is not None:
             nv.t5_resident = t5_resident
         variants.append(nv)
-    results = [run_variant(v, model, stage, tc, batch, steps, warmup, sample_steps, sec.sample.batch_size)
-               for v in variants]
+    results = [run_variant(v, model, stage, tc, batch, steps, warmup, sample_steps, sec.sample.batch_size,
+                           resolution=resolution) for v in variants]
     report = {"device": device_name(), "command": " ".join(["cascade"] + sys.argv[1:]), "model": model,
-              "stage": stage, "config": {"name": cfg.name, "train": tc.__dict__, "sample": sec.sample.__dict__},
+              "stage": stage, "resolution": resolution, "batch": batch, "config": {"name": cfg.name, "train": tc.__dict__, "sample": sec.sample.__dict__},
               "versions": versions(), "git": git_revision(), "steps": steps, "warmup": warmup, "results": results}
     if compare:
         a, b = results

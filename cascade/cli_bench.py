@@ -16,6 +16,8 @@ def add_commands(sub, common_config):
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--sample-steps", type=int, default=10, help="sampler steps timed (0: skip sampling)")
     p.add_argument("--batch", type=int, default=None, help="instance images per step (default: the config's)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="training input size (default: the stage's, 64 or 256); smaller for CPU measurements")
     p.add_argument("--compare", action="store_true", help="also run the naive path in this process")
     p.add_argument("--no-t5", action="store_true", help="naive path without the resident T5 (small machines)")
     p.add_argument("--output", default=None, help="JSON report path (default: print only)")
@@ -23,6 +25,7 @@ def add_commands(sub, common_config):
     p.add_argument("--models", default=None,
                    help="with --estimate-memory: comma-separated architectures (if-i-m,if-i-l,if-i-xl,if-ii-m,if-ii-l) "
                         "for a table of option combinations; default: the config's stage model")
+    p.add_argument("--combos", default=None, help="with --models: naive,before,preset,lora (default: all)")
     p.add_argument("--gpu-memory", default=None, help="e.g. 40GB: say whether the config fits, and what to switch on")
     p.add_argument("--cpu-run", action="store_true",
                    help="with --estimate-memory: plan a CPU run (no autocast), as `cascade bench` runs on CPU")
@@ -50,7 +53,7 @@ def cmd_bench(args):
         from cascade import bench
 
         report = bench.bench(cfg, args.stage, args.steps, args.warmup, args.sample_steps, args.compare, args.batch,
-                             False if args.no_t5 else None)
+                             False if args.no_t5 else None, resolution=args.resolution)
     if args.output:
         from cascade.bench import write_report
 

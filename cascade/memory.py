@@ -41,6 +41,7 @@ class Plan:
     lora_rank: int = 0
     autocast: str | None = "bfloat16"  # mixed precision of the activations (None: CPU fp32 run)
     text_len: int = 77
+    resolution: int | None = None  # training input size (default: the model's sample_size)
 
     def label(self) -> str:
         opt = "8-bit Adam" if self.use_8bit_adam else f"Adam ({self.optimizer_states})"
@@ -130,8 +131,8 @@ def _prime(optimizer, params):
         p.grad = None
 
 
-def _inputs(cfg: dict, n: int, text_len: int, dtype):
-    size = cfg["sample_size"]
+def _inputs(cfg: dict, n: int, text_len: int, dtype, resolution: int | None = None):
+    size = resolution or cfg["sample_size"]
     x = torch.randn(n, cfg["in_channels"], size, size, dtype=dtype)
     t = torch.randint(0, 1000, (n,))
     enc = torch.randn(n, text_len, cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"], dtype=dtype)
@@ -173,7 +174,7 @@ def trace_step(plan: Plan) -> dict:
             _prime(opt, params)
             n = plan.batch * (2 if plan.prior else 1)
             dtype = next(unet.parameters()).dtype
-            x, t, enc, labels = _inputs(cfg, n, plan.text_len, dtype)
+            x, t, enc, labels = _inputs(cfg, n, plan.text_len, dtype, plan.resolution)
             tracker = MemTracker()
             tracker.track_external(unet, opt)
             ac = torch.autocast("cpu", dtype=getattr(torch, plan.autocast), enabled=plan.autocast is not None) \

@@ -11,15 +11,15 @@ log = logging.getLogger(__name__)
 
 # the option combinations of the table (rows per model)
 COMBOS = {
-    "naive (fp32, no ckpt, AdamW)": dict(),
-    "before #11 (fp32, resnet ckpt, 8-bit Adam)": dict(checkpointing="resnets", use_8bit_adam=True),
-    "preset (bf16 SR, full ckpt, 8-bit Adam in backward)": dict(weights_dtype="bfloat16", checkpointing="full",
-                                                                use_8bit_adam=True, in_backward=True),
-    "LoRA r8 (bf16 base, full ckpt, AdamW)": dict(weights_dtype="bfloat16", checkpointing="full", lora_rank=8),
+    "naive": ("naive (fp32, no ckpt, AdamW)", dict()),
+    "before": ("before #11 (fp32, resnet ckpt, 8-bit Adam)", dict(checkpointing="resnets", use_8bit_adam=True)),
+    "preset": ("preset (bf16 SR, full ckpt, 8-bit Adam in backward)",
+               dict(weights_dtype="bfloat16", checkpointing="full", use_8bit_adam=True, in_backward=True)),
+    "lora": ("LoRA r8 (bf16 base, full ckpt, AdamW)", dict(weights_dtype="bfloat16", checkpointing="full", lora_rank=8)),
 }
 
 
-def plan_from_config(cfg, stage: int, batch: int | None, cpu_run: bool) -> memory.Plan:
+def plan_from_config(cfg, stage: int, batch: int | None, cpu_run: bool, resolution: int | None = None) -> memory.Plan:
     sec = cfg.stage1 if stage == 1 else cfg.stage2
     tc = sec.train
     model_id = cfg.models.stage1 if stage == 1 else cfg.models.stage2
@@ -27,18 +27,19 @@ def plan_from_config(cfg, stage: int, batch: int | None, cpu_run: bool) -> memor
     return memory.Plan(name, batch or tc.batch_size, bool(tc.prior_preservation), tc.weights_dtype,
                        (tc.gradient_checkpointing_scope if tc.gradient_checkpointing else "none"), tc.use_8bit_adam,
                        tc.optimizer_states, tc.optimizer_in_backward, tc.lora_rank,
-                       None if cpu_run else "bfloat16")
+                       None if cpu_run else "bfloat16", resolution=resolution)
 
 
 def _gb(x: float) -> str:
     return f"{x / memory.GB:.1f}"
 
 
-def table(models: list[str], batch: int) -> tuple[list[dict], str]:
+def table(models: list[str], batch: int, combos: list[str] | None = None) -> tuple[list[dict], str]:
     rows, lines = [], ["| model | options | params | grads | optimizer | activations at peak | peak (GB) |",
                        "|---|---|---|---|---|---|---|"]
     for model in models:
-        for label, opts in COMBOS.items():
+        for key in combos or list(COMBOS):
+            label, opts = COMBOS[key]
             t0 = time.time()
             r = memory.trace_step(memory.Plan(model, batch, True, **opts))
             b = r["bytes"]
@@ -56,18 +57,28 @@ def run(cfg, args) -> dict:
                               f"--models {args.models}" if args.models else "",
                               f"--batch {args.batch}" if args.batch else "",
                               f"--gpu-memory {args.gpu_memory}" if args.gpu_memory else "",
+                              f"--resolution {args.resolution}" if args.resolution else "",
                               "--cpu-run" if args.cpu_run else "") if a),
               "versions": versions(), "git": git_revision()}
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
         for m in models:
             arch.load(m)  # unknown names fail here, before any tracing
-        rows, md = table(models, args.batch or 4)
+        combos = [c.strip() for c in args.combos.split(",")] if args.combos else None
+        if combos and not set(combos) <= set(COMBOS):
+            from stages.errors import InputError
+
+            raise InputError(f"--combos: choose from {', '.join(COMBOS)}")
+        rows, md = table(models, args.batch or 4, combos)
         report.update(rows=rows, markdown=md)
         return report
-    plan = plan_from_config(cfg, args.stage, args.batch, args.cpu_run)
+    plan = plan_from_config(cfg, args.stage, args.batch, args.cpu_run, args.resolution)
     step = memory.trace_step(plan)
     sec = cfg.stage1 if args.stage == 1 else cfg.stage2
+    if args.cpu_run:  # the training step of a `cascade bench` CPU run (what peak RSS measures)
+        report.update(plan=step, markdown=f"{plan.model}, {plan.label()}, batch {plan.batch} (+prior), "
+                      f"resolution {plan.resolution or 'native'}, CPU: training step peak {_gb(step['bytes']['peak'])} GB")
+        return report
     phases = memory.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images,
                                    export_variant=sec.train.export_variant)
     peak_phase = max(phases, key=phases.get)

@@ -44,17 +44,33 @@ class _State8bit:
     def __init__(self, like: torch.Tensor, signed: bool):
         import bitsandbytes.functional as bnbf
 
-        self._f = bnbf
         self.code = bnbf.create_dynamic_map(signed=signed).to(like.device)
-        self.q, self.qs = bnbf.quantize_blockwise(torch.zeros(like.numel(), device=like.device), code=self.code,
-                                                  blocksize=_BLOCK)
-        self.shape = like.shape
+        self.shape = tuple(like.shape)
+        self.set(torch.zeros(like.numel(), device=like.device))
 
     def get(self) -> torch.Tensor:
-        return self._f.dequantize_blockwise(self.q, self.qs).view(self.shape)
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_blockwise(self.q, self.qs).view(self.shape)
 
     def set(self, value: torch.Tensor):
-        self.q, self.qs = self._f.quantize_blockwise(value.reshape(-1).contiguous(), code=self.code, blocksize=_BLOCK)
+        import bitsandbytes.functional as bnbf
+
+        self.q, self.qs = bnbf.quantize_blockwise(value.reshape(-1).contiguous(), code=self.code, blocksize=_BLOCK)
+
+    def to_tensors(self) -> dict:
+        """Plain tensors for checkpoints (torch.load(weights_only=True) accepts only those)."""
+        return {"q8": self.q, "absmax": self.qs.absmax, "code": self.code, "shape": torch.tensor(self.shape)}
+
+    @classmethod
+    def from_tensors(cls, d: dict) -> "_State8bit":
+        import bitsandbytes.functional as bnbf
+
+        obj = cls.__new__(cls)
+        obj.code, obj.shape = d["code"], tuple(d["shape"].tolist())
+        obj.q = d["q8"]
+        obj.qs = bnbf.QuantState(absmax=d["absmax"], code=d["code"], blocksize=_BLOCK, dtype=torch.float32)
+        return obj
 
 
 class LowPrecisionAdamW(torch.optim.Optimizer):
@@ -126,6 +142,34 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             target = old32 + wanted
             p.copy_(target)
             st["comp"].copy_(target - p.float())
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["state"] = {i: {k: ({"__8bit__": v.to_tensors()} if isinstance(v, _State8bit) else v)
+                           for k, v in st.items()} for i, st in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Restores states in their own dtypes (torch's loader would cast fp32/8-bit moments to the
+        parameter's bf16)."""
+        from collections import defaultdict
+
+        saved = state_dict["param_groups"]
+        by_id = {i: p for sg, g in zip(saved, self.param_groups) for i, p in zip(sg["params"], g["params"])}
+        self.state = defaultdict(dict)
+        for i, st in state_dict["state"].items():
+            p = by_id[i]
+            new = {}
+            for k, v in st.items():
+                if isinstance(v, dict) and "__8bit__" in v:
+                    new[k] = _State8bit.from_tensors({kk: t.to(p.device) for kk, t in v["__8bit__"].items()})
+                elif k == "step":
+                    new[k] = int(v)
+                else:
+                    new[k] = v.to(p.device) if isinstance(v, torch.Tensor) else v
+            self.state[p] = new
+        for g, sg in zip(self.param_groups, saved):
+            g.update({k: v for k, v in sg.items() if k != "params"})
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state actually held (for the planner and the bench)."""

@@ -169,3 +169,31 @@ def test_export_as_fp16_variant_loads_with_variant(tmp_path):
     for (name, a), (_, b) in zip(unet.named_parameters(), loaded.named_parameters()):
         assert b.dtype == torch.float16
         torch.testing.assert_close(a.half(), b, rtol=0, atol=0, msg=name)
+
+
+def test_low_precision_adamw_8bit_state_dict_round_trip(tmp_path):
+    """Checkpoints hold plain tensors (weights_only loading) and resuming continues identically."""
+    torch.manual_seed(0)
+    a = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    b = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    b.load_state_dict(a.state_dict())
+    oa = LowPrecisionAdamW(a.parameters(), lr=1e-2, rounding="kahan", states="8bit")
+    ob = LowPrecisionAdamW(b.parameters(), lr=1e-2, rounding="kahan", states="8bit")
+
+    def step(m, o, i):
+        x = torch.randn(4, 64, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+        m(x).float().pow(2).sum().backward()
+        o.step()
+        o.zero_grad()
+
+    for i in range(2):
+        step(a, oa, i)
+        step(b, ob, i)
+    torch.save(ob.state_dict(), tmp_path / "opt.pt")
+    ob2 = LowPrecisionAdamW(b.parameters(), lr=1e-2, rounding="kahan", states="8bit")
+    ob2.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    for i in range(2, 4):
+        step(a, oa, i)
+        step(b, ob2, i)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=0)
