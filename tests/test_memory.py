@@ -67,7 +67,8 @@ def test_planner_orders_the_options():
     best = memory.trace_step(memory.Plan("tiny-stage1", batch=2, text_len=16, weights_dtype="bfloat16",
                                          checkpointing="full", use_8bit_adam=True, in_backward=True))
     nb, bb = naive["bytes"], best["bytes"]
-    assert nb["optimizer"] == 2 * 4 * naive["params_trainable"]  # AdamW: two fp32 moments
+    n = naive["params_trainable"]
+    assert 8 * n <= nb["optimizer"] <= 8 * n + 4 * 1000  # AdamW: two fp32 moments (+ a step scalar per tensor)
     assert bb["params"] == 2 * best["params_total"]  # bf16 weights
     assert bb["optimizer"] < nb["optimizer"] / 3  # 8-bit moments
     assert bb["peak"] < nb["peak"]
