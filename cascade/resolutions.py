@@ -43,9 +43,9 @@ def check_cascade(stage1: str, stage2: str) -> tuple[int, int | None]:
     low = stage1_size(stage1)
     if stage2 == "none":
         return low, None
-    high, _ = stage2_sizes(stage2, stage1)
     trained = (components.describe_source(stage2).meta or {}).get("lowres_size")
     if trained is not None and int(trained) != low:
         raise InputError(f"stage II export {stage2} was trained to upsample {trained}px images, but stage I "
                          f"({stage1}) makes {low}px ones")
+    high, _ = stage2_sizes(stage2, stage1)
     return low, high
