@@ -154,3 +154,22 @@ def test_each_image_trains_with_its_caption(make_cfg, subject, tmp_path, monkeyp
     assert len(drawn) >= 2  # rows of one step used different captions
     meta = json.loads((out / "export" / "cascade.json").read_text())
     assert meta["captions"] == "sidecar"
+
+
+def test_stage2_batches_carry_caption_rows(tiny):
+    """Stage II draws the same way: each row's embedding is its high-res image's caption's."""
+    from stages.stage2 import Stage2Task
+
+    g = torch.Generator().manual_seed(0)
+    images, prior = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1, torch.rand(2, 3, 64, 64, generator=g) * 2 - 1
+    text, class_text = torch.randn(3, 77, 32, generator=g), torch.randn(1, 77, 32, generator=g)
+    noising = components.load_scheduler(str(tiny / "stage2"), "image_noising_scheduler")
+    task = Stage2Task(images, noising, 0, 5, prior=prior, resolution=64, lowres=16)
+    assert "encoder_hidden_states" not in task.batch(4, True, torch.Generator().manual_seed(1))  # default: none
+    task.set_captions(text, class_text)
+    batch = task.batch(4, True, torch.Generator().manual_seed(1))
+    assert batch["encoder_hidden_states"].shape == (8, 77, 32) and batch["lowres"].shape == (8, 3, 16, 16)
+    for row in range(4):
+        (i,) = [i for i in range(3) if torch.equal(batch["x0"][row], images[i])]
+        assert torch.equal(batch["encoder_hidden_states"][row], text[i])
+    assert torch.equal(batch["encoder_hidden_states"][4:], class_text.expand(4, -1, -1))
