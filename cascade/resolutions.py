@@ -38,8 +38,12 @@ def stage2_sizes(stage2: str, stage1: str) -> tuple[int, int]:
 
 
 def check_cascade(stage1: str, stage2: str) -> tuple[int, int | None]:
-    """Before sampling: stage II must upsample stage I's size and, when it is an export trained at
-    another low-res size, refuse the pair. Returns (stage I size, stage II size or None)."""
+    """Before sampling (configs only): each model is of its stage; stage II must upsample stage I's
+    size, and an export trained at another low-res size is refused. Returns (stage I size, stage II
+    size or None)."""
+    components.check_stage(stage1, 1, "stage I model")
+    if stage2 != "none":
+        components.check_stage(stage2, 2, "stage II model")
     low = stage1_size(stage1)
     if stage2 == "none":
         return low, None
