@@ -29,6 +29,8 @@ def _train_args(p: argparse.ArgumentParser, stage: int):
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default=None)
+    p.add_argument("--captions", choices=["none", "sidecar", "metadata"], default=None,
+                   help="per-image captions from <image>.txt files or metadata.jsonl (default: one prompt)")
     if stage == 2:
         p.add_argument("--noise-aug", default=None, metavar="MIN[:MAX]",
                        help="training noise-augmentation level(s), integers in 0..999 (default 0:20)")
@@ -44,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-tiny", help="write tiny random IF components in the diffusers layout")
     p.add_argument("--output", required=True)
+    p.add_argument("--sizes", default="64:256", metavar="LOW:HIGH", help="stage I:stage II sample sizes")
 
     p = sub.add_parser("identifier", help="pick a rare T5 token as the subject identifier")
     _common_config(p)
@@ -54,13 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common_config(p)
     p.add_argument("--class-noun", required=True)
     p.add_argument("--num", type=int, required=True)
-    p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="1: 64px; 2: 256px via stage I -> II")
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1,
+                   help="1: stage I's size (IF: 64px); 2: stage II's (IF: 256px) via stage I -> II")
     p.add_argument("--output", required=True, help="folder (existing images are kept)")
     p.add_argument("--seed", type=int, default=0)
 
     train = sub.add_parser("train", help="fine-tune one stage").add_subparsers(dest="stage", required=True)
-    _train_args(train.add_parser("stage1", help="64px base model with prior preservation"), 1)
-    _train_args(train.add_parser("stage2", help="64->256 super-resolution with low noise augmentation"), 2)
+    _train_args(train.add_parser("stage1", help="base model (IF: 64px) with prior preservation"), 1)
+    _train_args(train.add_parser("stage2", help="super-resolution (IF: 64->256) with low noise augmentation"), 2)
     from cascade import cli_sample
 
     cli_sample.add_commands(sub, _common_config)
@@ -87,6 +91,8 @@ def _train_overrides(args) -> list[str]:
         out.append(f"{s}.train.lora_rank={args.lora_rank}")
     if args.report_to:
         out.append(f"{s}.train.report_to={args.report_to}")
+    if args.captions:
+        out.append(f"{s}.train.captions={args.captions}")
     if getattr(args, "noise_aug", None):
         lo, _, hi = args.noise_aug.partition(":")
         out += [f"{s}.train.noise_aug_min={lo}", f"{s}.train.noise_aug_max={hi or lo}"]
@@ -107,7 +113,10 @@ def cmd_train(args):
 def cmd_build_tiny(args):
     from cascade.tiny import build_tiny
 
-    print(f"tiny components (random weights) written to {build_tiny(Path(args.output))}")
+    low, _, high = args.sizes.partition(":")
+    if not (low.isdigit() and high.isdigit()):
+        raise ConfigError(f"--sizes {args.sizes!r}: expected LOW:HIGH, e.g. 16:64")
+    print(f"tiny components (random weights) written to {build_tiny(Path(args.output), sizes=(int(low), int(high)))}")
 
 
 def cmd_identifier(args):

@@ -55,8 +55,10 @@ def cmd_sample(args):
     for stage in ("stage1", "stage2", "stage3"):
         if getattr(args, stage) is not None:
             paths = dataclasses.replace(paths, **{stage: models.resolve_name(cfg, getattr(args, stage), stage)})
+    from cascade.resolutions import check_cascade
     from stages.setup import process_state
 
+    check_cascade(paths.stage1, paths.stage2)  # cheap (configs only), before the output folder exists
     state = process_state()
     output = runs.prepare_output(args.output, "sample", overwrite=args.overwrite) if state.is_main_process else None
     output = _broadcast_path(state, output)

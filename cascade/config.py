@@ -75,6 +75,7 @@ class Train:
     random_crop: bool = False  # random 256 crops of larger photos (condition from the same crop)
     crop_source_size: int = 320  # short side the photo is resized to before random cropping
     allow_upscale: bool = False  # accept photos smaller than the stage resolution (upscaled, warned)
+    captions: str = "none"  # none (one "a [V] <class>" prompt) | sidecar (<image>.txt) | metadata (metadata.jsonl)
     # memory/speed switches (issue 11; `cascade bench --estimate-memory` shows what each saves)
     weights_dtype: str = "float32"  # float32|bfloat16|float16: the UNet's weights (trainable and frozen/LoRA base)
     bf16_update: str = "stochastic"  # stochastic|kahan|nearest: how a low-precision weight takes its fp32 update
@@ -233,6 +234,7 @@ def validate(cfg: Config):
         _check(t.vlb_weight >= 0, k + "vlb_weight", "must be >= 0")
         _check(t.checkpoint_every >= 1 and t.sample_every >= 1, k + "checkpoint_every", "intervals must be >= 1")
         _check(t.report_to in ("none", "tensorboard", "wandb"), k + "report_to", "none|tensorboard|wandb")
+        _check(t.captions in ("none", "sidecar", "metadata"), k + "captions", "none|sidecar|metadata")
         rule = f"noise levels must satisfy 0 <= noise_aug_min <= noise_aug_max <= 999, got {t.noise_aug_min}..{t.noise_aug_max}"
         _check(0 <= t.noise_aug_max <= 999, k + "noise_aug_max", rule)
         _check(0 <= t.noise_aug_min <= t.noise_aug_max, k + "noise_aug_min", rule)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cascade import models, report, runs
+from cascade import models, report, resolutions, runs
 from cascade.config import Config, validate
 from cascade.identifier import pick_identifier
 from cascade.runner import run_cascade
@@ -81,11 +81,12 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
         subject_note = f"user photos from {subject}"
     if not class_noun:
         raise ValueError("--class-noun is required with --subject")
-    data.grid([im.resize((128, 128)) for im in data.load_folder(subject, 64, "subject")]).save(root / "subject.png")
 
     t = time.time()
     paths = models.resolve(cfg)
     lap("build or locate components", t)
+    size = resolutions.stage1_size(paths.stage1)
+    data.grid([im.resize((128, 128)) for im in data.load_folder(subject, size, "subject")]).save(root / "subject.png")
     t = time.time()
     if not cfg.identifier.token:
         tok = load_tokenizer(paths.text_encoder)

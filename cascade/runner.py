@@ -1,4 +1,5 @@
-"""The cascade runner: T5 once, then stage I (64) -> stage II (256) -> optional stage III (1024).
+"""The cascade runner: T5 once, then stage I -> stage II -> optional stage III (IF: 64 -> 256 -> 1024;
+each stage samples at its UNet's sample_size, stage II upsampling what stage I made).
 
 One stage is resident at a time (loaded, run over every image, released), so peak memory is the
 largest stage rather than the sum. Image k of a request always uses seed + k for stage I and
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from cascade import models
+from cascade import models, resolutions
 from cascade.config import Config
 from cascade.text import TextEncoder
 from stages import components, data, sampling, setup, stage3
@@ -106,7 +107,7 @@ def class_pair_sampler(cfg: Config, paths: models.ModelPaths, class_embeds, nega
 
 def run_stage3(path: str, cfg: Config, images: torch.Tensor, prompts: list[str], seeds: list[int],
                negative: str = "") -> list:
-    """x4 upscaling (256 -> 1024) of the stage II output; image k uses its own seeded generator."""
+    """x4 upscaling (IF: 256 -> 1024) of the stage II output; image k uses its own seeded generator."""
     s = cfg.stage3
     gens = [torch.Generator().manual_seed(x + 2 * STAGE2_SEED_OFFSET) for x in seeds]
     out = stage3.upscale(path, data.to_pil(images), prompts, gens, s.steps, s.guidance_scale,
@@ -156,6 +157,7 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
     components.check_stage(paths.stage1, 1, "stage I model")
     if paths.stage2 != "none":
         components.check_stage(paths.stage2, 2, "stage II model")
+    resolutions.check_cascade(paths.stage1, paths.stage2)
     prompts = [fill_identifier(p, paths.stage1) for p in prompts]
     items = [(i * num_images + k, p) for i, p in enumerate(prompts) for k in range(num_images)]
     encoder = encoder or TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,

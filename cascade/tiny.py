@@ -102,30 +102,40 @@ def _unet_common() -> dict:
                 cross_attention_norm="group_norm", mid_block_type="UNetMidBlock2DSimpleCrossAttn", norm_num_groups=8)
 
 
-def build_stage1_unet():
+def build_stage1_unet(sample_size: int = 64):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(sample_size=64, in_channels=3, block_out_channels=(32, 64),
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=3, block_out_channels=(32, 64),
                                 down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
                                 up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
                                 **_unet_common())
 
 
-def build_stage2_unet():
+def build_stage2_unet(sample_size: int = 256):
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(sample_size=256, in_channels=6, block_out_channels=(16, 32, 64, 64),
+    return UNet2DConditionModel(sample_size=sample_size, in_channels=6, block_out_channels=(16, 32, 64, 64),
                                 down_block_types=("ResnetDownsampleBlock2D",) * 3 + ("SimpleCrossAttnDownBlock2D",),
                                 up_block_types=("SimpleCrossAttnUpBlock2D",) + ("ResnetUpsampleBlock2D",) * 3,
                                 class_embed_type="timestep", time_embedding_act_fn="gelu", **_unet_common())
 
 
-def build_tiny(output: Path, with_stage3: bool = True) -> Path:
+def check_sizes(sizes: tuple[int, int]):
+    """Stage I's tiny UNet halves its input once, stage II's three times; II must upsample I."""
+    low, high = sizes
+    if low < 4 or low % 2 or high % 8 or high <= low:
+        raise InputError(f"tiny sizes {low}:{high}: stage I's must be even and >= 4, stage II's a multiple "
+                         f"of 8 and larger than stage I's (IF: 64:256)")
+
+
+def build_tiny(output: Path, with_stage3: bool = True, sizes: tuple[int, int] = (64, 256)) -> Path:
     """Write stage1/ (IFPipeline with T5 + tokenizer), stage2/ (IFSuperResolutionPipeline) and
-    stage3/ (StableDiffusionUpscalePipeline) under `output`, atomically (temp folder + rename)."""
+    stage3/ (StableDiffusionUpscalePipeline) under `output`, atomically (temp folder + rename).
+    `sizes`: the stage I and stage II UNets' sample sizes (IF's 64 -> 256 by default)."""
     from diffusers import IFPipeline, IFSuperResolutionPipeline
 
     output = Path(output)
+    check_sizes(sizes)
     if output.exists() and any(output.iterdir()):
         raise InputError(f"{output} exists and is not empty; choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -135,9 +145,9 @@ def build_tiny(output: Path, with_stage3: bool = True) -> Path:
         tok = build_tokenizer(tmp / "tokenizer-src")
         text_encoder = build_text_encoder(len(tok))
         off = dict(safety_checker=None, feature_extractor=None, watermarker=None, requires_safety_checker=False)
-        IFPipeline(tokenizer=tok, text_encoder=text_encoder, unet=build_stage1_unet(),
+        IFPipeline(tokenizer=tok, text_encoder=text_encoder, unet=build_stage1_unet(sizes[0]),
                    scheduler=if_scheduler(1.5), **off).save_pretrained(tmp / "stage1")
-        IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=build_stage2_unet(),
+        IFSuperResolutionPipeline(tokenizer=None, text_encoder=None, unet=build_stage2_unet(sizes[1]),
                                   scheduler=if_scheduler(1.0), image_noising_scheduler=if_noising_scheduler(),
                                   **off).save_pretrained(tmp / "stage2")
         if with_stage3:
@@ -145,7 +155,7 @@ def build_tiny(output: Path, with_stage3: bool = True) -> Path:
 
             build_tiny_upscaler(tmp / "stage3")
         shutil.rmtree(tmp / "tokenizer-src")
-        (tmp / "BUILD.json").write_text(json.dumps({"version": TINY_VERSION, "seed": BUILD_SEED,
+        (tmp / "BUILD.json").write_text(json.dumps({"version": TINY_VERSION, "seed": BUILD_SEED, "sizes": list(sizes),
                                                     "note": "random-initialised tiny components; images are noise"}))
         if output.exists():
             output.rmdir()

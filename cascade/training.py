@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
+from cascade import captions as caps
 from cascade import identifier as ident
-from cascade import models, runs
+from cascade import models, resolutions, runs
 from cascade.config import Config
 from cascade.text import TextEncoder, load_tokenizer
 from stages import components, data, setup, stage1, stage2, trainer
@@ -51,23 +52,24 @@ def _pick_identifier(req: TrainRequest, text_source: str) -> str:
     return token
 
 
-def _load_subject(req: TrainRequest, train_cfg) -> list:
-    size = stage1.RESOLUTION if req.stage == 1 else stage2.RESOLUTION
-    return data.load_folder(req.subject, size, "subject", allow_upscale=train_cfg.allow_upscale)
-
-
-def _subject_tensor(req: TrainRequest, images, train_cfg) -> torch.Tensor:
+def _sizes(req: TrainRequest, paths: models.ModelPaths) -> tuple[int, int | None]:
+    """(training resolution, stage II low-res size or None) from the models' UNet configs."""
     if req.stage == 1:
-        return data.stack(images, stage1.RESOLUTION)
-    size = train_cfg.crop_source_size if train_cfg.random_crop else stage2.RESOLUTION
+        return resolutions.stage1_size(paths.stage1), None
+    return resolutions.stage2_sizes(paths.stage2, paths.stage1)
+
+
+def _subject_tensor(req: TrainRequest, images, train_cfg, size: int) -> torch.Tensor:
+    if req.stage == 2 and train_cfg.random_crop:
+        size = train_cfg.crop_source_size
     return data.stack(images, size)
 
 
-def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, embeds: dict, prompts) -> torch.Tensor:
+def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, embeds: dict, prompts,
+                  size: int) -> torch.Tensor:
     """Existing class images (validated), topped up with generations of the frozen model(s)."""
     from cascade import class_images, runner
 
-    size = stage1.RESOLUTION if req.stage == 1 else stage2.RESOLUTION
     if class_images.existing(class_dir):
         data.load_folder(class_dir, size, "class", allow_upscale=True)
     cfg = req.cfg
@@ -95,11 +97,13 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     if not req.class_noun.strip():
         raise InputError("--class-noun must name the subject's class, e.g. dog")
     setup.early_checks(tc)
-    subject_images = _load_subject(req, tc)
     paths = _main_first(state, lambda: models.resolve(cfg))
     model_path = paths.stage1 if req.stage == 1 else paths.stage2
     components.check_stage(model_path, req.stage, f"models.stage{req.stage} ({model_path})")
+    size, lowres = _sizes(req, paths)
+    subject_images = data.load_folder(req.subject, size, "subject", allow_upscale=tc.allow_upscale)
     token = _pick_identifier(req, paths.text_encoder)
+    captions = caps.read_captions(req.subject, tc.captions, token)  # None unless opted in
     holder = [None]
     if state.is_main_process:
         holder = [str(runs.prepare_output(req.output, f"stage{req.stage}-{req.class_noun}", req.resume,
@@ -114,32 +118,37 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     prompts = {"instance": ident.instance_prompt(token, req.class_noun), "class": ident.class_prompt(req.class_noun)}
     encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
                           models.weights_dtype(cfg), cfg.models.variant)
+    texts = [prompts["instance"], prompts["class"], ""] + (captions or [])
     if state.is_main_process:
-        encoder.check_lengths(list(prompts.values()))
-    embeds = _main_first(state, lambda: encoder.encode([prompts["instance"], prompts["class"], ""]))
-    log.info("instance prompt %r, class prompt %r", prompts["instance"], prompts["class"])
+        encoder.check_lengths(list(dict.fromkeys(texts[:2] + texts[3:])))
+    embeds = _main_first(state, lambda: encoder.encode(texts))  # every caption too: T5 once, before any UNet
+    log.info("instance prompt %r, class prompt %r%s", prompts["instance"], prompts["class"],
+             f", {len(set(captions))} distinct per-image captions ({tc.captions})" if captions else "")
 
     prior = None
     if tc.prior_preservation:
         class_dir = Path(req.class_dir) if req.class_dir else run_dir / "class_images"
-        prior = _main_first(state, lambda: _class_images(req, tc, paths, class_dir, embeds, prompts))
+        prior = _main_first(state, lambda: _class_images(req, tc, paths, class_dir, embeds, prompts, size))
 
-    instance = _subject_tensor(req, subject_images, tc)
+    instance = _subject_tensor(req, subject_images, tc, size)
     if req.stage == 1:
-        task = stage1.Stage1Task(instance, prior, tc.hflip)
+        task = stage1.Stage1Task(instance, prior, tc.hflip, resolution=size)
     else:
         noising = components.load_scheduler(paths.stage2, "image_noising_scheduler")
         level = sec.sample.noise_level if sec.sample.noise_level >= 0 else tc.noise_aug_max
         task = stage2.Stage2Task(instance, noising, tc.noise_aug_min, tc.noise_aug_max, prior, tc.random_crop,
-                                 tc.hflip, level)
+                                 tc.hflip, level, resolution=size, lowres=lowres)
     task.guidance_scale = sec.sample.guidance_scale
+    if captions:
+        task.set_captions(torch.cat([embeds[c] for c in captions]), embeds[prompts["class"]])
     # weights_dtype (issue 11): bf16/fp16 master weights, or the frozen base of a LoRA run
     unet = components.load_unet(model_path, components.DTYPES[tc.weights_dtype], cfg.models.variant)
     scheduler = components.load_scheduler(model_path)
     emb = trainer.Embeddings(embeds[prompts["instance"]], embeds[""], embeds[prompts["class"]])
     meta = {"base": components.describe_source(model_path).base, "identifier": token, "class_noun": req.class_noun,
-            "instance_prompt": prompts["instance"], "config": cfg.name}
+            "instance_prompt": prompts["instance"], "config": cfg.name, "resolution": size, "captions": tc.captions}
     if req.stage == 2:
-        meta.update(noise_aug=[tc.noise_aug_min, tc.noise_aug_max], sample_noise_level=task.sample_noise_level)
+        meta.update(noise_aug=[tc.noise_aug_min, tc.noise_aug_max], sample_noise_level=task.sample_noise_level,
+                    lowres_size=lowres)
     return trainer.train(task, unet, scheduler, emb, tc, run_dir, meta, resume=req.resume,
                          tracker_config={k: str(v) for k, v in vars(tc).items()})

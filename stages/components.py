@@ -51,19 +51,38 @@ def unet_stage(in_channels: int) -> int:
                              f"nor stage II (6) model")
 
 
-def check_stage(path: str, expected: int, setting: str):
-    """Read only the UNet config (cheap) and fail early if it is the wrong stage."""
+def read_unet_config(path: str, setting: str) -> dict:
+    """The stage's unet/config.json only (no weights): from the folder, the export, or the hub cache."""
     from diffusers import UNet2DConditionModel
 
+    src = describe_source(path)
+    folder = src.export if src.kind == "full" else src.base
+    try:
+        return UNet2DConditionModel.load_config(folder, subfolder="unet")
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{setting}: cannot read a UNet config from {folder} ({e})") from None
+
+
+def stage_resolution(path: str, setting: str) -> int:
+    """The square image size the stage's UNet works at: its config's `sample_size` (64 for IF-I,
+    256 for IF-II), read without loading weights."""
+    size = read_unet_config(path, setting).get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise StageMismatchError(f"{setting}: {path} has a non-square UNet sample_size {list(size)}")
+        size = size[0]
+    if not isinstance(size, int) or size < 1:
+        raise StageMismatchError(f"{setting}: {path} has no usable UNet sample_size ({size!r})")
+    return size
+
+
+def check_stage(path: str, expected: int, setting: str):
+    """Read only the UNet config (cheap) and fail early if it is the wrong stage."""
     src = describe_source(path)
     if src.meta is not None and src.meta.get("stage") != expected:
         raise StageMismatchError(f"{setting}: {path} is a stage {src.meta.get('stage')} export, "
                                  f"but stage {expected} is expected")
-    folder = src.export if src.kind == "full" else src.base
-    try:
-        config = UNet2DConditionModel.load_config(folder, subfolder="unet")
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{setting}: cannot read a UNet config from {folder} ({e})") from None
+    config = read_unet_config(path, setting)
     found = unet_stage(config["in_channels"])
     if found != expected:
         raise StageMismatchError(f"{setting}: {path} holds a stage {found} UNet (in_channels="

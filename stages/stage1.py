@@ -1,4 +1,5 @@
-"""Stage I (64x64 base model): text-conditioned, the UNet input is x_t alone."""
+"""Stage I (base model, 64x64 for IF; the size is its UNet's sample_size): text-conditioned, the
+UNet input is x_t alone."""
 from __future__ import annotations
 
 import torch
@@ -6,15 +7,12 @@ import torch
 from stages import sampling
 from stages.task import ImageTask
 
-RESOLUTION = 64
-
 
 class Stage1Task(ImageTask):
     stage = 1
-    resolution = RESOLUTION
 
     def batch(self, n: int, with_prior: bool, gen: torch.Generator) -> dict:
-        return {"x0": self.draw_x0(n, with_prior, gen)}
+        return self.draw(n, with_prior, gen)
 
     def model_input(self, x_t: torch.Tensor, batch: dict, gen: torch.Generator):
         return x_t, None

@@ -130,9 +130,11 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             t = torch.randint(0, n_train, (x0.shape[0],), generator=gen).to(device)
             xt = math_.q_sample(x0, noise, t)
             inp, class_labels = task.model_input(xt, batch, gen)
-            inp, enc_in = precision.cast_for_model(unet, inp, enc)  # bf16/fp16 weights
+            # per-image captions: the task's rows (instance, then prior) replace the one fixed prompt
+            text = batch["encoder_hidden_states"].to(device) if "encoder_hidden_states" in batch else enc
+            inp, text = precision.cast_for_model(unet, inp, text)  # bf16/fp16 weights
             with accelerator.accumulate(unet), accelerator.autocast():
-                out = unet(inp, t, encoder_hidden_states=enc_in, class_labels=class_labels, return_dict=False)[0].float()
+                out = unet(inp, t, encoder_hidden_states=text, class_labels=class_labels, return_dict=False)[0].float()
                 per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight)
                 loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
                 accelerator.backward(loss)

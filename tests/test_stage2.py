@@ -255,7 +255,7 @@ def test_random_crop_condition_comes_from_the_same_crop(tiny):
 
     noising = DDPMScheduler.from_pretrained(tiny / "stage2", subfolder="image_noising_scheduler")
     images = _coordinate_images()
-    task = Stage2Task(images, noising, 0, 0, random_crop=True)
+    task = Stage2Task(images, noising, 0, 0, random_crop=True, resolution=256, lowres=64)
     offsets = set()
     for seed in range(6):
         batch = task.batch(2, False, torch.Generator().manual_seed(seed))
