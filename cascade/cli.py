@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade import cli_sample
 
     cli_sample.add_commands(sub, _common_config)
+    from cascade import cli_toy
+
+    cli_toy.add_commands(sub)
     return parser
 
 
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.cli_sample import COMMANDS as SAMPLE_COMMANDS
 
     try:
-        {**COMMANDS, **SAMPLE_COMMANDS}[args.command](args)
+        {**COMMANDS, **SAMPLE_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
