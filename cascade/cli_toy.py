@@ -19,6 +19,7 @@ def add_commands(sub):
         p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     p.set_defaults(func=cmd_pretrain)
     add_check(toy)
+    add_install(toy)
 
 
 def cmd_pretrain(args):
@@ -85,3 +86,26 @@ def cmd_check(args):
             grid([readers.to_pil(im).resize((size, size), 0) for im in r["images"][:64]], 8).save(
                 f"{args.grid}-{name}.png")
     print(json.dumps({k: v for r in (r1, r2) if r for k, v in r.items() if not hasattr(v, "shape")}))
+
+
+def add_install(toy):
+    p = toy.add_parser("install", help="copy a pretraining's model/ into the package's weights (maintainers)")
+    p.add_argument("--model", required=True, help="the pretraining's model/ folder (stage1/, stage2/)")
+    p.set_defaults(func=cmd_install)
+
+
+def cmd_install(args):
+    import json
+
+    from cascade.toy import weights
+    from stages.errors import InputError
+
+    model = Path(args.model)
+    prov = {}
+    for s in ("stage1", "stage2"):
+        if not (model / s / "model_index.json").is_file():
+            raise InputError(f"--model {model}: no {s}/model_index.json there")
+        info = model.parent / f"{s}.json"
+        prov[s] = json.loads(info.read_text()) if info.is_file() else {}
+    digest = weights.install(model, prov)
+    print(f"installed {model} into {weights.WEIGHTS}; sha256 of SHA256SUMS: {digest}")
