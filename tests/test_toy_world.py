@@ -88,9 +88,18 @@ def test_v_prediction_round_trip():
 def test_short_pretraining_lowers_loss_and_resumes_exactly(tmp_path):
     from cascade.toy.pretrain import PretrainConfig, prepare, pretrain
 
+    cfg = PretrainConfig(stage=1, steps=16, batch_size=6, warmup_steps=4, pool_size=24, ckpt_every=8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as pretrain does; the suite's default is restored below
+    try:
+        _pretrain_twice(tmp_path, cfg, prepare, pretrain, PretrainConfig)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pretrain_twice(tmp_path, cfg, prepare, pretrain, PretrainConfig):
     import shutil
 
-    cfg = PretrainConfig(stage=1, steps=16, batch_size=6, warmup_steps=4, pool_size=24, ckpt_every=8)
     prepare(tmp_path / "a", cfg.seed)  # tokenizer, T5, random UNets and caption embeddings, built once
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     losses = pretrain(tmp_path / "a", cfg, progress=False)
