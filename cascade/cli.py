@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade import cli_bench
 
     cli_bench.add_commands(sub, _common_config)
+
+    from cascade import cli_toy
+
+    cli_toy.add_commands(sub)
     return parser
 
 
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.cli_sample import COMMANDS as SAMPLE_COMMANDS
 
     try:
-        {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS}[args.command](args)
+        {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2

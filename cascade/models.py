@@ -28,6 +28,10 @@ def resolve_name(cfg: Config, name: str, which: str) -> str:
     """"tiny" -> the built tiny folder for `which` (stage1|stage2|stage3); "none" and paths unchanged."""
     if name == "tiny":
         return str(tiny_root(cfg.models.cache_dir) / which)
+    if name == "toy":  # the committed, pretrained toy cascade (checksum-verified)
+        from cascade.toy.weights import toy_root
+
+        return str(toy_root() / which)
     if name != "none" and not Path(name).exists() and (name.count("/") != 1 or name.startswith((".", "/"))):
         raise FileNotFoundError(f"models.{which}: {name} is neither an existing folder nor a hub id (owner/name)")
     return name

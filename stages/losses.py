@@ -56,6 +56,15 @@ class DiffusionMath:
         ac = _gather(self.alphas_cumprod, t, xt.ndim)
         return (xt - (1 - ac).sqrt() * eps) / ac.sqrt()
 
+    def v_target(self, x0, noise, t):
+        """v = sqrt(ab) eps - sqrt(1 - ab) x0 (progressive distillation's v-parameterisation)."""
+        ac = _gather(self.alphas_cumprod, t, x0.ndim)
+        return ac.sqrt() * noise - (1 - ac).sqrt() * x0
+
+    def eps_from_v(self, xt, v, t):
+        ac = _gather(self.alphas_cumprod, t, xt.ndim)
+        return ac.sqrt() * v + (1 - ac).sqrt() * xt
+
     def learned_log_variance(self, v: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """learned_range: v = -1 gives the posterior variance, v = +1 gives beta_t."""
         frac = (v + 1) / 2
@@ -98,11 +107,17 @@ def vlb_bits_per_dim(math_: DiffusionMath, x0, xt, t, eps, v) -> torch.Tensor:
 
 
 def diffusion_loss(math_: DiffusionMath, model_output, x0, xt, noise, t, loss_type: str = "hybrid",
-                   vlb_weight: float = 1.0) -> torch.Tensor:
-    """Per-example loss [B]: epsilon MSE, plus the learned-variance bound term for `hybrid`."""
+                   vlb_weight: float = 1.0, prediction_type: str = "epsilon") -> torch.Tensor:
+    """Per-example loss [B]: epsilon (or v) MSE, plus the learned-variance bound term for `hybrid`."""
     model_output = model_output.float()
-    eps, v = split_output(model_output, x0.shape[1])
-    loss = (eps - noise.float()).pow(2).mean(dim=(1, 2, 3))
+    pred, v = split_output(model_output, x0.shape[1])
+    if prediction_type == "epsilon":
+        target, eps = noise.float(), pred
+    elif prediction_type == "v_prediction":  # the scheduler's prediction_type says what the UNet outputs
+        target, eps = math_.v_target(x0.float(), noise.float(), t), math_.eps_from_v(xt.float(), pred, t)
+    else:
+        raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
+    loss = (pred - target).pow(2).mean(dim=(1, 2, 3))
     if loss_type == "hybrid":
         loss = loss + vlb_weight * vlb_bits_per_dim(math_, x0.float(), xt.float(), t, eps.detach(), v)
     return loss

@@ -135,7 +135,8 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             inp, text = precision.cast_for_model(unet, inp, text)  # bf16/fp16 weights
             with accelerator.accumulate(unet), accelerator.autocast():
                 out = unet(inp, t, encoder_hidden_states=text, class_labels=class_labels, return_dict=False)[0].float()
-                per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight)
+                per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight,
+                                        scheduler.config.prediction_type)
                 loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:

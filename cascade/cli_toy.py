@@ -1,0 +1,111 @@
+"""`cascade toy ...`: the toy world's commands (pretrain; check measures the readers' bars)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import fields
+from pathlib import Path
+
+
+def add_commands(sub):
+    toy = sub.add_parser("toy", help="the toy world: pretrain its cascade, measure it").add_subparsers(
+        dest="toy_command", required=True)
+    from cascade.toy.pretrain import PretrainConfig
+
+    p = toy.add_parser("pretrain", help="train one stage of the toy cascade (deterministic, resumable)")
+    p.add_argument("--output", required=True, help="run folder: model/ (diffusers layout), checkpoints, logs")
+    p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in --output")
+    for f in fields(PretrainConfig):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+    p.set_defaults(func=cmd_pretrain)
+    add_check(toy)
+    add_install(toy)
+
+
+def cmd_pretrain(args):
+    from cascade.toy.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(**{f.name: getattr(args, f.name) for f in fields(PretrainConfig)})
+    if cfg.stage not in (1, 2):
+        from stages.errors import InputError
+
+        raise InputError(f"--stage must be 1 or 2, got {cfg.stage}")
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(out / f"stage{cfg.stage}.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("cascade").addHandler(handler)
+    logging.getLogger("cascade").setLevel(logging.INFO)
+    losses = pretrain(out, cfg, resume=args.resume)
+    if losses:
+        print(f"stage {cfg.stage}: {len(losses)} steps, loss {losses[0]:.4f} -> {sum(losses[-20:]) / min(20, len(losses)):.4f}; "
+              f"EMA weights in {out / 'model' / f'stage{cfg.stage}'}")
+
+
+def add_check(toy):
+    p = toy.add_parser("check", help="measure the toy cascade's bars with the readers (stage I and II accuracy)")
+    p.add_argument("--model", default=None, help="folder with stage1/ and stage2/; default: the committed weights")
+    p.add_argument("--stage", type=int, choices=[0, 1, 2], default=0, help="0 (default): both stages")
+    p.add_argument("--num", type=int, default=128)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of both stages")
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--noise-level", type=int, default=100, help="stage II sampling noise-augmentation level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")
+    p.add_argument("--grid", default=None, help="write sample grids (PNG) with this path prefix")
+    p.set_defaults(func=cmd_check)
+
+
+def cmd_check(args):
+    import json
+
+    import torch
+
+    from cascade.toy import check, readers
+    from stages.data import grid
+
+    torch.set_num_threads(args.threads)
+    if args.model:
+        root = Path(args.model)
+        if not (root / "stage1" / "model_index.json").is_file():
+            from stages.errors import InputError
+
+            raise InputError(f"--model {root}: no stage1/model_index.json there")
+    else:
+        from cascade.toy.weights import toy_root
+
+        root = toy_root()
+    kw = dict(n=args.num, steps=args.steps, guidance=args.guidance, seed=args.seed, cache_dir=args.cache_dir)
+    r1 = check.check_stage1(root, **kw) if args.stage in (0, 1) else None
+    r2 = check.check_stage2(root, noise_level=args.noise_level, **kw) if args.stage in (0, 2) else None
+    print(check.report(r1, r2))
+    for name, r in (("stage1", r1), ("stage2", r2)):
+        if r and args.grid:
+            size = 4 * r["images"].shape[-1] if name == "stage1" else r["images"].shape[-1]
+            grid([readers.to_pil(im).resize((size, size), 0) for im in r["images"][:64]], 8).save(
+                f"{args.grid}-{name}.png")
+    print(json.dumps({k: v for r in (r1, r2) if r for k, v in r.items() if not hasattr(v, "shape")}))
+
+
+def add_install(toy):
+    p = toy.add_parser("install", help="copy a pretraining's model/ into the package's weights (maintainers)")
+    p.add_argument("--model", required=True, help="the pretraining's model/ folder (stage1/, stage2/)")
+    p.set_defaults(func=cmd_install)
+
+
+def cmd_install(args):
+    import json
+
+    from cascade.toy import weights
+    from stages.errors import InputError
+
+    model = Path(args.model)
+    prov = {}
+    for s in ("stage1", "stage2"):
+        if not (model / s / "model_index.json").is_file():
+            raise InputError(f"--model {model}: no {s}/model_index.json there")
+        info = model.parent / f"{s}.json"
+        prov[s] = json.loads(info.read_text()) if info.is_file() else {}
+    digest = weights.install(model, prov)
+    print(f"installed {model} into {weights.WEIGHTS}; sha256 of SHA256SUMS: {digest}")

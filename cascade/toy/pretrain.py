@@ -1,0 +1,206 @@
+"""`cascade toy pretrain`: teach the toy cascade its world, on CPU, deterministically and resumably.
+
+Recipe (measured in issue 8 and here): AdamW lr 1e-3 with 200 warm-up steps, batch 64, gradient
+clipping 1.0, EMA 0.999 for the exported weights, 10% empty captions (classifier-free guidance),
+each caption attribute dropped with p 0.25 (so "a toy" means any toy), the project's hybrid loss
+(learned variance). Stage II sees the low-res view through stages/noise_aug.py at levels 0..250.
+All randomness of step k comes from (seed, k), so a resumed run continues exactly; checkpoints
+(weights, EMA, optimizer) and the exported EMA UNets are written atomically every `ckpt_every` steps.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from cascade.toy import build, world
+from stages import noise_aug
+from stages.errors import InputError
+from stages.losses import DiffusionMath, diffusion_loss
+from stages.trainer import step_generator
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PretrainConfig:
+    stage: int = 1
+    steps: int = 3000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    caption_dropout: float = 0.1
+    attribute_dropout: float = 0.25
+    noise_level_max: int = 250
+    crop: int = 32  # stage II trains on random crops of this size (0: whole 64 px images); 4x cheaper
+    pool_size: int = 4000
+    seed: int = 0
+    ckpt_every: int = 100
+    threads: int = 1
+
+
+def prepare(out: Path, seed: int) -> dict[str, torch.Tensor]:
+    """Write model/stage1 (tokenizer, T5, random UNet) and model/stage2 once; return the
+    embedding of every grammar caption and of "" ([77, D] each), cached in out/embeds.pt."""
+    from cascade.text import TextEncoder
+
+    emb_file = out / "embeds.pt"
+    if emb_file.is_file():
+        return torch.load(emb_file)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
+    try:
+        torch.manual_seed(seed)
+        tok = build.build_tokenizer(tmp / "tokenizer-src")
+        from cascade.tiny import build_text_encoder
+
+        text_encoder = build_text_encoder(len(tok))
+        build.save_stage1(tmp / "stage1", tok, text_encoder, build.stage1_unet())
+        build.save_stage2(tmp / "stage2", build.stage2_unet())
+        shutil.rmtree(tmp / "tokenizer-src")
+        if (out / "model").exists():
+            shutil.rmtree(out / "model")  # a half-prepared folder of our own (embeds.pt missing)
+        os.replace(tmp, out / "model")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    enc = TextEncoder(str(out / "model" / "stage1"), out / "cache", device="cpu")
+    prompts = world.all_captions() + [""]
+    embeds = {p: e[0] for p, e in enc.encode(prompts).items()}
+    torch.save(embeds, out / "embeds.tmp")
+    os.replace(out / "embeds.tmp", emb_file)
+    return embeds
+
+
+def make_batch(cfg: PretrainConfig, toys, pool: torch.Tensor, embeds, gen: torch.Generator):
+    """x0 at the stage's resolution, the 16 px view (stage II) and caption embeddings."""
+    idx = torch.randint(0, len(toys), (cfg.batch_size,), generator=gen)
+    rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    caps = ["" if rng.random() < cfg.caption_dropout else world.training_caption(toys[i], rng, cfg.attribute_dropout)
+            for i in idx.tolist()]
+    hi = pool[idx].float() / 127.5 - 1.0
+    enc = torch.stack([embeds[c] for c in caps])
+    return hi, world.to_lowres(hi), enc
+
+
+def _crop(x0: torch.Tensor, cond: torch.Tensor, size: int, gen: torch.Generator):
+    """The same random crop of the 64 px target and of its (already upsampled, noised) condition."""
+    if not size or size >= x0.shape[-1]:
+        return x0, cond
+    both = torch.cat([x0, cond], dim=1)
+    tops = torch.randint(0, x0.shape[-1] - size + 1, (x0.shape[0],), generator=gen).tolist()
+    lefts = torch.randint(0, x0.shape[-1] - size + 1, (x0.shape[0],), generator=gen).tolist()
+    both = torch.stack([b[:, t:t + size, l:l + size] for b, t, l in zip(both, tops, lefts)])
+    return both[:, :3], both[:, 3:]
+
+
+def _save_atomic(obj, path: Path):
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def export_unet(unet, folder: Path):
+    """Replace folder (a diffusers `unet/` subfolder) with `unet`'s weights, atomically."""
+    tmp = Path(tempfile.mkdtemp(prefix=".unet-", dir=folder.parent))
+    unet.save_pretrained(tmp)
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> list[float]:
+    """Train one stage; returns the per-step losses of this invocation."""
+    from diffusers import UNet2DConditionModel
+
+    out = Path(out)
+    ckpt = out / f"ckpt-stage{cfg.stage}.pt"
+    if ckpt.exists() and not resume:
+        raise InputError(f"{ckpt} exists; pass --resume to continue it or choose another --output")
+    torch.set_num_threads(cfg.threads)
+    embeds = prepare(out, cfg.seed)
+    stage_dir = out / "model" / f"stage{cfg.stage}"
+    unet = UNet2DConditionModel.from_pretrained(stage_dir / "unet")
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(stage_dir / "scheduler")
+    math_ = DiffusionMath(scheduler.alphas_cumprod)
+    noising = DDPMScheduler.from_pretrained(out / "model" / "stage2" / "image_noising_scheduler")
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
+    start, losses_all = 0, []
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != asdict(cfg):
+            changed = {k for k in asdict(cfg) if state["config"].get(k) != asdict(cfg)[k]} - {"steps", "threads",
+                                                                                            "ckpt_every"}
+            if changed:
+                raise InputError(f"{ckpt} was made with other settings ({', '.join(sorted(changed))}); "
+                                 "resume with the same options")
+        unet.load_state_dict(state["unet"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start, losses_all = state["step"], state["losses"]
+        log.info("resumed stage %d at step %d", cfg.stage, start)
+    toys, hi = world.dataset(cfg.pool_size, cfg.seed + 1)
+    pool = ((hi + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    del hi
+    unet.train()
+    log.info("stage %d: %d params, %s", cfg.stage, sum(p.numel() for p in unet.parameters()), asdict(cfg))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"toy stage {cfg.stage}",
+               disable=not progress, mininterval=5)
+    losses, t0 = [], time.time()
+    for step in bar:
+        gen = step_generator(cfg.seed, step, cfg.stage)
+        hi, lo, enc = make_batch(cfg, toys, pool, embeds, gen)
+        x0, cond, class_labels = lo, None, None
+        if cfg.stage == 2:
+            levels = torch.randint(0, cfg.noise_level_max + 1, (hi.shape[0],), generator=gen)
+            cond = noise_aug.noised_condition(lo, world.HI, levels, noising, generator=gen)
+            x0, cond = _crop(hi, cond, cfg.crop, gen)
+            class_labels = levels
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        xt = math_.q_sample(x0, noise, t)
+        inp = xt if cond is None else noise_aug.model_input(xt, cond)
+        for g in opt.param_groups:
+            g["lr"] = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup_steps)
+        out_ = unet(inp, t, encoder_hidden_states=enc, class_labels=class_labels, return_dict=False)[0]
+        loss = diffusion_loss(math_, out_, x0, xt, noise, t, "hybrid", 1.0, scheduler.config.prediction_type).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.mul_(d).add_(p.detach(), alpha=1 - d)
+        losses.append(loss.item())
+        losses_all.append(loss.item())
+        done = step + 1
+        if done % 20 == 0:
+            recent = sum(losses_all[-20:]) / 20
+            bar.set_postfix(loss=f"{recent:.4f}")
+            log.info("stage %d step %d loss %.4f (%.2f steps/s)", cfg.stage, done, recent,
+                     len(losses) / (time.time() - t0))
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            _save_atomic({"step": done, "unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                          "losses": losses_all, "config": asdict(cfg)}, ckpt)
+            export_unet(ema, stage_dir / "unet")
+            (out / f"stage{cfg.stage}.json").write_text(json.dumps({"step": done, "config": asdict(cfg)}))
+    return losses
