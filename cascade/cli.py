@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -71,31 +72,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _train_overrides(args) -> list[str]:
+_NOISE_AUG = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+
+
+def parse_noise_aug(text: str) -> tuple[int, int]:
+    """`--noise-aug MIN[:MAX]` as two integers (never YAML, which reads "5:5" as 305)."""
+    m = _NOISE_AUG.match(text)
+    if not m:
+        raise ConfigError(f"--noise-aug {text!r}: expected MIN or MIN:MAX, integers in 0..999 (e.g. 0:20)")
+    lo = int(m.group(1))
+    return lo, int(m.group(2)) if m.group(2) is not None else lo
+
+
+def _train_flags(args) -> list[tuple[str, str, object]]:
+    """Typed flags as (flag, config key, value): strings stay strings, whatever they look like."""
     s = f"stage{args.stage[-1]}"
     out = []
-    if args.model:
-        out.append(f"models.{s}={args.model}")
-    if args.identifier:
-        out.append(f"identifier.token={args.identifier}")
+    if args.model is not None:
+        out.append(("--model", f"models.{s}", args.model))
+    if args.identifier is not None:
+        out.append(("--identifier", "identifier.token", args.identifier))
     if args.max_steps is not None:
-        out.append(f"{s}.train.max_steps={args.max_steps}")
+        out.append(("--max-steps", f"{s}.train.max_steps", args.max_steps))
     if args.lora_rank is not None:
-        out.append(f"{s}.train.lora_rank={args.lora_rank}")
+        out.append(("--lora-rank", f"{s}.train.lora_rank", args.lora_rank))
     if args.report_to:
-        out.append(f"{s}.train.report_to={args.report_to}")
-    if getattr(args, "noise_aug", None):
-        lo, _, hi = args.noise_aug.partition(":")
-        out += [f"{s}.train.noise_aug_min={lo}", f"{s}.train.noise_aug_max={hi or lo}"]
+        out.append(("--report-to", f"{s}.train.report_to", args.report_to))
+    if getattr(args, "noise_aug", None) is not None:
+        lo, hi = parse_noise_aug(args.noise_aug)
+        out += [("--noise-aug", f"{s}.train.noise_aug_min", lo), ("--noise-aug", f"{s}.train.noise_aug_max", hi)]
     if getattr(args, "sample_noise_level", None) is not None:
-        out.append(f"{s}.sample.noise_level={args.sample_noise_level}")
+        out.append(("--sample-noise-level", f"{s}.sample.noise_level", args.sample_noise_level))
     return out
 
 
 def cmd_train(args):
     from cascade.training import TrainRequest, train
 
-    cfg = load_config(args.config, _train_overrides(args) + args.overrides)
+    cfg = load_config(args.config, args.overrides, _train_flags(args))
     result = train(TrainRequest(int(args.stage[-1]), cfg, args.subject, args.class_noun, args.output,
                                 args.class_dir, args.resume, args.overwrite))
     print(f"run folder: {result.run_dir}\nexport: {result.export_dir}")

@@ -52,13 +52,15 @@ def test_class_images_command_is_resumable(make_cfg, tmp_path, capsys):
     assert after["class-000001.png"] == made["class-000001.png"]  # regenerated from its own seed
 
 
-def test_train_flags_become_config_overrides():
-    from cascade.cli import _train_overrides
+def test_train_flags_become_typed_config_values():
+    from cascade.cli import _train_flags
 
     args = parse_args(["train", "stage2", "--subject", "s", "--class-noun", "dog", "--noise-aug", "0:5",
                        "--sample-noise-level", "5", "--max-steps", "7", "--lora-rank", "4", "--model", "m/x"])
-    assert _train_overrides(args) == ["models.stage2=m/x", "stage2.train.max_steps=7", "stage2.train.lora_rank=4",
-                                      "stage2.train.noise_aug_min=0", "stage2.train.noise_aug_max=5",
-                                      "stage2.sample.noise_level=5"]
+    assert _train_flags(args) == [("--model", "models.stage2", "m/x"), ("--max-steps", "stage2.train.max_steps", 7),
+                                  ("--lora-rank", "stage2.train.lora_rank", 4),
+                                  ("--noise-aug", "stage2.train.noise_aug_min", 0),
+                                  ("--noise-aug", "stage2.train.noise_aug_max", 5),
+                                  ("--sample-noise-level", "stage2.sample.noise_level", 5)]
     with pytest.raises(SystemExit):
         parse_args(["train", "stage3", "--subject", "s", "--class-noun", "dog"])
