@@ -14,6 +14,7 @@ import yaml
 
 from stages.errors import InputError
 
+SR_RESOLUTION = 256  # stage II's output size (stages/stage2.py RESOLUTION)
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -273,6 +274,10 @@ def validate(cfg: Config):
         _check(s.steps >= 1, f"{stage}.sample.steps", "must be >= 1")
         _check(s.batch_size >= 1, f"{stage}.sample.batch_size", "must be >= 1")
         _check(-1 <= s.noise_level <= 999, f"{stage}.sample.noise_level", "must be -1 (default) or in 0..999")
+    t2 = cfg.stage2.train
+    _check(t2.crop_source_size >= SR_RESOLUTION, "stage2.train.crop_source_size",
+           f"must be >= stage II's resolution {SR_RESOLUTION} (random 256 crops are cut from it), got "
+           f"{t2.crop_source_size}")
     _check(-1 <= cfg.stage3.noise_level <= 350, "stage3.noise_level", "x4 upscaler accepts 0..350 (-1 = default)")
 
 

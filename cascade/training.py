@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cascade import identifier as ident
-from cascade import models, runs
+from cascade import early_log, models, runs
 from cascade.config import Config
 from cascade.text import TextEncoder, load_tokenizer
 from stages import components, data, setup, stage1, stage2, trainer
@@ -43,7 +43,9 @@ def _main_first(state, fn):
 def _pick_identifier(req: TrainRequest, text_source: str) -> str:
     idc = req.cfg.identifier
     if idc.token:
-        return ident.check_identifier(idc.token, req.class_noun)
+        token = ident.check_identifier(idc.token, req.class_noun)
+        log.info("identifier: %r (given)", token)
+        return token
     tok = load_tokenizer(text_source)
     token, token_id = ident.pick_identifier(tok, idc.seed, idc.min_id, idc.max_id, idc.max_chars,
                                             avoid=tuple(req.class_noun.lower().split()))
@@ -68,6 +70,7 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
     from cascade import class_images, runner
 
     size = stage1.RESOLUTION if req.stage == 1 else stage2.RESOLUTION
+    class_images.check_manifest(class_dir, prompts["class"], req.stage)
     if class_images.existing(class_dir):
         data.load_folder(class_dir, size, "class", allow_upscale=True)
     cfg = req.cfg
@@ -81,8 +84,20 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
         return runner.class_pair_sampler(cfg, paths, embeds[prompts["class"]], embeds[""])
 
     files = class_images.generate(class_dir, train_cfg.num_class_images, factory, 8 * cfg.stage1.sample.batch_size,
-                                  train_cfg.seed, prompts["class"])
+                                  train_cfg.seed, prompts["class"], req.stage)
     return data.stack(data.load_folder(class_dir, size, "class", allow_upscale=True)[:len(files)], size)
+
+
+def _check_request(req: TrainRequest, sec):
+    """Mismatches that are legal but almost surely unintended (warned), or plainly wrong (refused)."""
+    from cascade import class_images
+
+    tc, level = sec.train, sec.sample.noise_level
+    if req.stage == 2 and level >= 0 and not tc.noise_aug_min <= level <= tc.noise_aug_max:
+        log.warning("stage II samples at noise level %d, outside the training range %d..%d: the fine-tuned model "
+                    "never saw that level", level, tc.noise_aug_min, tc.noise_aug_max)
+    if tc.prior_preservation and req.class_dir:
+        class_images.check_manifest(Path(req.class_dir), ident.class_prompt(req.class_noun), req.stage)
 
 
 def train(req: TrainRequest) -> trainer.TrainResult:
@@ -92,9 +107,11 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     sec = cfg.stage1 if req.stage == 1 else cfg.stage2
     tc = sec.train
     state = setup.process_state()
+    log_mark = early_log.mark()  # what is logged before the run folder exists still reaches its log.txt
     if not req.class_noun.strip():
         raise InputError("--class-noun must name the subject's class, e.g. dog")
     setup.early_checks(tc)
+    _check_request(req, sec)
     subject_images = _load_subject(req, tc)
     paths = _main_first(state, lambda: models.resolve(cfg))
     model_path = paths.stage1 if req.stage == 1 else paths.stage2
@@ -108,6 +125,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
         broadcast_object_list(holder)
     run_dir = Path(holder[0])
     runs.start_logging(run_dir, cfg, state.is_main_process)
+    early_log.replay_since(log_mark)
     if paths.uses_tiny:
         log.info("weights: tiny random-initialised components (%s); samples will be noise", model_path)
 

@@ -42,11 +42,11 @@ def test_class_images_command_is_resumable(make_cfg, tmp_path, capsys):
     argv = ["class-images", "--set", f"models.cache_dir={cache}", "--set", "stage1.sample.steps=2",
             "--class-noun", "dog", "--output", str(tmp_path / "cls")]
     assert main([*argv, "--num", "2"]) == 0
-    made = {p.name: p.read_bytes() for p in (tmp_path / "cls").iterdir()}
+    made = {p.name: p.read_bytes() for p in (tmp_path / "cls").glob("*.png")}
     assert sorted(made) == ["class-000000.png", "class-000001.png"]
     (tmp_path / "cls" / "class-000001.png").unlink()  # an interrupted run lost one
     assert main([*argv, "--num", "3"]) == 0
-    after = {p.name: p.read_bytes() for p in (tmp_path / "cls").iterdir()}
+    after = {p.name: p.read_bytes() for p in (tmp_path / "cls").glob("*.png")}
     assert sorted(after) == ["class-000000.png", "class-000001.png", "class-000002.png"]
     assert after["class-000000.png"] == made["class-000000.png"]
     assert after["class-000001.png"] == made["class-000001.png"]  # regenerated from its own seed
