@@ -46,7 +46,7 @@ def test_grid_is_near_square():
 
 
 def test_one_overall_bar_per_stage_and_grid_shape(make_cfg, tmp_path, capsys):
-    cfg = make_cfg("stage1.sample.steps=2", "stage1.sample.batch_size=1")
+    cfg = make_cfg("stage1.sample.steps=1", "stage1.sample.batch_size=1")
     paths = models.resolve(cfg)
     paths = models.ModelPaths(paths.stage1, "none", "none", paths.text_encoder)
     capsys.readouterr()
