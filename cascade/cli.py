@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -13,22 +14,30 @@ from stages.errors import InputError
 log = logging.getLogger("cascade")
 
 
-def _common_config(p: argparse.ArgumentParser):
+DESCRIPTION = ("DreamBooth for the DeepFloyd IF pixel cascade: fine-tune stage I (64px) and stage II "
+               "(64->256 super-resolution) on 3-5 photos of a subject, then sample through the cascade. "
+               "Offline default: tiny random-initialised components (their images are noise).")
+
+
+def _common_config(p: argparse.ArgumentParser, example: str = "stage1.train.learning_rate=1e-5"):
     p.add_argument("--config", default=None, help="preset name (tiny, if-m, if-l, if-xl) or YAML path; default tiny")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set stage1.train.learning_rate=1e-5 (repeatable)")
+                   help=f"override any config key, e.g. --set {example} (repeatable; the value is YAML, "
+                        f"string settings keep the text as typed)")
 
 
 def _train_args(p: argparse.ArgumentParser, stage: int):
-    _common_config(p)
+    _common_config(p, f"stage{stage}.train.learning_rate=1e-5")
     p.add_argument("--subject", required=True, help="folder of 3-5 photos of the subject")
     p.add_argument("--class-noun", required=True, help="the subject's class, e.g. dog")
     p.add_argument("--identifier", default=None, help="identifier token; default: a rare T5 token")
     p.add_argument("--class-dir", default=None, help="class images (kept, topped up); default RUN/class_images")
     p.add_argument("--model", default=None, help=f"stage {stage} hub id or folder (overrides models.stage{stage})")
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"training steps (overrides stage{stage}.train.max_steps)")
     p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning")
-    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default=None)
+    p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default=None,
+                   help="log losses and learning rate to a tracker in the run folder (needs the package)")
     p.add_argument("--captions", choices=["none", "sidecar", "metadata"], default=None,
                    help="per-image captions from <image>.txt files or metadata.jsonl (default: one prompt)")
     if stage == 2:
@@ -41,26 +50,26 @@ def _train_args(p: argparse.ArgumentParser, stage: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cascade", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cascade", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("build-tiny", help="write tiny random IF components in the diffusers layout")
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="folder to create (refused if it exists)")
     p.add_argument("--sizes", default="64:256", metavar="LOW:HIGH", help="stage I:stage II sample sizes")
 
     p = sub.add_parser("identifier", help="pick a rare T5 token as the subject identifier")
     _common_config(p)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--class-noun", default="")
+    p.add_argument("--seed", type=int, default=None, help="picks among the rare tokens (default identifier.seed)")
+    p.add_argument("--class-noun", default="", help="never pick this word as the identifier")
 
     p = sub.add_parser("class-images", help="generate class images with the frozen model(s)")
     _common_config(p)
-    p.add_argument("--class-noun", required=True)
-    p.add_argument("--num", type=int, required=True)
+    p.add_argument("--class-noun", required=True, help="the class to generate, e.g. dog (prompt \"a dog\")")
+    p.add_argument("--num", type=int, required=True, help="how many images the folder should hold")
     p.add_argument("--stage", type=int, choices=[1, 2], default=1,
                    help="1: stage I's size (IF: 64px); 2: stage II's (IF: 256px) via stage I -> II")
     p.add_argument("--output", required=True, help="folder (existing images are kept)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image i is made from seed + i (default 0)")
 
     train = sub.add_parser("train", help="fine-tune one stage").add_subparsers(dest="stage", required=True)
     _train_args(train.add_parser("stage1", help="base model (IF: 64px) with prior preservation"), 1)
@@ -82,33 +91,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _train_overrides(args) -> list[str]:
+_NOISE_AUG = re.compile(r"^\s*(\d+)\s*(?::\s*(\d+)\s*)?$")
+
+
+def parse_noise_aug(text: str) -> tuple[int, int]:
+    """`--noise-aug MIN[:MAX]` as two integers (never YAML, which reads "5:5" as 305)."""
+    m = _NOISE_AUG.match(text)
+    if not m:
+        raise ConfigError(f"--noise-aug {text!r}: expected MIN or MIN:MAX, integers in 0..999 (e.g. 0:20)")
+    lo = int(m.group(1))
+    return lo, int(m.group(2)) if m.group(2) is not None else lo
+
+
+def _train_flags(args) -> list[tuple[str, str, object]]:
+    """Typed flags as (flag, config key, value): strings stay strings, whatever they look like."""
     s = f"stage{args.stage[-1]}"
     out = []
-    if args.model:
-        out.append(f"models.{s}={args.model}")
-    if args.identifier:
-        out.append(f"identifier.token={args.identifier}")
+    if args.model is not None:
+        out.append(("--model", f"models.{s}", args.model))
+    if args.identifier is not None:
+        out.append(("--identifier", "identifier.token", args.identifier))
     if args.max_steps is not None:
-        out.append(f"{s}.train.max_steps={args.max_steps}")
+        out.append(("--max-steps", f"{s}.train.max_steps", args.max_steps))
     if args.lora_rank is not None:
-        out.append(f"{s}.train.lora_rank={args.lora_rank}")
+        out.append(("--lora-rank", f"{s}.train.lora_rank", args.lora_rank))
     if args.report_to:
-        out.append(f"{s}.train.report_to={args.report_to}")
+        out.append(("--report-to", f"{s}.train.report_to", args.report_to))
     if args.captions:
-        out.append(f"{s}.train.captions={args.captions}")
-    if getattr(args, "noise_aug", None):
-        lo, _, hi = args.noise_aug.partition(":")
-        out += [f"{s}.train.noise_aug_min={lo}", f"{s}.train.noise_aug_max={hi or lo}"]
+        out.append(("--captions", f"{s}.train.captions", args.captions))
+    if getattr(args, "noise_aug", None) is not None:
+        lo, hi = parse_noise_aug(args.noise_aug)
+        out += [("--noise-aug", f"{s}.train.noise_aug_min", lo), ("--noise-aug", f"{s}.train.noise_aug_max", hi)]
     if getattr(args, "sample_noise_level", None) is not None:
-        out.append(f"{s}.sample.noise_level={args.sample_noise_level}")
+        out.append(("--sample-noise-level", f"{s}.sample.noise_level", args.sample_noise_level))
     return out
 
 
 def cmd_train(args):
     from cascade.training import TrainRequest, train
 
-    cfg = load_config(args.config, _train_overrides(args) + args.overrides)
+    cfg = load_config(args.config, args.overrides, _train_flags(args))
     result = train(TrainRequest(int(args.stage[-1]), cfg, args.subject, args.class_noun, args.output,
                                 args.class_dir, args.resume, args.overwrite))
     print(f"run folder: {result.run_dir}\nexport: {result.export_dir}")
@@ -145,8 +167,9 @@ def cmd_class_images(args):
     cfg = load_config(args.config, args.overrides)
     if args.num < 1:
         raise ConfigError("--num must be >= 1")
-    paths = models.resolve(cfg)
     prompt = class_prompt(args.class_noun)
+    class_images.check_manifest(Path(args.output), prompt, args.stage)
+    paths = models.resolve(cfg)
     embeds = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
                          models.weights_dtype(cfg), cfg.models.variant).encode([prompt, ""])
 
@@ -157,7 +180,7 @@ def cmd_class_images(args):
         return lambda seeds: runner.run_stage1(base1, cfg, embeds[prompt].expand(len(seeds), -1, -1), embeds[""], seeds)
 
     files = class_images.generate(Path(args.output), args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,
-                                  prompt)
+                                  prompt, args.stage)
     print(f"{len(files)} class images in {args.output}")
 
 

@@ -4,31 +4,32 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from cascade import resolutions
 from cascade.config import ConfigError, load_config
 
 
 def add_commands(sub, common_config):
     p = sub.add_parser("sample", help="generate images through the cascade (stage I -> II -> optional III)")
-    common_config(p)
+    common_config(p, "stage2.sample.noise_level=100")
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable); [V] = the stage I identifier")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
-    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
     p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
     p.add_argument("--stage1", default=None, help="stage I: hub id, folder or fine-tuned export (default: config)")
     p.add_argument("--stage2", default=None, help="stage II: hub id, folder, export, or none to stop at 64px")
     p.add_argument("--stage3", default=None, help="stage III x4 upscaler: none (default) or hub id / folder / tiny")
     p.add_argument("--output", default=None, help="output folder; default runs/NNNNN-sample")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     p = sub.add_parser("demo", help="the whole mission end to end: tiny preset, offline, CPU")
     common_config(p)
     p.add_argument("--output", default=None, help="demo folder; default runs/NNNNN-demo")
     p.add_argument("--subject", default=None, help="subject photos (default: DreamBench dog if present, else synthetic)")
-    p.add_argument("--class-noun", default=None)
+    p.add_argument("--class-noun", default=None, help="the subject's class (needed with --subject)")
     p.add_argument("--fast", action="store_true", help="fewer steps and images (for tests)")
     p.add_argument("--stage3", action="store_true", help="also upscale to 1024 with the stage III model")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
 
 def _read_prompts(args) -> list[str]:
@@ -40,12 +41,15 @@ def _read_prompts(args) -> list[str]:
         prompts += [line.strip() for line in f.read_text().splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise ConfigError("give at least one --prompt or a --prompts-file")
+    for i, p in enumerate(args.prompt):
+        if not p.strip():
+            raise ConfigError(f"--prompt number {i + 1} is empty; give the text to sample")
     return prompts
 
 
 def cmd_sample(args):
     from cascade import models, runs
-    from cascade.runner import run_cascade
+    from cascade.runner import check_request, run_cascade
 
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
@@ -55,10 +59,12 @@ def cmd_sample(args):
     for stage in ("stage1", "stage2", "stage3"):
         if getattr(args, stage) is not None:
             paths = dataclasses.replace(paths, **{stage: models.resolve_name(cfg, getattr(args, stage), stage)})
-    from cascade.resolutions import check_cascade
+    if args.stage3 not in (None, "none") and paths.stage2 == "none":
+        raise ConfigError(f"--stage3 {args.stage3}: stage III upscales stage II's output, but stage II is none")
+    check_request(paths, prompts)
     from stages.setup import process_state
 
-    check_cascade(paths.stage1, paths.stage2)  # cheap (configs only), before the output folder exists
+    resolutions.check_cascade(paths.stage1, paths.stage2)  # cheap (configs only), before the output folder exists
     state = process_state()
     output = runs.prepare_output(args.output, "sample", overwrite=args.overwrite) if state.is_main_process else None
     output = _broadcast_path(state, output)

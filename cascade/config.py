@@ -18,7 +18,11 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class ConfigError(InputError):
-    """A bad configuration value; the message names the key (and file) at fault."""
+    """A bad configuration value; the message names the key (and file or flag) at fault."""
+
+    def __init__(self, message: str, key: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.key, self.detail = key, detail
 
 
 @dataclass
@@ -133,6 +137,15 @@ def _allowed(tp) -> tuple:
     return (tp,)
 
 
+def type_name(tp) -> str:
+    """A readable name for a field annotation ("an integer", not "<class 'int'>")."""
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp))
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
 def _merge(obj, data: dict, where: str, prefix: str = ""):
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
@@ -151,25 +164,52 @@ def _merge(obj, data: dict, where: str, prefix: str = ""):
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) and bool not in allowed:
-            raise ConfigError(f"{where}: '{dotted}' must be {hints[key]}, got {value!r}")
-        if not isinstance(value, allowed):
-            raise ConfigError(f"{where}: '{dotted}' must be {hints[key]}, got {value!r}")
+        if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
+            raise ConfigError(f"{where}: '{dotted}' must be {type_name(hints[key])}, got {value!r}", dotted)
         setattr(obj, key, float(value) if allowed[0] is float and not isinstance(value, bool) else value)
 
 
-def _set_override(cfg: Config, item: str):
-    if "=" not in item:
-        raise ConfigError(f"--set '{item}': expected key=value")
-    key, raw = item.split("=", 1)
-    value = yaml.safe_load(raw) if raw != "" else ""
+def _field_type(cfg: Config, parts: list[str]):
+    """The annotation of a dotted key, or None when the key does not exist (then _merge names it)."""
+    obj = cfg
+    for part in parts[:-1]:
+        obj = getattr(obj, part, None)
+        if not dataclasses.is_dataclass(obj):
+            return None
+    return typing.get_type_hints(type(obj)).get(parts[-1])
+
+
+def _nested(parts: list[str], value) -> dict:
     nested: dict = {}
     cursor = nested
-    parts = key.strip().split(".")
     for part in parts[:-1]:
         cursor = cursor.setdefault(part, {})
     cursor[parts[-1]] = value
-    _merge(cfg, nested, f"--set {key}")
+    return nested
+
+
+def _set_override(cfg: Config, item: str) -> str:
+    """Apply one `--set key=value`: the value is YAML, except for string settings, which keep the
+    text as typed (YAML would cut "models #1" at the '#', or make "on" a boolean). Returns the key."""
+    if "=" not in item:
+        raise ConfigError(f"--set '{item}': expected key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    tp = _field_type(cfg, parts)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if tp is not None and str in _allowed(tp) and not (value is None and type(None) in _allowed(tp)):
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        value = raw[1:-1] if quoted else raw
+    _merge(cfg, _nested(parts, value), f"--set {key}")
+    return ".".join(parts)
+
+
+def set_value(cfg: Config, key: str, value, flag: str):
+    """Set a typed value from a command-line flag (no YAML); errors name the flag."""
+    _merge(cfg, _nested(key.split("."), value), flag)
 
 
 def resolve_path(name: str | Path) -> Path:
@@ -180,7 +220,10 @@ def resolve_path(name: str | Path) -> Path:
     return CONFIG_DIR / f"{name}.yaml"
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                flags: list[tuple[str, str, object]] | None = None) -> Config:
+    """Preset/YAML, then typed `flags` (flag name, dotted key, value), then `--set` overrides. An
+    invalid value is reported with the flag or `--set` the user typed, when it came from one."""
     cfg = Config()
     if path is not None:
         p = resolve_path(path)
@@ -191,15 +234,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
         _merge(cfg, data, str(p))
+    source = {}
+    for flag, key, value in flags or []:
+        set_value(cfg, key, value, flag)
+        source[key] = flag
     for item in overrides or []:
-        _set_override(cfg, item)
-    validate(cfg)
+        source[_set_override(cfg, item)] = f"--set {item.split('=', 1)[0].strip()}"
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        if e.key in source:
+            raise ConfigError(f"{source[e.key]}: {e.detail} (config key {e.key})", e.key, e.detail) from None
+        raise
     return cfg
 
 
 def _check(ok: bool, key: str, msg: str):
     if not ok:
-        raise ConfigError(f"config '{key}': {msg}")
+        raise ConfigError(f"config '{key}': {msg}", key, msg)
 
 
 def validate(cfg: Config):

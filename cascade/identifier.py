@@ -53,6 +53,12 @@ def check_identifier(token: str, class_noun: str):
     t = token.strip()
     if not t or any(c.isspace() for c in t):
         raise IdentifierError(f"identifier {token!r} must be a single word")
+    if "[" in t or "]" in t:
+        raise IdentifierError(f"identifier {token!r} looks like the [V] placeholder; give the token itself "
+                              f"(or leave --identifier out to pick a rare one)")
+    if not any(c.isalpha() for c in t):
+        raise IdentifierError(f"identifier {token!r} has no letters; a number or symbol carries its own "
+                              f"meaning: choose a rare word-like token (cascade identifier)")
     if t.lower() in {w.lower() for w in class_noun.split()} or t.lower() == class_noun.lower():
         raise IdentifierError(f"identifier {token!r} is the class noun; choose a rare token (cascade identifier)")
     if t.lower() in COMMON_WORDS:

@@ -11,6 +11,8 @@ import contextlib
 import gc
 import json
 import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 
 from cascade import models, resolutions
 from cascade.config import Config
-from cascade.text import TextEncoder
+from cascade.text import TextEncoder, shorten
 from stages import components, data, sampling, setup, stage3
 from stages.errors import InputError
 
@@ -61,6 +63,39 @@ def sr_noise_level(path: str, setting: int) -> int:
     return int(meta.get("sample_noise_level", DEFAULT_SR_NOISE_LEVEL))
 
 
+class _ImageBar:
+    """One bar per stage over all images of a request (not one per batch), the sampler step shown
+    beside it; silent when disabled."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=desc, unit="image", disable=not enabled)
+
+    def step(self, i: int, n: int):
+        if not self.bar.disable:
+            self.bar.set_postfix_str(f"step {i}/{n}", refresh=True)
+
+    def update(self, n: int):
+        self.bar.update(n)
+
+
+@contextlib.contextmanager
+def image_bar(total: int, desc: str, enabled: bool):
+    bar = _ImageBar(total, desc, enabled)
+    try:
+        yield bar
+    finally:
+        bar.bar.close()
+
+
+def grid_columns(num_prompts: int, num_images: int) -> int:
+    """Columns of a near-square grid: whole rows of one prompt's images where they fit (several
+    prompts per row when each has few images), otherwise a square of all of them."""
+    side = math.ceil(math.sqrt(num_prompts * num_images))
+    return num_images * math.ceil(side / num_images) if num_images <= side else side
+
+
 def _batches(n: int, size: int):
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
@@ -70,62 +105,88 @@ def run_stage1(path: str, cfg: Config, embeds: torch.Tensor, negative: torch.Ten
                progress: bool = False) -> torch.Tensor:
     s = cfg.stage1.sample
     out = []
-    with resident(path, cfg) as (unet, sched):
+    with resident(path, cfg) as (unet, sched), image_bar(len(seeds), "stage I (64px)", progress) as bar:
         for sl in _batches(len(seeds), s.batch_size):
             gens = [torch.Generator().manual_seed(x) for x in seeds[sl]]
             out.append(sampling.sample(unet, sched, embeds[sl], negative, s.steps, s.guidance_scale, gens,
-                                       resolution=unet.config.sample_size, progress=progress).cpu())
+                                       resolution=unet.config.sample_size, on_step=bar.step).cpu())
+            bar.update(len(gens))
     return torch.cat(out)
 
 
 def run_stage2(path: str, cfg: Config, lowres: torch.Tensor, embeds: torch.Tensor, negative: torch.Tensor,
-               seeds: list[int], progress: bool = False) -> torch.Tensor:
+               seeds: list[int], progress: bool = False, noise_level: int | None = None) -> torch.Tensor:
+    """`noise_level` None: the configured / trained level (sr_noise_level)."""
     s = cfg.stage2.sample
-    level = sr_noise_level(path, s.noise_level)
+    level = sr_noise_level(path, s.noise_level) if noise_level is None else noise_level
     out = []
-    with resident(path, cfg, ("scheduler", "image_noising_scheduler")) as (unet, sched, noising):
+    with resident(path, cfg, ("scheduler", "image_noising_scheduler")) as (unet, sched, noising), \
+            image_bar(len(seeds), "stage II (256px)", progress) as bar:
         for sl in _batches(len(seeds), s.batch_size):
             gens = [torch.Generator().manual_seed(x + STAGE2_SEED_OFFSET) for x in seeds[sl]]
             out.append(sampling.sample(unet, sched, embeds[sl], negative, s.steps, s.guidance_scale, gens,
                                        resolution=unet.config.sample_size, lowres=lowres[sl], noise_level=level,
-                                       noising_scheduler=noising, progress=progress).cpu())
+                                       noising_scheduler=noising, on_step=bar.step).cpu())
+            bar.update(len(gens))
     return torch.cat(out)
 
 
 def class_pair_sampler(cfg: Config, paths: models.ModelPaths, class_embeds, negative):
     """make(seeds) -> 256px class images from the frozen stage I -> stage II cascade (stage II
-    prior preservation); the base models, never fine-tuned exports, so the prior stays the prior."""
+    prior preservation); the base models, never fine-tuned exports, so the prior stays the prior, and
+    the base SR model samples at its own level (IF's 250), not the level the fine-tune is set to."""
     base1 = components.describe_source(paths.stage1).base
     base2 = components.describe_source(paths.stage2).base
 
     def make(seeds: list[int]) -> torch.Tensor:
         e = class_embeds.expand(len(seeds), -1, -1)
         low = run_stage1(base1, cfg, e, negative, seeds)
-        return run_stage2(base2, cfg, low, e, negative, seeds)
+        return run_stage2(base2, cfg, low, e, negative, seeds, noise_level=DEFAULT_SR_NOISE_LEVEL)
     return make
 
 
 def run_stage3(path: str, cfg: Config, images: torch.Tensor, prompts: list[str], seeds: list[int],
-               negative: str = "") -> list:
+               negative: str = "", progress: bool = False) -> list:
     """x4 upscaling (IF: 256 -> 1024) of the stage II output; image k uses its own seeded generator."""
     s = cfg.stage3
     gens = [torch.Generator().manual_seed(x + 2 * STAGE2_SEED_OFFSET) for x in seeds]
     out = stage3.upscale(path, data.to_pil(images), prompts, gens, s.steps, s.guidance_scale,
                          s.noise_level if s.noise_level >= 0 else DEFAULT_UPSCALER_NOISE_LEVEL,
-                         models.weights_dtype(cfg), s.batch_size, negative)
+                         models.weights_dtype(cfg), s.batch_size, negative, progress)
     release()
     return out
 
 
+PLACEHOLDER = re.compile(r"\[v\]", re.IGNORECASE)  # "[V]" or "[v]"
+
+
 def fill_identifier(prompt: str, stage1_path: str) -> str:
     """Replace the "[V]" placeholder with the identifier a fine-tuned stage I export was trained on."""
-    if "[V]" not in prompt:
+    if not PLACEHOLDER.search(prompt):
         return prompt
     meta = components.describe_source(stage1_path).meta or {}
     if "identifier" not in meta:
-        raise InputError(f"prompt {prompt!r} uses [V] but stage I ({stage1_path}) is not a fine-tuned "
-                                    f"export with an identifier; write the identifier into the prompt")
-    return prompt.replace("[V]", meta["identifier"])
+        raise InputError(f"prompt {shorten(prompt)!r} uses [V] but stage I ({stage1_path}) is not a fine-tuned "
+                         f"export with an identifier; write the identifier into the prompt")
+    return PLACEHOLDER.sub(lambda _: meta["identifier"], prompt)
+
+
+def check_request(paths: models.ModelPaths, prompts: list[str]):
+    """Cheap checks of a sampling request, before any output folder or model: the stages fit
+    together and every prompt says something."""
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise InputError(f"prompt {i + 1} is empty; give the text to sample")
+    components.check_stage(paths.stage1, 1, "stage I model")
+    if paths.stage2 == "none":
+        return
+    components.check_stage(paths.stage2, 2, "stage II model")
+    id1 = (components.describe_source(paths.stage1).meta or {}).get("identifier")
+    id2 = (components.describe_source(paths.stage2).meta or {}).get("identifier")
+    if id1 and id2 and id1 != id2:
+        raise InputError(f"stage I export {paths.stage1} was trained with identifier {id1!r} but stage II export "
+                         f"{paths.stage2} with {id2!r}: one prompt cannot name both; retrain one stage with "
+                         f"--identifier {id1}, or sample with the base stage II model")
 
 
 def model_record(path: str) -> dict:
@@ -154,10 +215,10 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
     grid per stage, and samples.json. With several processes (accelerate / torchrun) the images are
     split between them; every image is the same as in a single-process run."""
     state = setup.process_state()
-    components.check_stage(paths.stage1, 1, "stage I model")
-    if paths.stage2 != "none":
-        components.check_stage(paths.stage2, 2, "stage II model")
+    check_request(paths, prompts)
     resolutions.check_cascade(paths.stage1, paths.stage2)
+    if paths.stage2 == "none" and paths.stage3 != "none":
+        log.warning("stage III (%s) skipped: it upscales stage II's output and stage II is none", paths.stage3)
     prompts = [fill_identifier(p, paths.stage1) for p in prompts]
     items = [(i * num_images + k, p) for i, p in enumerate(prompts) for k in range(num_images)]
     encoder = encoder or TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
@@ -188,12 +249,12 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
             result.files["stage2"] = _save(images, output / "stage2", idx)
             if paths.stage3 != "none":
                 t = time.time()
-                up = run_stage3(paths.stage3, cfg, images, [p for _, p in mine], seeds, negative_prompt)
+                up = run_stage3(paths.stage3, cfg, images, [p for _, p in mine], seeds, negative_prompt, progress)
                 result.seconds["stage3"] = time.time() - t
                 result.files["stage3"] = _save_pil(up, output / "stage3", idx)
     state.wait_for_everyone()
     if state.is_main_process:
-        _write_grids(output, num_images)
+        _write_grids(output, grid_columns(len(prompts), num_images))
         _write_record(cfg, paths, output, prompts, num_images, seed, negative_prompt, result)
     return result
 
@@ -211,7 +272,7 @@ def _save_pil(images: list, folder: Path, idx: list[int]) -> list[Path]:
     return out
 
 
-def _write_grids(output: Path, num_images: int):
+def _write_grids(output: Path, cols: int):
     from PIL import Image
 
     for stage in ("stage1", "stage2", "stage3"):
@@ -219,7 +280,7 @@ def _write_grids(output: Path, num_images: int):
         if files:
             ims = [Image.open(f).convert("RGB") for f in files]
             size = min(ims[0].size[0], 256)  # keep 1024px grids small
-            data.grid([im.resize((size, size)) for im in ims], cols=num_images).save(output / f"grid-{stage}.png")
+            data.grid([im.resize((size, size)) for im in ims], cols=cols).save(output / f"grid-{stage}.png")
 
 
 def _write_record(cfg, paths, output, prompts, num_images, seed, negative, result: SampleResult):

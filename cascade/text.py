@@ -24,6 +24,13 @@ def preprocess(prompt: str) -> str:
     return prompt.lower().strip()
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """A prompt fit for a log line: long ones are cut, with their length said."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit].rstrip()}... ({len(text.split())} words)"
+
+
 def load_tokenizer(source: str):
     from transformers import AutoTokenizer
 
@@ -59,7 +66,7 @@ class TextEncoder:
         tok = load_tokenizer(self.source)
         long = [p for p in prompts if len(tok(preprocess(p)).input_ids) > self.max_length]
         for p in long:
-            log.warning("prompt longer than %d T5 tokens is truncated: %r", self.max_length, p)
+            log.warning("prompt longer than %d T5 tokens is truncated: %r", self.max_length, shorten(p))
         return long
 
     def encode(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -10,8 +10,8 @@ import torch
 
 from cascade import captions as caps
 from cascade import identifier as ident
-from cascade import models, resolutions, runs
-from cascade.config import Config
+from cascade import early_log, models, resolutions, runs
+from cascade.config import Config, ConfigError
 from cascade.text import TextEncoder, load_tokenizer
 from stages import components, data, setup, stage1, stage2, trainer
 from stages.errors import InputError
@@ -44,7 +44,9 @@ def _main_first(state, fn):
 def _pick_identifier(req: TrainRequest, text_source: str) -> str:
     idc = req.cfg.identifier
     if idc.token:
-        return ident.check_identifier(idc.token, req.class_noun)
+        token = ident.check_identifier(idc.token, req.class_noun)
+        log.info("identifier: %r (given)", token)
+        return token
     tok = load_tokenizer(text_source)
     token, token_id = ident.pick_identifier(tok, idc.seed, idc.min_id, idc.max_id, idc.max_chars,
                                             avoid=tuple(req.class_noun.lower().split()))
@@ -70,6 +72,7 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
     """Existing class images (validated), topped up with generations of the frozen model(s)."""
     from cascade import class_images, runner
 
+    class_images.check_manifest(class_dir, prompts["class"], req.stage)
     if class_images.existing(class_dir):
         data.load_folder(class_dir, size, "class", allow_upscale=True)
     cfg = req.cfg
@@ -83,8 +86,20 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
         return runner.class_pair_sampler(cfg, paths, embeds[prompts["class"]], embeds[""])
 
     files = class_images.generate(class_dir, train_cfg.num_class_images, factory, 8 * cfg.stage1.sample.batch_size,
-                                  train_cfg.seed, prompts["class"])
+                                  train_cfg.seed, prompts["class"], req.stage)
     return data.stack(data.load_folder(class_dir, size, "class", allow_upscale=True)[:len(files)], size)
+
+
+def _check_request(req: TrainRequest, sec):
+    """Mismatches that are legal but almost surely unintended (warned), or plainly wrong (refused)."""
+    from cascade import class_images
+
+    tc, level = sec.train, sec.sample.noise_level
+    if req.stage == 2 and level >= 0 and not tc.noise_aug_min <= level <= tc.noise_aug_max:
+        log.warning("stage II samples at noise level %d, outside the training range %d..%d: the fine-tuned model "
+                    "never saw that level", level, tc.noise_aug_min, tc.noise_aug_max)
+    if tc.prior_preservation and req.class_dir:
+        class_images.check_manifest(Path(req.class_dir), ident.class_prompt(req.class_noun), req.stage)
 
 
 def train(req: TrainRequest) -> trainer.TrainResult:
@@ -94,13 +109,18 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     sec = cfg.stage1 if req.stage == 1 else cfg.stage2
     tc = sec.train
     state = setup.process_state()
+    log_mark = early_log.mark()  # what is logged before the run folder exists still reaches its log.txt
     if not req.class_noun.strip():
         raise InputError("--class-noun must name the subject's class, e.g. dog")
     setup.early_checks(tc)
+    _check_request(req, sec)
     paths = _main_first(state, lambda: models.resolve(cfg))
     model_path = paths.stage1 if req.stage == 1 else paths.stage2
     components.check_stage(model_path, req.stage, f"models.stage{req.stage} ({model_path})")
     size, lowres = _sizes(req, paths)
+    if req.stage == 2 and tc.random_crop and tc.crop_source_size < size:
+        raise ConfigError(f"stage2.train.crop_source_size: must be >= stage II's resolution {size} (random "
+                          f"{size}px crops are cut from it), got {tc.crop_source_size}")
     subject_images = data.load_folder(req.subject, size, "subject", allow_upscale=tc.allow_upscale)
     token = _pick_identifier(req, paths.text_encoder)
     captions = caps.read_captions(req.subject, tc.captions, token)  # None unless opted in
@@ -112,6 +132,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
         broadcast_object_list(holder)
     run_dir = Path(holder[0])
     runs.start_logging(run_dir, cfg, state.is_main_process)
+    early_log.replay_since(log_mark)
     if paths.uses_tiny:
         log.info("weights: tiny random-initialised components (%s); samples will be noise", model_path)
 

@@ -57,6 +57,22 @@ def load_checkpoint(accelerator, path: Path) -> dict:
     return json.loads((path / STATE_FILE).read_text())
 
 
+def lora_metadata(lora_config) -> dict:
+    """peft's config as a dict with sets (target_modules) sorted: diffusers writes a set in hash
+    order, which changes per process, so identical runs would get different bytes and digests."""
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in lora_config.to_dict().items()}
+
+
+def readable_like_others(folder: Path):
+    """safetensors writes through a private temp file (mode 0600); give every exported file the
+    mode an ordinary file gets here (0644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
 def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None, save_fixed_small: bool = False,
            variant: str = "none"):
     """Write `out/` atomically: full fine-tunes as `unet/` + `scheduler/` (UNet2DConditionModel and
@@ -79,7 +95,7 @@ def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None
 
         lora_sd = get_peft_model_state_dict(model, state_dict=state_dict)
         IFPipeline.save_lora_weights(tmp, unet_lora_layers=lora_sd, weight_name=LORA_WEIGHTS,
-                                     unet_lora_adapter_metadata=lora_config.to_dict())
+                                     unet_lora_adapter_metadata=lora_metadata(lora_config))
         kind = "lora"
     else:
         model.save_pretrained(tmp / "unet", safe_serialization=True)
@@ -100,6 +116,7 @@ def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None
         scheduler = scheduler.__class__.from_config(scheduler.config, variance_type="fixed_small")
     scheduler.save_pretrained(tmp / "scheduler")
     (tmp / EXPORT_META).write_text(json.dumps({**meta, "kind": kind}, indent=2, default=str))
+    readable_like_others(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from stages import photos
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+SUBJECT_PHOTOS = (3, 5)  # the paper's 3-5 subject photos; outside it is allowed, with a warning
 
 
 class ImageInputError(InputError):
@@ -26,41 +27,50 @@ class ImageInputError(InputError):
 
 
 def list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Files of a folder that PIL reads as images (hidden and non-regular files left out)."""
+    return photos.scan_folder(Path(folder)).images
 
 
 def load_folder(folder: str | Path, min_size: int, what: str = "subject", allow_upscale: bool = False,
                 min_count: int = 1) -> list[Image.Image]:
-    """Open and validate every image of a folder: RGB (converted with a warning), at least `min_size`
-    on the short side (or upscaled with a warning when allowed). Raises ImageInputError naming the fault."""
+    """Open and validate every image of a folder (see stages/photos.py for what counts and how a
+    photo becomes RGB): at least `min_size` on the short side (or upscaled with a warning when
+    allowed). Every bad file is named in one ImageInputError."""
     folder = Path(folder)
     if not folder.exists():
         raise ImageInputError(f"{what} folder not found: {folder}")
     if not folder.is_dir():
         raise ImageInputError(f"{what} path is not a folder: {folder}")
-    paths = list_images(folder)
-    if len(paths) < min_count:
-        raise ImageInputError(f"{what} folder {folder} has {len(paths)} images "
-                              f"({', '.join(sorted(IMAGE_SUFFIXES))}); at least {min_count} needed")
-    images = []
-    for p in paths:
+    scan = photos.scan_folder(folder)
+    scan.log_skipped(what)
+    if len(scan.images) < min_count:
+        raise ImageInputError(f"{what} folder {folder} has {len(scan.images)} images (any format PIL reads); "
+                              f"at least {min_count} needed")
+    images, bad = [], []
+    for p in scan.images:
         try:
-            with Image.open(p) as im:
-                im.load()
-                img = im.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ImageInputError(f"{what} image {p} cannot be read ({e.__class__.__name__}: {e})") from None
-        if img.mode != "RGB":
-            log.warning("%s image %s is %s, converted to RGB", what, p, img.mode)
-            img = img.convert("RGB")
+            img = photos.open_photo(p, what)
+        except photos.READ_ERRORS as e:
+            bad.append((p, f"cannot be read ({e.__class__.__name__}: {e})"))
+            continue
         short = min(img.size)
         if short < min_size:
             if not allow_upscale:
-                raise ImageInputError(f"{what} image {p} is {img.size[0]}x{img.size[1]}, smaller than the "
-                                      f"stage's {min_size}px (set allow_upscale to upscale it)")
+                bad.append((p, f"is {img.size[0]}x{img.size[1]}, smaller than the stage's {min_size}px "
+                               f"(set allow_upscale to upscale it)"))
+                continue
             log.warning("%s image %s is %dpx on its short side; upscaling to %dpx", what, p, short, min_size)
         img.filename = str(p)  # copy()/convert() drop it; the centre-crop log names the file
         images.append(img)
+    if len(bad) == 1:
+        raise ImageInputError(f"{what} image {bad[0][0]} {bad[0][1]}")
+    if bad:
+        raise ImageInputError(f"{what} folder {folder} has {len(bad)} bad images: "
+                              + "; ".join(f"{p.name} {why}" for p, why in bad))
+    lo, hi = SUBJECT_PHOTOS
+    if what == "subject" and not lo <= len(images) <= hi:
+        log.warning("subject folder %s has %d photo(s); DreamBooth expects %d-%d of the subject", folder,
+                    len(images), lo, hi)
     return images
 
 

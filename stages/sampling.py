@@ -16,11 +16,12 @@ from stages.rng import randn
 def sample(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
            steps: int, guidance_scale: float, generator, resolution: int,
            lowres: torch.Tensor | None = None, noise_level: int = 250, noising_scheduler=None,
-           progress: bool = False) -> torch.Tensor:
+           progress: bool = False, on_step=None) -> torch.Tensor:
     """Return images in [-1, 1], shape [B, 3, resolution, resolution]. `prompt_embeds` is [B, L, D].
     Random draws follow the pipelines' order (initial noise, then condition noise, then step noise)
     so a CPU generator with the same seed reproduces the diffusers pipeline's output. `generator` may
-    be a list with one generator per image, making each image independent of the batch it is in."""
+    be a list with one generator per image, making each image independent of the batch it is in.
+    `on_step(i, steps)`, when given, is called after each step (the caller's progress display)."""
     scheduler = copy.deepcopy(scheduler)  # set_timesteps mutates; keep the caller's scheduler clean
     device, dtype = unet.device, unet.dtype
     batch = prompt_embeds.shape[0]
@@ -46,7 +47,7 @@ def sample(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.
         from tqdm.auto import tqdm
 
         iterator = tqdm(timesteps, desc=f"sampling {resolution}px", leave=False)
-    for t in iterator:
+    for i, t in enumerate(iterator):
         inp = x if condition is None else noise_aug.model_input(x, condition)
         inp = torch.cat([inp] * 2) if cfg else inp
         inp = scheduler.scale_model_input(inp, t)
@@ -59,4 +60,6 @@ def sample(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.
         if scheduler.config.variance_type not in ("learned", "learned_range"):
             out = out[:, :3]
         x = scheduler.step(out, t, x, generator=generator, return_dict=False)[0]
+        if on_step is not None:
+            on_step(i + 1, len(timesteps))
     return x.float()

@@ -83,7 +83,7 @@ def test_non_rgb_converted_and_class_folder_topped_up(run, tmp_path, caplog):
     assert code == 0, err
     assert any("is L, converted to RGB" in r.message for r in caplog.records)
     assert any("is RGBA, converted to RGB" in r.message for r in caplog.records)
-    files = sorted(p.name for p in classes.iterdir())
+    files = sorted(p.name for p in classes.glob("*.png"))
     assert files == ["class-000000.png", "class-000001.png", "mine.png"]  # two generated, the user's kept
     assert (classes / "mine.png").read_bytes() == before
 

@@ -42,23 +42,25 @@ def test_class_images_command_is_resumable(make_cfg, tmp_path, capsys):
     argv = ["class-images", "--set", f"models.cache_dir={cache}", "--set", "stage1.sample.steps=2",
             "--class-noun", "dog", "--output", str(tmp_path / "cls")]
     assert main([*argv, "--num", "2"]) == 0
-    made = {p.name: p.read_bytes() for p in (tmp_path / "cls").iterdir()}
+    made = {p.name: p.read_bytes() for p in (tmp_path / "cls").glob("*.png")}
     assert sorted(made) == ["class-000000.png", "class-000001.png"]
     (tmp_path / "cls" / "class-000001.png").unlink()  # an interrupted run lost one
     assert main([*argv, "--num", "3"]) == 0
-    after = {p.name: p.read_bytes() for p in (tmp_path / "cls").iterdir()}
+    after = {p.name: p.read_bytes() for p in (tmp_path / "cls").glob("*.png")}
     assert sorted(after) == ["class-000000.png", "class-000001.png", "class-000002.png"]
     assert after["class-000000.png"] == made["class-000000.png"]
     assert after["class-000001.png"] == made["class-000001.png"]  # regenerated from its own seed
 
 
-def test_train_flags_become_config_overrides():
-    from cascade.cli import _train_overrides
+def test_train_flags_become_typed_config_values():
+    from cascade.cli import _train_flags
 
     args = parse_args(["train", "stage2", "--subject", "s", "--class-noun", "dog", "--noise-aug", "0:5",
                        "--sample-noise-level", "5", "--max-steps", "7", "--lora-rank", "4", "--model", "m/x"])
-    assert _train_overrides(args) == ["models.stage2=m/x", "stage2.train.max_steps=7", "stage2.train.lora_rank=4",
-                                      "stage2.train.noise_aug_min=0", "stage2.train.noise_aug_max=5",
-                                      "stage2.sample.noise_level=5"]
+    assert _train_flags(args) == [("--model", "models.stage2", "m/x"), ("--max-steps", "stage2.train.max_steps", 7),
+                                  ("--lora-rank", "stage2.train.lora_rank", 4),
+                                  ("--noise-aug", "stage2.train.noise_aug_min", 0),
+                                  ("--noise-aug", "stage2.train.noise_aug_max", 5),
+                                  ("--sample-noise-level", "stage2.sample.noise_level", 5)]
     with pytest.raises(SystemExit):
         parse_args(["train", "stage3", "--subject", "s", "--class-noun", "dog"])
