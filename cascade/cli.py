@@ -156,11 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()
     from cascade.cli_sample import COMMANDS as SAMPLE_COMMANDS
 
+    from cascade import run_folder
+
+    run_folder.begin()
+    failed = True
     try:
         {**COMMANDS, **SAMPLE_COMMANDS}[args.command](args)
+        failed = False
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        run_folder.finish(failed)  # locks released; a folder this command made without results removed
     return 0
 
 

@@ -63,7 +63,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
              fast: bool = False, with_stage3: bool = False, overwrite: bool = False) -> dict:
     if fast:
         cfg = _fast(cfg)
-    root = runs.prepare_output(output, "demo", overwrite=overwrite)
+    root = runs.prepare_output(output, "demo", overwrite=overwrite, protected={"subject": subject and Path(subject)})
     runs.start_logging(root, cfg)
     timings, t0 = {}, time.time()
 

@@ -2,6 +2,7 @@
 hand embeddings and tensors to the stage's trainer. All cheap checks run before any model loads."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cascade import identifier as ident
-from cascade import models, runs
+from cascade import models, run_folder, runs
 from cascade.config import Config
 from cascade.text import TextEncoder, load_tokenizer
 from stages import components, data, setup, stage1, stage2, trainer
@@ -103,7 +104,8 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     holder = [None]
     if state.is_main_process:
         holder = [str(runs.prepare_output(req.output, f"stage{req.stage}-{req.class_noun}", req.resume,
-                                          req.overwrite))]
+                                          req.overwrite, _run_identity(req, token, paths, model_path),
+                                          {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir)}))]
     if state.num_processes > 1:
         broadcast_object_list(holder)
     run_dir = Path(holder[0])
@@ -140,5 +142,23 @@ def train(req: TrainRequest) -> trainer.TrainResult:
             "instance_prompt": prompts["instance"], "config": cfg.name}
     if req.stage == 2:
         meta.update(noise_aug=[tc.noise_aug_min, tc.noise_aug_max], sample_noise_level=task.sample_noise_level)
-    return trainer.train(task, unet, scheduler, emb, tc, run_dir, meta, resume=req.resume,
-                         tracker_config={k: str(v) for k, v in vars(tc).items()})
+    result = trainer.train(task, unet, scheduler, emb, tc, run_dir, meta, resume=req.resume,
+                           tracker_config={k: str(v) for k, v in vars(tc).items()})
+    run_folder.release(run_dir)
+    return result
+
+
+def _run_identity(req: TrainRequest, token: str, paths: models.ModelPaths, model_path: str) -> dict:
+    """What a run trains on, recorded in its marker: --resume must match it (cascade.run_folder)."""
+    def where(p):
+        return str(Path(p).resolve()) if p and Path(p).exists() else p
+
+    sec = req.cfg.stage1 if req.stage == 1 else req.cfg.stage2
+    run = {"stage": req.stage, "subject": where(req.subject), "class_noun": req.class_noun, "identifier": token,
+           "model": where(model_path), "text_encoder": where(paths.text_encoder),
+           "class_dir": str(Path(req.class_dir).resolve()) if req.class_dir else None,
+           "variant": req.cfg.models.variant, "max_text_length": req.cfg.max_text_length,
+           "train": dataclasses.asdict(sec.train)}
+    if req.stage == 2:
+        run["sample_noise_level"] = sec.sample.noise_level
+    return {"command": f"train stage{req.stage}", "run": run}

@@ -1,0 +1,76 @@
+"""Run folders (issue 9, items 1-3): --overwrite deletes only cascade run folders and never the
+subject or class images, --resume continues only a matching run, one writer per folder."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cascade import run_folder
+from cascade.cli import main
+
+
+@pytest.fixture
+def run(make_cfg, capsys):
+    cache = make_cfg().models.cache_dir
+
+    def go(*argv, stage="stage1"):
+        code = main(["train", stage, "--class-noun", "dog", "--set", f"models.cache_dir={cache}",
+                     "--set", f"{stage}.train.max_steps=1", "--set", f"{stage}.train.num_class_images=2",
+                     "--set", f"{stage}.train.validation_images=0", "--set", "stage1.sample.steps=1",
+                     "--set", f"{stage}.train.prior_preservation=false", *argv])
+        return code, capsys.readouterr().err
+    return go
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_and_resume_never_touch_the_subject_photos(run, write_subject, tmp_path):
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    before = _snapshot(photos)
+    for extra, says in ((["--overwrite"], "is the subject folder"), (["--resume"], "is the subject folder"),
+                        ([], "is the subject folder")):
+        code, err = run("--subject", str(photos), "--output", str(photos), *extra)
+        assert code == 2 and says in err, err
+    code, err = run("--subject", str(photos), "--output", str(tmp_path), "--overwrite")
+    assert code == 2 and "contains the subject folder" in err
+    assert _snapshot(photos) == before  # nothing deleted, nothing (loss.png, config.yaml) written into it
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(run, write_subject, tmp_path):
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep me")
+    code, err = run("--subject", str(photos), "--output", str(mine))
+    assert code == 2 and "not a cascade run folder" in err and "--overwrite" not in err.split("error:")[1]
+    code, err = run("--subject", str(photos), "--output", str(mine), "--overwrite")
+    assert code == 2 and "not a cascade run folder" in err
+    code, err = run("--subject", str(photos), "--output", str(mine), "--resume")
+    assert code == 2 and "nothing to resume" in err
+    assert (mine / "thesis.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["thesis.txt"]
+
+
+def test_overwrite_replaces_a_run_folder_but_not_class_images_inside_it(run, write_subject, tmp_path):
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    out = tmp_path / "run"
+    classes = out / "my-classes"
+    code, err = run("--subject", str(photos), "--output", str(out), "--class-dir", str(classes),
+                    "--set", "stage1.train.prior_preservation=true")
+    assert code == 0, err
+    assert len(list(classes.glob("class-*.png"))) == 2
+    assert json.loads((out / run_folder.MARKER).read_text())["command"] == "train stage1"
+    code, err = run("--subject", str(photos), "--output", str(out))
+    assert code == 2 and "--resume" in err and "--overwrite" in err  # a run folder: both are offered
+    kept = _snapshot(classes)
+    code, err = run("--subject", str(photos), "--output", str(out), "--class-dir", str(classes), "--overwrite")
+    assert code == 2 and "contains the class folder" in err and _snapshot(classes) == kept
+    (out / "stale.txt").write_text("from the old run")
+    code, err = run("--subject", str(photos), "--output", str(out), "--overwrite")
+    assert code == 0, err
+    assert not (out / "stale.txt").exists() and (out / "export" / "cascade.json").is_file()
+    assert not (out / run_folder.LOCK).exists()  # released on exit
