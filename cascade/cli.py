@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()
     from cascade.cli_sample import COMMANDS as SAMPLE_COMMANDS
 
-    from cascade import run_folder
+    from cascade import run_folder, runs
 
     run_folder.begin()
     failed = True
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:
+        runs.stop_file_logging()
         run_folder.finish(failed)  # locks released; a folder this command made without results removed
     return 0
 

@@ -121,10 +121,8 @@ def console_logging():
 def start_logging(run_dir: Path, cfg: Config | None = None, is_main: bool = True):
     """Log to the console and (main process) to run_dir/log.txt; write the resolved config next to it."""
     console_logging()
+    stop_file_logging()
     root = logging.getLogger()
-    for h in [h for h in root.handlers if getattr(h, "_cascade_file", False)]:
-        root.removeHandler(h)
-        h.close()
     if is_main:
         h = logging.FileHandler(run_dir / "log.txt")
         h.setFormatter(LOG_FORMAT)
@@ -132,3 +130,11 @@ def start_logging(run_dir: Path, cfg: Config | None = None, is_main: bool = True
         root.addHandler(h)
         if cfg is not None:
             dump_config(cfg, run_dir / "config.yaml")
+
+
+def stop_file_logging():
+    """Close the run folder's log.txt (at the end of a command, so nothing else lands in it)."""
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_cascade_file", False)]:
+        root.removeHandler(h)
+        h.close()

@@ -25,6 +25,13 @@ def run(make_cfg, capsys):
     return go
 
 
+def error_line(err: str) -> str:
+    """The command's one error line (log lines may precede it; no traceback)."""
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
 def _snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
@@ -74,3 +81,31 @@ def test_overwrite_replaces_a_run_folder_but_not_class_images_inside_it(run, wri
     assert code == 0, err
     assert not (out / "stale.txt").exists() and (out / "export" / "cascade.json").is_file()
     assert not (out / run_folder.LOCK).exists()  # released on exit
+
+
+def test_resume_refuses_a_different_run_and_allows_more_steps(run, write_subject, tmp_path):
+    duck = write_subject(tmp_path / "duck", 3, 256, seed=1)
+    dog = write_subject(tmp_path / "dog", 3, 256, seed=2)
+    out = tmp_path / "run"
+    code, err = run("--subject", str(duck), "--output", str(out), "--set", "stage1.train.max_steps=2")
+    assert code == 0, err
+    before = _snapshot(out)
+    code, err = run("--subject", str(dog), "--output", str(out), "--resume", "--class-noun", "cat",
+                    "--set", "stage1.train.max_steps=1", "--set", "stage1.train.learning_rate=1e-3")
+    assert code == 2
+    err = error_line(err)
+    for what in ("subject", "class noun 'dog' -> 'cat'", "stage1.train.max_steps 2 -> 1", "learning_rate"):
+        assert what in err, (what, err)
+    code, err = run("--subject", str(duck), "--output", str(out), "--resume", stage="stage2")
+    assert code == 2 and "not a train stage2 run" in err
+    code, err = run("--subject", str(duck), "--output", str(out), "--resume", "--overwrite")
+    assert code == 2 and "exclude each other" in err
+    assert _snapshot(out) == before  # config.yaml, marker, checkpoints and export untouched
+    # a larger max_steps (and bookkeeping settings) may change: training continues from step 2
+    code, err = run("--subject", str(duck), "--output", str(out), "--resume", "--set", "stage1.train.max_steps=3",
+                    "--set", "stage1.train.checkpoint_every=5")
+    assert code == 0, err
+    log = (out / "log.txt").read_text()
+    assert "at step 2" in log and "stage 1: 1 steps in" in log
+    assert json.loads((out / "export" / "cascade.json").read_text())["steps"] == 3
+    assert json.loads((out / run_folder.MARKER).read_text())["run"]["train"]["max_steps"] == 3
