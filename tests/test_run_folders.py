@@ -109,3 +109,33 @@ def test_resume_refuses_a_different_run_and_allows_more_steps(run, write_subject
     assert "at step 2" in log and "stage 1: 1 steps in" in log
     assert json.loads((out / "export" / "cascade.json").read_text())["steps"] == 3
     assert json.loads((out / run_folder.MARKER).read_text())["run"]["train"]["max_steps"] == 3
+
+
+def test_a_second_writer_is_refused_and_stale_locks_are_taken_over(run, write_subject, tmp_path):
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    out = tmp_path / "run"
+    out.mkdir()
+    run_folder.write_marker(out, {"command": "train stage1"})
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "weights.bin").write_bytes(b"\1\2\3")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / run_folder.LOCK).write_text(json.dumps({"pid": other.pid, "host": __import__("socket").gethostname(),
+                                                       "start": run_folder._proc_start(other.pid), "since": "now"}))
+        for extra in (["--overwrite"], ["--resume"]):
+            code, err = run("--subject", str(photos), "--output", str(out), *extra)
+            assert code == 2 and f"in use by process {other.pid}" in error_line(err)
+        assert (out / "checkpoints" / "weights.bin").read_bytes() == b"\1\2\3"  # the live writer's files stay
+        assert json.loads((out / run_folder.LOCK).read_text())["pid"] == other.pid  # its lock too
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone (e.g. kill -9): its lock is stale and taken over, then released on exit
+    run_folder.acquire(out)
+    assert json.loads((out / run_folder.LOCK).read_text())["pid"] == __import__("os").getpid()
+    run_folder.release(out)
+    assert not (out / run_folder.LOCK).exists()
+    # a lock from another host cannot be checked: refused, naming the file to delete if that run is gone
+    (out / run_folder.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(run_folder.RunLockedError, match="elsewhere.*delete"):
+        run_folder.acquire(out)
