@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cascade.config import ConfigError, load_config
-from stages.errors import InputError
+from stages.errors import InputError, TrainingDiverged
 
 log = logging.getLogger("cascade")
 
@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"cascade {args.command}: error: {e}", file=sys.stderr)
+        return 1
     finally:
         runs.stop_file_logging()
         run_folder.finish(failed)  # locks released; a folder this command made without results removed
