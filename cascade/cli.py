@@ -121,15 +121,23 @@ def cmd_identifier(args):
 
 
 def cmd_class_images(args):
-    from cascade import class_images, models, runner
+    from cascade import class_images, model_checks, models, run_folder, runner
     from cascade.identifier import class_prompt
     from cascade.text import TextEncoder
+    from stages import components
     from stages.components import describe_source
 
     cfg = load_config(args.config, args.overrides)
     if args.num < 1:
         raise ConfigError("--num must be >= 1")
     paths = models.resolve(cfg)
+    model_checks.check_models(paths, cfg.models.variant, (1, 2) if args.stage == 2 else (1,))
+    for stage in (1, 2)[:args.stage]:
+        components.check_stage(getattr(paths, f"stage{stage}"), stage, f"models.stage{stage}")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file, not a folder")
+    run_folder.track(output, created=not output.exists())  # removed again if the command fails before any image
     prompt = class_prompt(args.class_noun)
     embeds = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
                          models.weights_dtype(cfg), cfg.models.variant).encode([prompt, ""])
@@ -140,7 +148,7 @@ def cmd_class_images(args):
         base1 = describe_source(paths.stage1).base
         return lambda seeds: runner.run_stage1(base1, cfg, embeds[prompt].expand(len(seeds), -1, -1), embeds[""], seeds)
 
-    files = class_images.generate(Path(args.output), args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,
+    files = class_images.generate(output, args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,
                                   prompt)
     print(f"{len(files)} class images in {args.output}")
 
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
+    except (TrainingDiverged, OSError) as e:  # OSError: e.g. a read-only folder; the message names the file
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -104,12 +105,25 @@ def _reuse(path: Path, identity: dict, resume: bool, overwrite: bool, resumable:
 LOG_FORMAT = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is now, not as it was when the handler was made (in-process callers
+    such as tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def console_logging():
     """INFO to the console once per process; library chatter at WARNING."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     if not any(getattr(h, "_cascade_console", False) for h in root.handlers):
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(LOG_FORMAT)
         h._cascade_console = True
         root.addHandler(h)

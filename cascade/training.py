@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from cascade import identifier as ident
-from cascade import models, run_folder, runs
+from cascade import model_checks, models, run_folder, runs
 from cascade.config import Config
 from cascade.text import TextEncoder, load_tokenizer
 from stages import components, data, setup, stage1, stage2, trainer
@@ -99,15 +99,24 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     subject_images = _load_subject(req, tc)
     paths = _main_first(state, lambda: models.resolve(cfg))
     model_path = paths.stage1 if req.stage == 1 else paths.stage2
+    model_checks.check_trainable(model_path, req.stage)
+    model_checks.check_models(paths, cfg.models.variant, (1, 2) if req.stage == 2 and tc.prior_preservation else
+                              (req.stage,))
     components.check_stage(model_path, req.stage, f"models.stage{req.stage} ({model_path})")
     token = _pick_identifier(req, paths.text_encoder)
-    holder = [None]
+    holder = [None, None]  # the run folder, or the error the main process met preparing it
     if state.is_main_process:
-        holder = [str(runs.prepare_output(req.output, f"stage{req.stage}-{req.class_noun}", req.resume,
-                                          req.overwrite, _run_identity(req, token, paths, model_path),
-                                          {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir)}))]
+        try:
+            holder[0] = str(runs.prepare_output(req.output, f"stage{req.stage}-{req.class_noun}", req.resume,
+                                                req.overwrite, _run_identity(req, token, paths, model_path),
+                                                {"subject": Path(req.subject),
+                                                 "class": req.class_dir and Path(req.class_dir)}))
+        except InputError as e:
+            holder[1] = e
     if state.num_processes > 1:
-        broadcast_object_list(holder)
+        broadcast_object_list(holder)  # every rank stops on the main process's error instead of waiting
+    if holder[1] is not None:
+        raise holder[1]
     run_dir = Path(holder[0])
     runs.start_logging(run_dir, cfg, state.is_main_process)
     if paths.uses_tiny:
