@@ -108,13 +108,15 @@ def cmd_build_tiny(args):
 
 
 def cmd_identifier(args):
-    from cascade import models
+    from cascade import model_checks, models
     from cascade.identifier import pick_identifier
     from cascade.text import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     idc = cfg.identifier
-    tok = load_tokenizer(models.resolve(cfg).text_encoder)
+    text_source = models.resolve(cfg).text_encoder
+    model_checks.check_source(text_source, "tokenizer", "models.text_encoder", None)
+    tok = load_tokenizer(text_source)
     token, token_id = pick_identifier(tok, idc.seed if args.seed is None else args.seed, idc.min_id, idc.max_id,
                                       idc.max_chars, avoid=tuple(args.class_noun.lower().split()))
     print(f"{token}\t(T5 token id {token_id})")

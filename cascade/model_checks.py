@@ -38,15 +38,15 @@ def _has_weights(folder: Path, variant: str | None) -> bool:
     return any(variant is None or f".{variant}." in n or f".{variant}-" in n for n in names)
 
 
-def _cached(repo: str, sub: str, variant: str | None) -> bool:
+def _cached(repo: str, sub: str, variant: str | None, config_name: str) -> bool:
     """Config and weights of `repo/sub` are in the local hub cache (no network involved)."""
     from huggingface_hub import try_to_load_from_cache
 
-    config = try_to_load_from_cache(repo, f"{sub}/config.json")
-    return isinstance(config, str) and _has_weights(Path(config).parent, variant)
+    config = try_to_load_from_cache(repo, f"{sub}/{config_name}")
+    return isinstance(config, str) and (sub == "tokenizer" or _has_weights(Path(config).parent, variant))
 
 
-def _probe(repo: str, sub: str) -> str | None:
+def _probe(repo: str, sub: str, config_name: str) -> str | None:
     """None when the hub serves `repo/sub/config.json`; else why not (one clause)."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
@@ -56,7 +56,7 @@ def _probe(repo: str, sub: str) -> str | None:
 
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     try:
-        get_hf_file_metadata(hf_hub_url(repo, f"{sub}/config.json", endpoint=endpoint), timeout=PROBE_TIMEOUT_S,
+        get_hf_file_metadata(hf_hub_url(repo, f"{sub}/{config_name}", endpoint=endpoint), timeout=PROBE_TIMEOUT_S,
                              endpoint=endpoint)
     except GatedRepoError:
         raise ModelUnavailableError(f"model {repo} is gated: accept its license on https://huggingface.co/{repo} "
@@ -64,7 +64,7 @@ def _probe(repo: str, sub: str) -> str | None:
     except RepositoryNotFoundError:
         raise ModelUnavailableError(f"model {repo} is not on the Hugging Face hub (or is private)") from None
     except EntryNotFoundError:
-        raise ModelUnavailableError(f"model {repo} has no {sub}/config.json: not a model of this kind") from None
+        raise ModelUnavailableError(f"model {repo} has no {sub}/{config_name}: not a model of this kind") from None
     except HfHubHTTPError:
         return None  # the hub answered; let from_pretrained report the details
     except Exception as e:  # noqa: BLE001 - connection refused, DNS failure, timeout, proxy errors
@@ -85,9 +85,10 @@ def check_source(name: str, sub: str, setting: str, variant: str | None):
                 f"for this local folder (or point {setting} at a folder with {variant} weights)")
         return
     repo = src.base
-    if _cached(repo, sub, variant):
+    config_name = "tokenizer_config.json" if sub == "tokenizer" else "config.json"
+    if _cached(repo, sub, variant, config_name):
         return
-    reason = "HF_HUB_OFFLINE is set" if hub_offline() else _probe(repo, sub)
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else _probe(repo, sub, config_name)
     if reason is None:
         return
     from huggingface_hub import constants

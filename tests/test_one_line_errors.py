@@ -169,3 +169,5 @@ def test_uncached_hub_model_without_network_is_one_fast_line(cli, photos, tmp_pa
     code, err = cli("sample", "--prompt", "a dog", "--stage2", "nobody-here/IF-II-nothing", "--output",
                     str(tmp_path / "s"))
     assert code == 2 and "nobody-here/IF-II-nothing" in error_line(err) and not (tmp_path / "s").exists()
+    code, err = cli("identifier", "--set", "models.text_encoder=nobody-here/t5")
+    assert code == 2 and "nobody-here/t5 (models.text_encoder)" in error_line(err)
