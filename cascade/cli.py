@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from cascade.config import ConfigError, load_config
-from stages.errors import InputError
+from stages.errors import InputError, TrainingDiverged
 
 log = logging.getLogger("cascade")
 
@@ -146,30 +146,40 @@ def cmd_build_tiny(args):
 
 
 def cmd_identifier(args):
-    from cascade import models
+    from cascade import model_checks, models
     from cascade.identifier import pick_identifier
     from cascade.text import load_tokenizer
 
     cfg = load_config(args.config, args.overrides)
     idc = cfg.identifier
-    tok = load_tokenizer(models.resolve(cfg).text_encoder)
+    text_source = models.resolve(cfg).text_encoder
+    model_checks.check_source(text_source, "tokenizer", "models.text_encoder", None)
+    tok = load_tokenizer(text_source)
     token, token_id = pick_identifier(tok, idc.seed if args.seed is None else args.seed, idc.min_id, idc.max_id,
                                       idc.max_chars, avoid=tuple(args.class_noun.lower().split()))
     print(f"{token}\t(T5 token id {token_id})")
 
 
 def cmd_class_images(args):
-    from cascade import class_images, models, runner
+    from cascade import class_images, model_checks, models, run_folder, runner
     from cascade.identifier import class_prompt
     from cascade.text import TextEncoder
+    from stages import components
     from stages.components import describe_source
 
     cfg = load_config(args.config, args.overrides)
     if args.num < 1:
         raise ConfigError("--num must be >= 1")
-    prompt = class_prompt(args.class_noun)
-    class_images.check_manifest(Path(args.output), prompt, args.stage)
     paths = models.resolve(cfg)
+    model_checks.check_models(paths, cfg.models.variant, (1, 2) if args.stage == 2 else (1,))
+    for stage in (1, 2)[:args.stage]:
+        components.check_stage(getattr(paths, f"stage{stage}"), stage, f"models.stage{stage}")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file, not a folder")
+    run_folder.track(output, created=not output.exists())  # removed again if the command fails before any image
+    prompt = class_prompt(args.class_noun)
+    class_images.check_manifest(output, prompt, args.stage)
     embeds = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
                          models.weights_dtype(cfg), cfg.models.variant).encode([prompt, ""])
 
@@ -179,7 +189,7 @@ def cmd_class_images(args):
         base1 = describe_source(paths.stage1).base
         return lambda seeds: runner.run_stage1(base1, cfg, embeds[prompt].expand(len(seeds), -1, -1), embeds[""], seeds)
 
-    files = class_images.generate(Path(args.output), args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,
+    files = class_images.generate(output, args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,
                                   prompt, args.stage)
     print(f"{len(files)} class images in {args.output}")
 
@@ -196,11 +206,22 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.cli_bench import COMMANDS as BENCH_COMMANDS
     from cascade.cli_sample import COMMANDS as SAMPLE_COMMANDS
 
+    from cascade import run_folder, runs
+
+    run_folder.begin()
+    failed = True
     try:
         {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
+        failed = False
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (TrainingDiverged, OSError) as e:  # OSError: e.g. a read-only folder; the message names the file
+        print(f"cascade {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        runs.stop_file_logging()
+        run_folder.finish(failed)  # locks released; a folder this command made without results removed
     return 0
 
 

@@ -1,7 +1,6 @@
 """`cascade bench`: timing (default) or `--estimate-memory` (the planner), parsing and run."""
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 

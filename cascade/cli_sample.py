@@ -6,6 +6,7 @@ from pathlib import Path
 
 from cascade import resolutions
 from cascade.config import ConfigError, load_config
+from stages.errors import InputError
 
 
 def add_commands(sub, common_config):
@@ -48,8 +49,8 @@ def _read_prompts(args) -> list[str]:
 
 
 def cmd_sample(args):
-    from cascade import models, runs
-    from cascade.runner import check_request, run_cascade
+    from cascade import model_checks, models, runs
+    from cascade.runner import check_request, fill_identifier, run_cascade
 
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
@@ -61,12 +62,21 @@ def cmd_sample(args):
             paths = dataclasses.replace(paths, **{stage: models.resolve_name(cfg, getattr(args, stage), stage)})
     if args.stage3 not in (None, "none") and paths.stage2 == "none":
         raise ConfigError(f"--stage3 {args.stage3}: stage III upscales stage II's output, but stage II is none")
-    check_request(paths, prompts)
     from stages.setup import process_state
 
-    resolutions.check_cascade(paths.stage1, paths.stage2)  # cheap (configs only), before the output folder exists
+    # every input checked before the output folder exists: a failed command leaves nothing behind
+    model_checks.check_models(paths, cfg.models.variant, (1, 2, 3) if paths.stage2 != "none" else (1,))
+    check_request(paths, prompts)
+    resolutions.check_cascade(paths.stage1, paths.stage2)  # cheap (configs only)
+    for prompt in prompts:
+        fill_identifier(prompt, paths.stage1)
     state = process_state()
-    output = runs.prepare_output(args.output, "sample", overwrite=args.overwrite) if state.is_main_process else None
+    output = None
+    if state.is_main_process:
+        try:
+            output = runs.prepare_output(args.output, "sample", overwrite=args.overwrite)
+        except InputError as e:
+            output = e
     output = _broadcast_path(state, output)
     runs.start_logging(output, cfg, state.is_main_process)
     result = run_cascade(cfg, paths, prompts, args.num_images, args.seed, output, args.negative_prompt)
@@ -77,13 +87,16 @@ def cmd_sample(args):
 
 
 def _broadcast_path(state, path):
-    if state.num_processes == 1:
-        return path
-    from accelerate.utils import broadcast_object_list
+    """The main process's output folder (or its error, raised on every process)."""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
 
-    holder = [str(path) if path else None]
-    broadcast_object_list(holder)
-    return Path(holder[0])
+        holder = [path if isinstance(path, Exception) else str(path) if path else None]
+        broadcast_object_list(holder)
+        path = holder[0]
+    if isinstance(path, Exception):
+        raise path
+    return Path(path)
 
 
 def cmd_demo(args):

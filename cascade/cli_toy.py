@@ -1,7 +1,6 @@
 """`cascade toy ...`: the toy world's commands (pretrain; check measures the readers' bars)."""
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import fields
 from pathlib import Path

@@ -5,6 +5,7 @@ The dataclass defaults are the `tiny` preset, so the offline default needs no fi
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -290,10 +291,26 @@ def validate(cfg: Config):
         rule = f"noise levels must satisfy 0 <= noise_aug_min <= noise_aug_max <= 999, got {t.noise_aug_min}..{t.noise_aug_max}"
         _check(0 <= t.noise_aug_max <= 999, k + "noise_aug_max", rule)
         _check(0 <= t.noise_aug_min <= t.noise_aug_max, k + "noise_aug_min", rule)
+        for key in ("learning_rate", "weight_decay", "max_grad_norm", "lora_alpha", "prior_weight", "vlb_weight"):
+            _check(math.isfinite(getattr(t, key)), k + key, "must be a finite number")
+        _check(t.lr_warmup_steps >= 0, k + "lr_warmup_steps", "must be >= 0")
+        _check(t.weight_decay >= 0, k + "weight_decay", "must be >= 0")
+        _check(t.max_grad_norm >= 0, k + "max_grad_norm", "must be >= 0 (0 = no clipping)")
+        _check(t.lora_alpha >= 0, k + "lora_alpha", "must be >= 0 (0 = same as lora_rank)")
+        _check(t.keep_checkpoints >= 0, k + "keep_checkpoints", "must be >= 0 (0 = keep all)")
+        _check(t.validation_images >= 0, k + "validation_images", "must be >= 0 (0 = no validation grids)")
+        _check(t.validation_steps >= 1, k + "validation_steps", "must be >= 1")
+        _check(t.seed >= 0, k + "seed", "must be >= 0")
+        _check(math.isfinite(s.guidance_scale) and s.guidance_scale >= 0, f"{stage}.sample.guidance_scale",
+               "must be >= 0")
         _check(s.steps >= 1, f"{stage}.sample.steps", "must be >= 1")
         _check(s.batch_size >= 1, f"{stage}.sample.batch_size", "must be >= 1")
         _check(-1 <= s.noise_level <= 999, f"{stage}.sample.noise_level", "must be -1 (default) or in 0..999")
     _check(-1 <= cfg.stage3.noise_level <= 350, "stage3.noise_level", "x4 upscaler accepts 0..350 (-1 = default)")
+    _check(cfg.stage3.steps >= 1 and cfg.stage3.batch_size >= 1, "stage3.steps", "steps and batch_size must be >= 1")
+    _check(math.isfinite(cfg.stage3.guidance_scale) and cfg.stage3.guidance_scale >= 0, "stage3.guidance_scale",
+           "must be >= 0")
+    _check(bool(str(cfg.models.cache_dir).strip()), "models.cache_dir", "must name a folder")
 
 
 def dump_config(cfg: Config, path: Path):

@@ -15,13 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cascade import models, report, resolutions, runs
+from cascade import model_checks, models, report, resolutions, runs
 from cascade.config import Config, validate
-from cascade.identifier import pick_identifier
+from cascade.identifier import check_identifier, pick_identifier
 from cascade.runner import run_cascade
 from cascade.text import load_tokenizer
 from cascade.training import TrainRequest, train
-from stages import data
+from stages import components, data
+from stages.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -63,30 +64,30 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
              fast: bool = False, with_stage3: bool = False, overwrite: bool = False) -> dict:
     if fast:
         cfg = _fast(cfg)
-    root = runs.prepare_output(output, "demo", overwrite=overwrite)
+    if subject is None and (DREAMBENCH / "dog").is_dir():
+        subject, class_noun, subject_note = str(DREAMBENCH / "dog"), class_noun or "dog", "DreamBench 'dog' photos"
+    elif subject is not None:
+        subject_note = f"user photos from {subject}"
+        if not class_noun:
+            raise InputError("--class-noun is required with --subject (the subject's class, e.g. dog)")
+    t0 = time.time()
+    paths = _check_inputs(cfg, subject, class_noun, with_stage3)  # all stages' inputs, before any folder exists
+    build_seconds = round(time.time() - t0, 2)
+    root = runs.prepare_output(output, "demo", overwrite=overwrite, protected={"subject": subject and Path(subject)})
     runs.start_logging(root, cfg)
-    timings, t0 = {}, time.time()
+    timings = {"build or locate components": build_seconds}
 
     def lap(name: str, start: float):
         timings[name] = round(time.time() - start, 2)
         log.info("demo: %s took %.1f s", name, timings[name])
 
-    if subject is None and (DREAMBENCH / "dog").is_dir():
-        subject, class_noun, subject_note = str(DREAMBENCH / "dog"), class_noun or "dog", "DreamBench 'dog' photos"
-    elif subject is None:
+    if subject is None:
         subject = str(synthetic_subject(root / "subject"))
         class_noun = class_noun or "toy"
         subject_note = "synthetic stand-in images (DreamBench data not found beside the checkout)"
-    else:
-        subject_note = f"user photos from {subject}"
-    if not class_noun:
-        raise ValueError("--class-noun is required with --subject")
-
-    t = time.time()
-    paths = models.resolve(cfg)
-    lap("build or locate components", t)
     size = resolutions.stage1_size(paths.stage1)
     data.grid([im.resize((128, 128)) for im in data.load_folder(subject, size, "subject")]).save(root / "subject.png")
+
     t = time.time()
     if not cfg.identifier.token:
         tok = load_tokenizer(paths.text_encoder)
@@ -139,3 +140,19 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     summary["summary"] = str(root / "summary.json")
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _check_inputs(cfg: Config, subject: str | None, class_noun: str | None, with_stage3: bool) -> models.ModelPaths:
+    """What would otherwise fail halfway: photos too small for stage II (found only after stage I
+    trained), a bad identifier, unloadable or wrong-stage models."""
+    if cfg.identifier.token and class_noun:
+        check_identifier(cfg.identifier.token, class_noun)
+    paths = models.resolve(cfg)
+    model_checks.check_models(paths, cfg.models.variant, (1, 2, 3) if with_stage3 else (1, 2))
+    components.check_stage(paths.stage1, 1, f"models.stage1 ({paths.stage1})")
+    components.check_stage(paths.stage2, 2, f"models.stage2 ({paths.stage2})")
+    if subject is not None:
+        high, low = resolutions.stage2_sizes(paths.stage2, paths.stage1)
+        data.load_folder(subject, low, "subject", allow_upscale=cfg.stage1.train.allow_upscale)
+        data.load_folder(subject, high, "subject", allow_upscale=cfg.stage2.train.allow_upscale)
+    return paths

@@ -79,12 +79,20 @@ class TextEncoder:
             else:
                 missing.append(p)
         if missing:
+            writable = True
             for p, e in zip(missing, self._run_t5(missing)):
                 out[p] = e
-                self.cache.mkdir(parents=True, exist_ok=True)
-                tmp = self._key(p).with_suffix(".tmp")
-                save_file({"embeds": e.contiguous()}, str(tmp))
-                os.replace(tmp, self._key(p))
+                if not writable:
+                    continue
+                try:
+                    self.cache.mkdir(parents=True, exist_ok=True)
+                    tmp = self._key(p).with_suffix(".tmp")
+                    save_file({"embeds": e.contiguous()}, str(tmp))
+                    os.replace(tmp, self._key(p))
+                except Exception as err:  # noqa: BLE001 - e.g. a read-only cache; the embeddings are still good
+                    log.warning("models.cache_dir: cannot write the text-embedding cache %s (%s); continuing "
+                                "without it", self.cache, getattr(err, "strerror", None) or err)
+                    writable = False
         return out
 
     @torch.no_grad()

@@ -173,7 +173,10 @@ def tiny_root(cache_dir: str) -> Path:
         log.info("building tiny IF components into %s (first use)", root)
         try:
             build_tiny(root)
-        except (OSError, InputError):
+        except (OSError, InputError) as e:
             if not (root / "BUILD.json").exists():  # not just another process finishing first
+                if isinstance(e, OSError):
+                    raise InputError(f"models.cache_dir={cache_dir}: cannot build the tiny components in {root} "
+                                     f"({e.strerror or e}); point models.cache_dir at a writable folder") from None
                 raise
     return root

@@ -2,6 +2,7 @@
 hand embeddings and tensors to the stage's trainer. All cheap checks run before any model loads."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 
 from cascade import captions as caps
 from cascade import identifier as ident
-from cascade import early_log, models, resolutions, runs
+from cascade import early_log, model_checks, models, resolutions, run_folder, runs
 from cascade.config import Config, ConfigError
 from cascade.text import TextEncoder, load_tokenizer
 from stages import components, data, setup, stage1, stage2, trainer
@@ -116,6 +117,9 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     _check_request(req, sec)
     paths = _main_first(state, lambda: models.resolve(cfg))
     model_path = paths.stage1 if req.stage == 1 else paths.stage2
+    model_checks.check_trainable(model_path, req.stage)
+    model_checks.check_models(paths, cfg.models.variant, (1, 2) if req.stage == 2 and tc.prior_preservation else
+                              (req.stage,))
     components.check_stage(model_path, req.stage, f"models.stage{req.stage} ({model_path})")
     size, lowres = _sizes(req, paths)
     if req.stage == 2 and tc.random_crop and tc.crop_source_size < size:
@@ -124,12 +128,19 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     subject_images = data.load_folder(req.subject, size, "subject", allow_upscale=tc.allow_upscale)
     token = _pick_identifier(req, paths.text_encoder)
     captions = caps.read_captions(req.subject, tc.captions, token)  # None unless opted in
-    holder = [None]
+    holder = [None, None]  # the run folder, or the error the main process met preparing it
     if state.is_main_process:
-        holder = [str(runs.prepare_output(req.output, f"stage{req.stage}-{req.class_noun}", req.resume,
-                                          req.overwrite))]
+        try:
+            holder[0] = str(runs.prepare_output(req.output, f"stage{req.stage}-{req.class_noun}", req.resume,
+                                                req.overwrite, _run_identity(req, token, paths, model_path),
+                                                {"subject": Path(req.subject),
+                                                 "class": req.class_dir and Path(req.class_dir)}))
+        except InputError as e:
+            holder[1] = e
     if state.num_processes > 1:
-        broadcast_object_list(holder)
+        broadcast_object_list(holder)  # every rank stops on the main process's error instead of waiting
+    if holder[1] is not None:
+        raise holder[1]
     run_dir = Path(holder[0])
     runs.start_logging(run_dir, cfg, state.is_main_process)
     early_log.replay_since(log_mark)
@@ -171,5 +182,23 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     if req.stage == 2:
         meta.update(noise_aug=[tc.noise_aug_min, tc.noise_aug_max], sample_noise_level=task.sample_noise_level,
                     lowres_size=lowres)
-    return trainer.train(task, unet, scheduler, emb, tc, run_dir, meta, resume=req.resume,
-                         tracker_config={k: str(v) for k, v in vars(tc).items()})
+    result = trainer.train(task, unet, scheduler, emb, tc, run_dir, meta, resume=req.resume,
+                           tracker_config={k: str(v) for k, v in vars(tc).items()})
+    run_folder.release(run_dir)
+    return result
+
+
+def _run_identity(req: TrainRequest, token: str, paths: models.ModelPaths, model_path: str) -> dict:
+    """What a run trains on, recorded in its marker: --resume must match it (cascade.run_folder)."""
+    def where(p):
+        return str(Path(p).resolve()) if p and Path(p).exists() else p
+
+    sec = req.cfg.stage1 if req.stage == 1 else req.cfg.stage2
+    run = {"stage": req.stage, "subject": where(req.subject), "class_noun": req.class_noun, "identifier": token,
+           "model": where(model_path), "text_encoder": where(paths.text_encoder),
+           "class_dir": str(Path(req.class_dir).resolve()) if req.class_dir else None,
+           "variant": req.cfg.models.variant, "max_text_length": req.cfg.max_text_length,
+           "train": dataclasses.asdict(sec.train)}
+    if req.stage == 2:
+        run["sample_noise_level"] = sec.sample.noise_level
+    return {"command": f"train stage{req.stage}", "run": run}

@@ -3,3 +3,7 @@
 
 class InputError(ValueError):
     """Bad user input (a file, folder or setting); the message names it."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: training stopped, nothing exported."""

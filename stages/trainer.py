@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from stages import activation_ckpt, checkpoint, data, optim, precision, setup
+from stages.divergence import stop_if_diverged
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
                                         scheduler.config.prediction_type)
                 loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
                 accelerator.backward(loss)
+                stop_if_diverged(accelerator, loss, task.stage, step + 1, ckpt_dir)  # all ranks, before the update
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                 optimizer.step()

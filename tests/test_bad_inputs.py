@@ -64,10 +64,11 @@ def test_existing_output_is_never_overwritten_silently(run, subject_dir, tmp_pat
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
     code, err = run("--subject", str(subject_dir), "--class-noun", "dog", "--output", str(out))
-    assert code == 2 and "exists" in err and "--resume" in err and "--overwrite" in err
+    assert code == 2 and "exists" in err and "not a cascade run folder" in err
     assert (out / "precious.txt").read_text() == "keep me"
-    code, _ = run("--subject", str(subject_dir), "--class-noun", "dog", "--output", str(out), "--overwrite")
-    assert code == 0 and not (out / "precious.txt").exists() and (out / "export" / "cascade.json").is_file()
+    # --overwrite replaces only cascade run folders (tests/test_run_folders.py)
+    code, err = run("--subject", str(subject_dir), "--class-noun", "dog", "--output", str(out), "--overwrite")
+    assert code == 2 and (out / "precious.txt").read_text() == "keep me"
 
 
 def test_non_rgb_converted_and_class_folder_topped_up(run, tmp_path, caplog):

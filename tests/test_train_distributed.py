@@ -32,3 +32,4 @@ def test_two_process_training(make_cfg, subject_dir, tmp_path):
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000004"]
     assert len((out / "loss.csv").read_text().splitlines()) == 5
     assert text.count("export") >= 1 and "Traceback" not in text
+    assert (out / ".cascade-run").is_file() and not (out / ".cascade-lock").exists()  # main process locked, released

@@ -1,0 +1,118 @@
+"""Before any model loads: is every model a command needs actually loadable?
+
+- A hub id must be in the local Hugging Face cache, or the hub must answer within a few seconds;
+  otherwise one line says so (instead of ~30 s of retries, repeated hub warnings and "does not
+  appear to have a file named config.json").
+- `models.variant` (e.g. fp16) must exist in a local folder: diffusers and transformers fail with a
+  traceback when the variant's weight files are missing.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cascade.models import ModelPaths
+from stages.components import describe_source
+from stages.errors import InputError
+
+PROBE_TIMEOUT_S = 3.0
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+class ModelUnavailableError(InputError):
+    """A model that cannot be loaded here: not cached and no hub, or missing variant files."""
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return constants.HF_HUB_OFFLINE or flag in ("1", "ON", "YES", "TRUE")
+
+
+def _has_weights(folder: Path, variant: str | None) -> bool:
+    """A weight file (single or sharded) in `folder`, of the variant when one is asked for."""
+    if not folder.is_dir():
+        return False
+    names = [p.name for p in folder.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)]
+    return any(variant is None or f".{variant}." in n or f".{variant}-" in n for n in names)
+
+
+def _cached(repo: str, sub: str, variant: str | None, config_name: str) -> bool:
+    """Config and weights of `repo/sub` are in the local hub cache (no network involved)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo, f"{sub}/{config_name}")
+    return isinstance(config, str) and (sub == "tokenizer" or _has_weights(Path(config).parent, variant))
+
+
+def _probe(repo: str, sub: str, config_name: str) -> str | None:
+    """None when the hub serves `repo/sub/config.json`; else why not (one clause)."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
+                                        RepositoryNotFoundError)
+
+    from huggingface_hub import constants
+
+    endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, f"{sub}/{config_name}", endpoint=endpoint), timeout=PROBE_TIMEOUT_S,
+                             endpoint=endpoint)
+    except GatedRepoError:
+        raise ModelUnavailableError(f"model {repo} is gated: accept its license on https://huggingface.co/{repo} "
+                                    f"and log in (`hf auth login`)") from None
+    except RepositoryNotFoundError:
+        raise ModelUnavailableError(f"model {repo} is not on the Hugging Face hub (or is private)") from None
+    except EntryNotFoundError:
+        raise ModelUnavailableError(f"model {repo} has no {sub}/{config_name}: not a model of this kind") from None
+    except HfHubHTTPError:
+        return None  # the hub answered; let from_pretrained report the details
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS failure, timeout, proxy errors
+        return " ".join(f"{e.__class__.__name__}: {e}".split())[:160]
+    return None
+
+
+def check_source(name: str, sub: str, setting: str, variant: str | None):
+    """`name` (hub id or folder; exports are checked through their base) can be loaded."""
+    src = describe_source(name)
+    if src.kind == "full" and sub == "unet":
+        return  # the export's own weights, loaded without a variant
+    base = Path(src.base)
+    if base.exists():
+        if variant and (base / sub).is_dir() and not _has_weights(base / sub, variant):
+            raise ModelUnavailableError(
+                f"models.variant={variant}: {base / sub} has no {variant} weight files; set models.variant=null "
+                f"for this local folder (or point {setting} at a folder with {variant} weights)")
+        return
+    repo = src.base
+    config_name = "tokenizer_config.json" if sub == "tokenizer" else "config.json"
+    if _cached(repo, sub, variant, config_name):
+        return
+    reason = "HF_HUB_OFFLINE is set" if hub_offline() else _probe(repo, sub, config_name)
+    if reason is None:
+        return
+    from huggingface_hub import constants
+
+    raise ModelUnavailableError(
+        f"model {repo} ({setting}) is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
+        f"cannot be reached ({reason}); download it where there is network (`hf download {repo}`) into this cache, "
+        f"unset HF_HUB_OFFLINE if you are online, or point {setting} at a local folder")
+
+
+def check_models(paths: ModelPaths, variant: str | None, stages=(1, 2), text: bool = True):
+    """Every model a command will load, checked before any of them loads."""
+    for stage in stages:
+        name = {1: paths.stage1, 2: paths.stage2, 3: paths.stage3}[stage]
+        if name != "none":
+            check_source(name, "unet", f"models.stage{stage}", None if stage == 3 else variant)
+    if text:
+        check_source(paths.text_encoder, "text_encoder", "models.text_encoder", variant)
+
+
+def check_trainable(name: str, stage: int):
+    """Fine-tuning starts from base weights or a full export; a LoRA export is refused (its adapter
+    would be trained as if it were the whole model and exported under peft key names)."""
+    src = describe_source(name)
+    if src.kind == "lora":
+        raise InputError(f"models.stage{stage} ({name}) is a LoRA export; training on top of a LoRA adapter is "
+                         f"not supported: train from its base model ({src.base}) or from a full export")

@@ -1,0 +1,208 @@
+"""What makes a folder a cascade run folder, and the guarantees around it.
+
+- A run folder carries a marker file (`.cascade-run`, JSON: which command made it and, for a
+  training run, what it trains on). `--overwrite` replaces only marked folders, and never one that
+  is or contains the subject or class images.
+- `--resume` continues only a run that matches: same stage, subject, class, model, identifier and
+  training settings (a larger `max_steps` and bookkeeping settings may change).
+- One writer at a time: the main process holds `.cascade-lock` (pid, host, process start time)
+  until it exits; a lock whose process is gone on this host is stale and taken over.
+- A command that fails before writing results removes the folder it created (never one it did not).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+from stages.errors import InputError
+
+log = logging.getLogger(__name__)
+
+MARKER = ".cascade-run"
+LOCK = ".cascade-lock"
+BOOKKEEPING = {MARKER, LOCK, "config.yaml", "log.txt"}  # files that are not results
+# training settings that may change on --resume: they do not change the weights a step produces
+RESUME_FREE = {"checkpoint_every", "keep_checkpoints", "sample_every", "validation_images", "validation_steps",
+               "report_to", "gradient_checkpointing", "attention"}
+
+
+class RunLockedError(InputError):
+    """Another live process writes into this run folder."""
+
+
+def is_run_folder(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def read_marker(path: Path) -> dict:
+    try:
+        return json.loads((path / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_marker(path: Path, record: dict):
+    tmp = path / (MARKER + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, path / MARKER)
+
+
+def inside(child: Path, parent: Path) -> bool:
+    """child is parent or lies somewhere below it (symlinks resolved)."""
+    c, p = Path(child).resolve(), Path(parent).resolve()
+    return c == p or p in c.parents
+
+
+# ---------------------------------------------------------------- the lock
+def _proc_start(pid: int) -> str | None:
+    """The process's start time in clock ticks (Linux), so a reused PID is not mistaken for the holder."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    start = _proc_start(pid)
+    return holder.get("start") is None or start is None or start == holder["start"]
+
+
+_held: set[Path] = set()
+
+
+def acquire(folder: Path):
+    """Take the folder's lock or raise RunLockedError naming the holder; stale locks are taken over."""
+    lock = folder / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
+          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                holder = {}
+            if not holder and time.time() - _mtime(lock) < 10:
+                time.sleep(0.5)  # another process is writing its lock right now
+                continue
+            mine = holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
+            if holder and not mine and (holder.get("host") != me["host"] or _alive(holder)):
+                raise RunLockedError(
+                    f"run folder {folder} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                    f"(since {holder.get('since')}); wait for it to finish or choose another --output "
+                    f"(if that process is gone, delete {lock})")
+            if not mine:
+                log.warning("%s: taking over a stale lock of process %s on %s", folder, holder.get("pid"),
+                            holder.get("host"))
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump(me, f)
+        _held.add(folder)
+        return
+    raise RunLockedError(f"run folder {folder}: could not take its lock {lock}")
+
+
+def _mtime(p: Path) -> float:
+    try:
+        return p.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def release(folder: Path):
+    folder = Path(folder)
+    if folder in _held:
+        _held.discard(folder)
+        try:
+            if json.loads((folder / LOCK).read_text()).get("pid") == os.getpid():
+                (folder / LOCK).unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def release_all():
+    for folder in list(_held):
+        release(folder)
+
+
+atexit.register(release_all)
+
+# ---------------------------------------------------------------- folders this command made
+_made: list[tuple[Path, bool]] = []  # (folder, created by this command)
+
+
+def track(folder: Path, created: bool):
+    _made.append((Path(folder), created))
+
+
+def begin():
+    _made.clear()
+
+
+def _has_results(folder: Path) -> bool:
+    return any(p.is_file() and p.name not in BOOKKEEPING for p in folder.rglob("*"))
+
+
+def finish(failed: bool):
+    """End of a command: release locks; after a failure, remove what this command made in folders
+    that hold no results yet (a folder it created is removed whole; a pre-existing empty folder it
+    used gets its bookkeeping files removed)."""
+    release_all()
+    if failed:
+        for folder, created in reversed(_made):
+            if not folder.is_dir() or _has_results(folder):
+                continue
+            if created:
+                shutil.rmtree(folder, ignore_errors=True)
+            else:
+                for name in BOOKKEEPING:
+                    (folder / name).unlink(missing_ok=True)
+    _made.clear()
+
+
+# ---------------------------------------------------------------- --resume
+def resume_mismatch(old: dict, new: dict) -> list[str]:
+    """Describe what differs between the run recorded in the marker and the one asked for."""
+    diffs = []
+    for key in ("stage", "subject", "class_noun", "identifier", "model", "text_encoder", "class_dir", "variant",
+                "max_text_length", "sample_noise_level"):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key.replace('_', ' ')} {old.get(key)!r} -> {new.get(key)!r}")
+    ot, nt = old.get("train", {}), new.get("train", {})
+    prefix = f"stage{new.get('stage')}.train."
+    for key in sorted(set(ot) | set(nt)):
+        if key in RESUME_FREE or ot.get(key) == nt.get(key):
+            continue
+        if key == "max_steps" and isinstance(ot.get(key), int) and nt.get(key, 0) >= ot[key]:
+            continue
+        note = " (a resume may only raise max_steps)" if key == "max_steps" else ""
+        diffs.append(f"{prefix}{key} {ot.get(key)!r} -> {nt.get(key)!r}{note}")
+    return diffs
+
+
+def check_resume(path: Path, identity: dict):
+    rec = read_marker(path)
+    if rec.get("command") != identity.get("command"):
+        raise InputError(f"--resume: {path} is a cascade {rec.get('command') or 'unknown'} folder, not a "
+                         f"{identity.get('command')} run")
+    diffs = resume_mismatch(rec.get("run", {}), identity.get("run", {}))
+    if diffs:
+        raise InputError(f"--resume: {path} is a different run ({'; '.join(diffs)}); resume it with its own "
+                         f"settings, or start a new --output")

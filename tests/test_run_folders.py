@@ -1,0 +1,141 @@
+"""Run folders (issue 9, items 1-3): --overwrite deletes only cascade run folders and never the
+subject or class images, --resume continues only a matching run, one writer per folder."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from cascade import run_folder
+from cascade.cli import main
+
+
+@pytest.fixture
+def run(make_cfg, capsys):
+    cache = make_cfg().models.cache_dir
+
+    def go(*argv, stage="stage1"):
+        code = main(["train", stage, "--class-noun", "dog", "--set", f"models.cache_dir={cache}",
+                     "--set", f"{stage}.train.max_steps=1", "--set", f"{stage}.train.num_class_images=2",
+                     "--set", f"{stage}.train.validation_images=0", "--set", "stage1.sample.steps=1",
+                     "--set", f"{stage}.train.prior_preservation=false", *argv])
+        return code, capsys.readouterr().err
+    return go
+
+
+def error_line(err: str) -> str:
+    """The command's one error line (log lines may precede it; no traceback)."""
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_and_resume_never_touch_the_subject_photos(run, write_subject, tmp_path):
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    before = _snapshot(photos)
+    for extra, says in ((["--overwrite"], "is the subject folder"), (["--resume"], "is the subject folder"),
+                        ([], "is the subject folder")):
+        code, err = run("--subject", str(photos), "--output", str(photos), *extra)
+        assert code == 2 and says in err, err
+    code, err = run("--subject", str(photos), "--output", str(tmp_path), "--overwrite")
+    assert code == 2 and "contains the subject folder" in err
+    assert _snapshot(photos) == before  # nothing deleted, nothing (loss.png, config.yaml) written into it
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_run(run, write_subject, tmp_path):
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("keep me")
+    code, err = run("--subject", str(photos), "--output", str(mine))
+    assert code == 2 and "not a cascade run folder" in err and "--overwrite" not in err.split("error:")[1]
+    code, err = run("--subject", str(photos), "--output", str(mine), "--overwrite")
+    assert code == 2 and "not a cascade run folder" in err
+    code, err = run("--subject", str(photos), "--output", str(mine), "--resume")
+    assert code == 2 and "nothing to resume" in err
+    assert (mine / "thesis.txt").read_text() == "keep me" and sorted(p.name for p in mine.iterdir()) == ["thesis.txt"]
+
+
+def test_overwrite_replaces_a_run_folder_but_not_class_images_inside_it(run, write_subject, tmp_path):
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    out = tmp_path / "run"
+    classes = out / "my-classes"
+    code, err = run("--subject", str(photos), "--output", str(out), "--class-dir", str(classes),
+                    "--set", "stage1.train.prior_preservation=true")
+    assert code == 0, err
+    assert len(list(classes.glob("class-*.png"))) == 2
+    assert json.loads((out / run_folder.MARKER).read_text())["command"] == "train stage1"
+    code, err = run("--subject", str(photos), "--output", str(out))
+    assert code == 2 and "--resume" in err and "--overwrite" in err  # a run folder: both are offered
+    kept = _snapshot(classes)
+    code, err = run("--subject", str(photos), "--output", str(out), "--class-dir", str(classes), "--overwrite")
+    assert code == 2 and "contains the class folder" in err and _snapshot(classes) == kept
+    (out / "stale.txt").write_text("from the old run")
+    code, err = run("--subject", str(photos), "--output", str(out), "--overwrite")
+    assert code == 0, err
+    assert not (out / "stale.txt").exists() and (out / "export" / "cascade.json").is_file()
+    assert not (out / run_folder.LOCK).exists()  # released on exit
+
+
+def test_resume_refuses_a_different_run_and_allows_more_steps(run, write_subject, tmp_path):
+    duck = write_subject(tmp_path / "duck", 3, 256, seed=1)
+    dog = write_subject(tmp_path / "dog", 3, 256, seed=2)
+    out = tmp_path / "run"
+    code, err = run("--subject", str(duck), "--output", str(out), "--set", "stage1.train.max_steps=2")
+    assert code == 0, err
+    before = _snapshot(out)
+    code, err = run("--subject", str(dog), "--output", str(out), "--resume", "--class-noun", "cat",
+                    "--set", "stage1.train.max_steps=1", "--set", "stage1.train.learning_rate=1e-3")
+    assert code == 2
+    err = error_line(err)
+    for what in ("subject", "class noun 'dog' -> 'cat'", "stage1.train.max_steps 2 -> 1", "learning_rate"):
+        assert what in err, (what, err)
+    code, err = run("--subject", str(duck), "--output", str(out), "--resume", stage="stage2")
+    assert code == 2 and "not a train stage2 run" in err
+    code, err = run("--subject", str(duck), "--output", str(out), "--resume", "--overwrite")
+    assert code == 2 and "exclude each other" in err
+    assert _snapshot(out) == before  # config.yaml, marker, checkpoints and export untouched
+    # a larger max_steps (and bookkeeping settings) may change: training continues from step 2
+    code, err = run("--subject", str(duck), "--output", str(out), "--resume", "--set", "stage1.train.max_steps=3",
+                    "--set", "stage1.train.checkpoint_every=5")
+    assert code == 0, err
+    log = (out / "log.txt").read_text()
+    assert "at step 2" in log and "stage 1: 1 steps in" in log
+    assert json.loads((out / "export" / "cascade.json").read_text())["steps"] == 3
+    assert json.loads((out / run_folder.MARKER).read_text())["run"]["train"]["max_steps"] == 3
+
+
+def test_a_second_writer_is_refused_and_stale_locks_are_taken_over(run, write_subject, tmp_path):
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    out = tmp_path / "run"
+    out.mkdir()
+    run_folder.write_marker(out, {"command": "train stage1"})
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "weights.bin").write_bytes(b"\1\2\3")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / run_folder.LOCK).write_text(json.dumps({"pid": other.pid, "host": __import__("socket").gethostname(),
+                                                       "start": run_folder._proc_start(other.pid), "since": "now"}))
+        for extra in (["--overwrite"], ["--resume"]):
+            code, err = run("--subject", str(photos), "--output", str(out), *extra)
+            assert code == 2 and f"in use by process {other.pid}" in error_line(err)
+        assert (out / "checkpoints" / "weights.bin").read_bytes() == b"\1\2\3"  # the live writer's files stay
+        assert json.loads((out / run_folder.LOCK).read_text())["pid"] == other.pid  # its lock too
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone (e.g. kill -9): its lock is stale and taken over, then released on exit
+    run_folder.acquire(out)
+    assert json.loads((out / run_folder.LOCK).read_text())["pid"] == __import__("os").getpid()
+    run_folder.release(out)
+    assert not (out / run_folder.LOCK).exists()
+    # a lock from another host cannot be checked: refused, naming the file to delete if that run is gone
+    (out / run_folder.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(run_folder.RunLockedError, match="elsewhere.*delete"):
+        run_folder.acquire(out)
