@@ -124,15 +124,18 @@ def cmd_class_images(args):
     from cascade import class_images, models, runner
     from cascade.identifier import class_prompt
     from cascade.text import TextEncoder
+    from stages import engines
     from stages.components import describe_source
 
     cfg = load_config(args.config, args.overrides)
     if args.num < 1:
         raise ConfigError("--num must be >= 1")
-    paths = models.resolve(cfg)
+    state = engines.process_state(cfg.distributed_timeout_minutes)  # under torchrun/accelerate: split the work
+    paths = engines.main_first(state, lambda: models.resolve(cfg))
     prompt = class_prompt(args.class_noun)
-    embeds = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
-                         models.weights_dtype(cfg), cfg.models.variant).encode([prompt, ""])
+    encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length, models.weights_dtype(cfg),
+                          cfg.models.variant)
+    embeds = engines.main_first(state, lambda: encoder.encode([prompt, ""]))  # T5 once; the others read its cache
 
     def factory():
         if args.stage == 2:
@@ -141,8 +144,9 @@ def cmd_class_images(args):
         return lambda seeds: runner.run_stage1(base1, cfg, embeds[prompt].expand(len(seeds), -1, -1), embeds[""], seeds)
 
     files = class_images.generate(Path(args.output), args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,
-                                  prompt)
-    print(f"{len(files)} class images in {args.output}")
+                                  prompt, state)
+    if state.is_main_process:
+        print(f"{len(files)} class images in {args.output}")
 
 
 COMMANDS = {"train": cmd_train, "build-tiny": cmd_build_tiny, "identifier": cmd_identifier,

@@ -57,7 +57,7 @@ def cmd_sample(args):
             paths = dataclasses.replace(paths, **{stage: models.resolve_name(cfg, getattr(args, stage), stage)})
     from stages.setup import process_state
 
-    state = process_state()
+    state = process_state(cfg.distributed_timeout_minutes)
     output = runs.prepare_output(args.output, "sample", overwrite=args.overwrite) if state.is_main_process else None
     output = _broadcast_path(state, output)
     runs.start_logging(output, cfg, state.is_main_process)

@@ -6,14 +6,16 @@ import torch
 
 
 def upscale(path: str, images: list, prompts: list[str], generators: list, steps: int, guidance_scale: float,
-            noise_level: int, dtype: torch.dtype, batch_size: int, negative_prompt: str = "") -> list:
+            noise_level: int, dtype: torch.dtype, batch_size: int, negative_prompt: str = "",
+            device: torch.device | None = None) -> list:
     """PIL images in, PIL images (4x) out. On CUDA, model CPU offload keeps only the running part
-    (text encoder, UNet or VAE) on the GPU."""
+    (text encoder, UNet or VAE) on this process's GPU (`device`; diffusers would pick cuda:0 for
+    every process of a multi-GPU run)."""
     from diffusers import StableDiffusionUpscalePipeline
 
     pipe = StableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype)
     if torch.cuda.is_available():
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device=device or torch.device("cuda", torch.cuda.current_device()))
     pipe.set_progress_bar_config(disable=True)
     out = []
     for start in range(0, len(images), batch_size):

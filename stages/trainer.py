@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from stages import checkpoint, data, setup
+from stages import checkpoint, data, engines, setup
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 
 log = logging.getLogger(__name__)
@@ -75,17 +75,13 @@ def plot_losses(rows: list[dict], path: Path):
 def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_meta: dict,
           resume: bool = False, tracker_config: dict | None = None) -> TrainResult:
     """Fine-tune `unet` (fp32 master weights) on `task`; `cfg` is a cascade Train config section."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     report_to = setup.check_tracker(cfg.report_to)
-    accelerator = Accelerator(cpu=setup.on_cpu(), mixed_precision=setup.resolve_mixed_precision(cfg.mixed_precision),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              log_with=report_to, project_dir=str(run_dir))
+    accelerator = engines.make_accelerator(cfg, setup.resolve_mixed_precision(cfg.mixed_precision), report_to, run_dir)
     set_seed(cfg.seed)
     if report_to:
         accelerator.init_trackers(f"cascade-stage{task.stage}", config=tracker_config or {})
@@ -95,9 +91,11 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         unet.enable_gradient_checkpointing()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer, opt_name = setup.make_optimizer(params, cfg.learning_rate, cfg.weight_decay, cfg.use_8bit_adam)
-    lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
+    optimizer, lr_sched, opt_name = engines.make_optimizer_and_scheduler(accelerator, params, cfg, setup.make_optimizer)
+    per_process_batch = cfg.batch_size * (2 if task.has_prior and cfg.prior_preservation else 1)
+    engines.configure_deepspeed(accelerator, unet, cfg, per_process_batch)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    in_dtype = engines.input_dtype(accelerator, unet)
     math_ = DiffusionMath(scheduler.alphas_cumprod)
     n_train = scheduler.config.num_train_timesteps
     device = accelerator.device
@@ -107,10 +105,11 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         state = checkpoint.load_checkpoint(accelerator, latest)
         start, rows = state["step"], state["losses"]
         log.info("resumed from %s at step %d", latest, start)
-    n_params = sum(p.numel() for p in params)
-    log.info("stage %d: %s, %d trainable params, %s, precision %s, attention %s, %d process(es)",
-             task.stage, "LoRA r=%d" % cfg.lora_rank if lora_config else "full fine-tune", n_params, opt_name,
-             accelerator.mixed_precision, attention, accelerator.num_processes)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 leaves empty placeholders
+    log.info("stage %d: %s, %d trainable params, %s, precision %s, attention %s, %d process(es), engine %s, "
+             "process-group timeout %s", task.stage, "LoRA r=%d" % cfg.lora_rank if lora_config else "full fine-tune",
+             n_params, opt_name, accelerator.mixed_precision, attention, accelerator.num_processes,
+             accelerator.distributed_type.value, engines.process_group_timeout())
 
     n_inst = cfg.batch_size
     prior_on = task.has_prior and cfg.prior_preservation
@@ -130,14 +129,15 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             xt = math_.q_sample(x0, noise, t)
             inp, class_labels = task.model_input(xt, batch, gen)
             with accelerator.accumulate(unet), accelerator.autocast():
-                out = unet(inp, t, encoder_hidden_states=enc, class_labels=class_labels, return_dict=False)[0]
+                out = unet(inp.to(in_dtype or inp.dtype), t, encoder_hidden_states=enc.to(in_dtype or enc.dtype),
+                           class_labels=class_labels, return_dict=False)[0]
                 per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight)
                 loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    engines.clip_gradients(accelerator, unet, cfg.max_grad_norm)
                 optimizer.step()
-                lr_sched.step()
+                engines.step_lr(accelerator, lr_sched)
                 optimizer.zero_grad(set_to_none=True)
             inst_acc += inst.item() / cfg.gradient_accumulation_steps
             prior_acc += (prior.item() if prior is not None else 0.0) / cfg.gradient_accumulation_steps
@@ -161,8 +161,10 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     out = checkpoint.export(unet, accelerator, scheduler, run_dir / "export", meta, lora_config,
                             save_fixed_small=cfg.loss == "epsilon")
     accelerator.wait_for_everyone()
-    # every rank reports its weights' checksum: DDP must leave them identical
-    checksum = sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(unet).parameters())
+    # every rank reports its weights' checksum: DDP must leave them identical (sharded engines: the
+    # checksum of this rank's shard)
+    checksum = sum(p.detach().to_local().double().sum().item() if hasattr(p, "to_local") else
+                   p.detach().double().sum().item() for p in accelerator.unwrap_model(unet).parameters())
     log.info("rank %d/%d final weights checksum %.10e", accelerator.process_index, accelerator.num_processes,
              checksum)
     if report_to:
@@ -172,14 +174,16 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
 
 
 def _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir: Path, step: int):
-    if not accelerator.is_main_process or cfg.validation_images < 1:
+    model, run_here = engines.validation_model(accelerator, unet)  # collective under FSDP/DeepSpeed
+    if not run_here or cfg.validation_images < 1:
         return
-    model = accelerator.unwrap_model(unet)
     model.eval()
     with accelerator.autocast():
         images = task.validation_samples(model, scheduler, embeds, cfg.validation_images, cfg.validation_steps,
                                          torch.Generator().manual_seed(cfg.seed))
     model.train()
+    if not accelerator.is_main_process:
+        return
     folder = run_dir / "samples"
     folder.mkdir(exist_ok=True)
     data.grid(data.to_pil(images)).save(folder / f"step-{step:06d}.png")
