@@ -41,7 +41,7 @@ def process_kwargs(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> dict:
     main process encodes prompts, must fit in it) and, for DeepSpeed without CUDA, the gloo backend
     (accelerate would otherwise see no backend and count one process while DeepSpeed counts all)."""
     kw = {"timeout": timedelta(minutes=timeout_minutes)}
-    if engine() == "deepspeed" and not torch.cuda.is_available():
+    if engine() == "deepspeed" and not torch.cuda.is_available() and int(os.environ.get("LOCAL_RANK", -1)) >= 0:
         kw["backend"] = "gloo"
     return kw
 

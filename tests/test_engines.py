@@ -121,6 +121,7 @@ def test_process_group_settings(monkeypatch):
     assert load_config("tiny").distributed_timeout_minutes == engines.DEFAULT_TIMEOUT_MINUTES
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a launched process (torchrun / accelerate launch)
     # accelerate counts DeepSpeed's CPU processes only when told the backend (cpu=True would turn DeepSpeed off)
     assert engines.process_kwargs(5)["backend"] == "gloo" and not engines._cpu_flag()
 

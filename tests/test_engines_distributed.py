@@ -3,6 +3,7 @@ stage I, validate and export collectively, and land on the same weights; class i
 between processes and equal a single-process generation file by file."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -61,20 +62,30 @@ def test_fsdp_and_deepspeed_zero3_train_alike(make_cfg, subject_dir, tiny, tmp_p
     args = ["--subject", subject_dir, "--class-noun", "dog", "--max-steps", "2",
             "--set", f"models.cache_dir={make_cfg().models.cache_dir}", "--set", "stage1.train.prior_preservation=false",
             "--set", "stage1.train.validation_images=1", "--set", "stage1.train.validation_steps=2",
-            "--set", "stage1.train.learning_rate=1e-3", "--set", "stage1.train.checkpoint_every=2"]
-    found = {}
+            "--set", "stage1.train.learning_rate=1e-3", "--set", "stage1.train.checkpoint_every=2",
+            "--set", "stage1.train.lr_warmup_steps=2"]
+    found, norms = {}, {}
     for engine, port in (("fsdp", 29542), ("deepspeed3", 29543)):
         out = tmp_path / engine
-        text = torchrun([HELPERS / "train_engine.py", engine, *args, "--output", out], port)
+        text = torchrun([HELPERS / "train_engine.py", engine, *args, "--output", out], port,
+                        GRAD_NORM_LOG=str(tmp_path / f"{engine}-norms"))
         kind = "FSDP" if engine == "fsdp" else "DEEPSPEED"
         assert f"2 process(es), engine {kind}" in text and "Traceback" not in text
         # validation sampled collectively (a main-process-only forward would hang), written once
         assert (out / "samples" / "step-000002.png").is_file()
         assert (out / "checkpoints" / "checkpoint-000002" / "trainer_state.json").is_file()
+        # the schedule reaches the actual optimizer steps (DeepSpeed wraps our optimizer)
+        assert [float(r["lr"]) for r in csv.DictReader(open(out / "loss.csv"))] == [5e-4, 1e-3]
+        # clipping sees the global gradient norm on every rank (FSDP2 with the pre-prepare parameter
+        # list would see no gradients at all and report 0)
+        norms[engine] = [[float(x) for x in (tmp_path / f"{engine}-norms.{r}").read_text().split()] for r in (0, 1)]
+        assert norms[engine][0] == norms[engine][1] and len(norms[engine][0]) == 2, norms
         found[engine] = _export(out)  # ZeRO-3: the helper leaves 16-bit gathering off; cascade turns it on
     from diffusers import UNet2DConditionModel
 
     base = UNet2DConditionModel.from_pretrained(tiny / "stage1" / "unet").state_dict()
+    for fsdp_norm, ds_norm in zip(norms["fsdp"][0], norms["deepspeed3"][0]):
+        assert fsdp_norm > 0 and abs(fsdp_norm - ds_norm) < 1e-4 * ds_norm, norms
     fsdp, ds = found["fsdp"], found["deepspeed3"]
     assert fsdp.keys() == ds.keys() == base.keys()
     moved = max((fsdp[k] - base[k]).abs().max().item() for k in base)

@@ -34,11 +34,29 @@ def force_fsdp_on_cpu():
     accelerate.Accelerator.__init__ = init
 
 
+def report_grad_norms(path_prefix: str):
+    """Append the norm the trainer's clipping call returns to PREFIX.<rank>, for the test to compare."""
+    from stages import engines
+
+    clip = engines.clip_gradients
+
+    def clip_and_report(accelerator, unet, max_norm):
+        norm = clip(accelerator, unet, max_norm)
+        value = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP2 returns a DTensor
+        with open(f"{path_prefix}.{accelerator.process_index}", "a") as f:
+            f.write(f"{float(value):.8e}\n")
+        return norm
+
+    engines.clip_gradients = clip_and_report
+
+
 if __name__ == "__main__":
     engine = sys.argv[1]
     os.environ.update(ENV[engine])
     if engine == "fsdp":
         force_fsdp_on_cpu()
+    if os.environ.get("GRAD_NORM_LOG"):
+        report_grad_norms(os.environ["GRAD_NORM_LOG"])
     from cascade.cli import main
 
     sys.exit(main(["train", "stage1", *sys.argv[2:]]))
