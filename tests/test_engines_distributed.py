@@ -24,7 +24,7 @@ def torchrun(args: list, port: int, **extra_env) -> str:
     exe = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra_env}
     proc = subprocess.run([str(exe), "--nproc_per_node", "2", "--master_port", str(port), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=400)
+                          env=env, capture_output=True, text=True, timeout=900)  # ~1 min idle
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     return text
@@ -90,7 +90,7 @@ def test_fsdp_and_deepspeed_zero3_train_alike(make_cfg, subject_dir, tiny, tmp_p
     assert fsdp.keys() == ds.keys() == base.keys()
     moved = max((fsdp[k] - base[k]).abs().max().item() for k in base)
     apart = max((fsdp[k] - ds[k]).abs().max().item() for k in base)
-    # two steps of Adam at lr 1e-3 move weights by ~1e-3; the engines agree to float rounding (the
-    # DDP run of the same settings agrees with both to ~6e-6: README, GPU checklist)
-    assert moved > 5e-4 and apart < 5e-5, (moved, apart)
+    # two Adam steps (lr 5e-4 then 1e-3) move weights by ~5e-4; the engines agree to float rounding
+    # (measured 7e-7; the DDP run of the same settings without warmup agrees with both to ~6e-6)
+    assert moved > 2e-4 and apart < 5e-5, (moved, apart)
     assert all(torch.isfinite(v).all() for v in fsdp.values())
