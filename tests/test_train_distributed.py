@@ -41,7 +41,7 @@ def test_two_process_training(make_cfg, subject_dir, tmp_path):
          "--set", "stage1.train.num_class_images=2", "--set", "stage1.train.validation_images=1",
          "--set", "stage1.train.validation_steps=2", "--set", "stage1.train.learning_rate=1e-3",
          "--set", "stage1.train.lr_warmup_steps=4", "--set", "distributed_timeout_minutes=77"],
-        env=env, capture_output=True, text=True, timeout=400)
+        env=env, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert "2 process(es)" in text
