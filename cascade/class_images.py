@@ -42,21 +42,42 @@ def check_manifest(folder: Path, prompt: str, stage: int):
                          f"recorded in {CLASS_MANIFEST}), not {prompt!r} (stage {stage}); use another folder")
 
 
-def generate(folder: Path, count: int, sampler_factory, chunk: int, seed: int, what: str,
-             stage: int = 1) -> list[Path]:
+def generate(folder: Path, count: int, sampler_factory, chunk: int, seed: int, what: str, stage: int = 1,
+             state=None) -> list[Path]:
     """Fill `folder` up to `count` images of the class prompt `what`. `sampler_factory()` (called
     only when images are missing, so no model loads otherwise) returns `make(seeds) -> [B,3,H,W] in
-    [-1, 1]`; images are saved after every `chunk` of them."""
+    [-1, 1]`; images are saved after every `chunk` of them. With an accelerate process `state` of
+    several processes, every process must call this: the missing images are split between them
+    (image i depends only on seed + i, so the set equals a single-process run) and all return once
+    all are written."""
     check_manifest(folder, what, stage)
-    folder.mkdir(parents=True, exist_ok=True)
+    multi = state is not None and state.num_processes > 1
+    if not multi or state.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+    if multi:
+        state.wait_for_everyone()
     have = existing(folder)
+    if multi:
+        state.wait_for_everyone()  # everyone has listed the folder before anyone writes to it
     if len(have) >= count:
         return have[:count]
+    if (not multi or state.is_main_process) and not (folder / CLASS_MANIFEST).is_file():  # we generate into it
+        (folder / CLASS_MANIFEST).write_text(json.dumps({"prompt": what, "stage": stage, "seed": seed}, indent=2))
     names = {p.name for p in have}
     todo = [i for i in range(count * 4) if f"class-{i:06d}.png" not in names][:count - len(have)]
-    log.info("%s: %d of %d class images present; generating %d", folder, len(have), count, len(todo))
-    if not (folder / CLASS_MANIFEST).is_file():
-        (folder / CLASS_MANIFEST).write_text(json.dumps({"prompt": what, "stage": stage, "seed": seed}, indent=2))
+    if multi:
+        with state.split_between_processes(todo) as mine:
+            todo = list(mine)
+    log.info("%s: %d of %d class images present; generating %d here", folder, len(have), count, len(todo))
+    _generate(folder, todo, sampler_factory, chunk, seed, what)
+    if multi:
+        state.wait_for_everyone()
+    return existing(folder)[:count]
+
+
+def _generate(folder: Path, todo: list[int], sampler_factory, chunk: int, seed: int, what: str):
+    if not todo:
+        return
     make = sampler_factory()
     for start in tqdm(range(0, len(todo), chunk), desc=f"class images ({what})"):
         idx = todo[start:start + chunk]
@@ -65,4 +86,3 @@ def generate(folder: Path, count: int, sampler_factory, chunk: int, seed: int, w
             tmp = folder / f"class-{i:06d}.tmp.png"
             im.save(tmp)
             os.replace(tmp, folder / f"class-{i:06d}.png")
-    return existing(folder)[:count]

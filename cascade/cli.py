@@ -164,24 +164,27 @@ def cmd_class_images(args):
     from cascade import class_images, model_checks, models, run_folder, runner
     from cascade.identifier import class_prompt
     from cascade.text import TextEncoder
-    from stages import components
+    from stages import components, engines
     from stages.components import describe_source
 
     cfg = load_config(args.config, args.overrides)
     if args.num < 1:
         raise ConfigError("--num must be >= 1")
-    paths = models.resolve(cfg)
+    state = engines.process_state(cfg.distributed_timeout_minutes)  # under torchrun/accelerate: split the work
+    paths = engines.main_first(state, lambda: models.resolve(cfg))
     model_checks.check_models(paths, cfg.models.variant, (1, 2) if args.stage == 2 else (1,))
     for stage in (1, 2)[:args.stage]:
         components.check_stage(getattr(paths, f"stage{stage}"), stage, f"models.stage{stage}")
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise InputError(f"--output {output} is a file, not a folder")
-    run_folder.track(output, created=not output.exists())  # removed again if the command fails before any image
+    if state.is_main_process:
+        run_folder.track(output, created=not output.exists())  # removed again if the command fails before any image
     prompt = class_prompt(args.class_noun)
     class_images.check_manifest(output, prompt, args.stage)
-    embeds = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
-                         models.weights_dtype(cfg), cfg.models.variant).encode([prompt, ""])
+    encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length, models.weights_dtype(cfg),
+                          cfg.models.variant)
+    embeds = engines.main_first(state, lambda: encoder.encode([prompt, ""]))  # T5 once; the others read its cache
 
     def factory():
         if args.stage == 2:
@@ -190,8 +193,9 @@ def cmd_class_images(args):
         return lambda seeds: runner.run_stage1(base1, cfg, embeds[prompt].expand(len(seeds), -1, -1), embeds[""], seeds)
 
     files = class_images.generate(output, args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,
-                                  prompt, args.stage)
-    print(f"{len(files)} class images in {args.output}")
+                                  prompt, args.stage, state)
+    if state.is_main_process:
+        print(f"{len(files)} class images in {args.output}")
 
 
 COMMANDS = {"train": cmd_train, "build-tiny": cmd_build_tiny, "identifier": cmd_identifier,

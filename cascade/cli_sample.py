@@ -70,7 +70,7 @@ def cmd_sample(args):
     resolutions.check_cascade(paths.stage1, paths.stage2)  # cheap (configs only)
     for prompt in prompts:
         fill_identifier(prompt, paths.stage1)
-    state = process_state()
+    state = process_state(cfg.distributed_timeout_minutes)
     output = None
     if state.is_main_process:
         try:

@@ -118,6 +118,9 @@ class Config:
     models: Models = field(default_factory=Models)
     identifier: Identifier = field(default_factory=Identifier)
     max_text_length: int = 77
+    # multi-process runs: how long a rank may wait at a barrier (e.g. while the main process loads
+    # T5 and encodes prompts) before the process group gives up; torch's NCCL default is 10 minutes
+    distributed_timeout_minutes: float = 120.0
     stage1: Stage = field(default_factory=Stage)
     stage2: Stage = field(default_factory=_stage2_default)
     stage3: Sample = field(default_factory=lambda: Sample(steps=10, guidance_scale=9.0, noise_level=100))
@@ -259,6 +262,7 @@ def validate(cfg: Config):
     _check(cfg.models.dtype in ("float32", "float16", "bfloat16"), "models.dtype", "float32|float16|bfloat16")
     _check(cfg.models.variant in (None, "fp16", "bf16"), "models.variant", "null, fp16 or bf16")
     _check(1 <= cfg.max_text_length <= 512, "max_text_length", "must be in 1..512")
+    _check(cfg.distributed_timeout_minutes > 0, "distributed_timeout_minutes", "must be > 0")
     ident = cfg.identifier
     _check(0 <= ident.min_id < ident.max_id, "identifier.min_id", "must be >= 0 and below identifier.max_id")
     _check(ident.max_chars >= 1, "identifier.max_chars", "must be >= 1")

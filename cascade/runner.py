@@ -33,7 +33,8 @@ DEFAULT_UPSCALER_NOISE_LEVEL = 100  # what DeepFloyd's IF examples use with the 
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: accelerate's process state has made its GPU the current one."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def release():
@@ -152,7 +153,7 @@ def run_stage3(path: str, cfg: Config, images: torch.Tensor, prompts: list[str],
     gens = [torch.Generator().manual_seed(x + 2 * STAGE2_SEED_OFFSET) for x in seeds]
     out = stage3.upscale(path, data.to_pil(images), prompts, gens, s.steps, s.guidance_scale,
                          s.noise_level if s.noise_level >= 0 else DEFAULT_UPSCALER_NOISE_LEVEL,
-                         models.weights_dtype(cfg), s.batch_size, negative, progress)
+                         models.weights_dtype(cfg), s.batch_size, negative, progress, device=device())
     release()
     return out
 
@@ -214,7 +215,7 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
     """Sample `num_images` per prompt through stage I -> II (-> III); write each stage's images, a
     grid per stage, and samples.json. With several processes (accelerate / torchrun) the images are
     split between them; every image is the same as in a single-process run."""
-    state = setup.process_state()
+    state = setup.process_state(cfg.distributed_timeout_minutes)
     check_request(paths, prompts)
     resolutions.check_cascade(paths.stage1, paths.stage2)
     if paths.stage2 == "none" and paths.stage3 != "none":

@@ -69,7 +69,7 @@ def _subject_tensor(req: TrainRequest, images, train_cfg, size: int) -> torch.Te
 
 
 def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, embeds: dict, prompts,
-                  size: int) -> torch.Tensor:
+                  size: int, state) -> torch.Tensor:
     """Existing class images (validated), topped up with generations of the frozen model(s)."""
     from cascade import class_images, runner
 
@@ -87,7 +87,7 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
         return runner.class_pair_sampler(cfg, paths, embeds[prompts["class"]], embeds[""])
 
     files = class_images.generate(class_dir, train_cfg.num_class_images, factory, 8 * cfg.stage1.sample.batch_size,
-                                  train_cfg.seed, prompts["class"], req.stage)
+                                  train_cfg.seed, prompts["class"], req.stage, state)  # split between processes
     return data.stack(data.load_folder(class_dir, size, "class", allow_upscale=True)[:len(files)], size)
 
 
@@ -109,7 +109,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     cfg = req.cfg
     sec = cfg.stage1 if req.stage == 1 else cfg.stage2
     tc = sec.train
-    state = setup.process_state()
+    state = setup.process_state(cfg.distributed_timeout_minutes)
     log_mark = early_log.mark()  # what is logged before the run folder exists still reaches its log.txt
     if not req.class_noun.strip():
         raise InputError("--class-noun must name the subject's class, e.g. dog")
@@ -160,7 +160,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     prior = None
     if tc.prior_preservation:
         class_dir = Path(req.class_dir) if req.class_dir else run_dir / "class_images"
-        prior = _main_first(state, lambda: _class_images(req, tc, paths, class_dir, embeds, prompts, size))
+        prior = _class_images(req, tc, paths, class_dir, embeds, prompts, size, state)  # every process takes a share
 
     instance = _subject_tensor(req, subject_images, tc, size)
     if req.stage == 1:

@@ -12,8 +12,7 @@ import re
 import shutil
 from pathlib import Path
 
-from accelerate.utils import DistributedType
-
+from stages import engines
 from stages.components import EXPORT_META, LORA_WEIGHTS
 
 STATE_FILE = "trainer_state.json"
@@ -42,6 +41,7 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict, keep: int
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank writes into tmp (its RNG state, its shards) before the rename
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state))
         shutil.rmtree(final, ignore_errors=True)
@@ -98,13 +98,7 @@ def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None
                                      unet_lora_adapter_metadata=lora_metadata(lora_config))
         kind = "lora"
     else:
-        model.save_pretrained(tmp / "unet", safe_serialization=True)
-        if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-            # sharded engines: the unwrapped module holds shards; write the gathered weights instead
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in state_dict.items()},
-                      str(tmp / "unet" / "diffusion_pytorch_model.safetensors"))
+        engines.save_full_unet(accelerator, unet, state_dict, tmp / "unet")  # gathered weights, one form
         kind = "full"
         if variant != "none":  # IF's own layout: half-precision weights in diffusion_pytorch_model.<variant>.*
             from stages.precision import convert_to_variant

@@ -19,10 +19,11 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
-def process_state():
-    from accelerate import PartialState
+def process_state(timeout_minutes: float | None = None):
+    """The process state (and group) for the engine the launcher chose; see stages/engines.py."""
+    from stages import engines
 
-    return PartialState(cpu=on_cpu())
+    return engines.process_state(timeout_minutes or engines.DEFAULT_TIMEOUT_MINUTES)
 
 
 def resolve_mixed_precision(setting: str) -> str:

@@ -7,15 +7,16 @@ import torch
 
 def upscale(path: str, images: list, prompts: list[str], generators: list, steps: int, guidance_scale: float,
             noise_level: int, dtype: torch.dtype, batch_size: int, negative_prompt: str = "",
-            progress: bool = False) -> list:
+            progress: bool = False, device: torch.device | None = None) -> list:
     """PIL images in, PIL images (4x) out. On CUDA, model CPU offload keeps only the running part
-    (text encoder, UNet or VAE) on the GPU. `progress`: one bar over the images."""
+    (text encoder, UNet or VAE) on this process's GPU (`device`; diffusers would pick cuda:0 for
+    every process of a multi-GPU run). `progress`: one bar over the images."""
     from diffusers import StableDiffusionUpscalePipeline
     from tqdm.auto import tqdm
 
     pipe = StableDiffusionUpscalePipeline.from_pretrained(path, dtype=dtype)
     if torch.cuda.is_available():
-        pipe.enable_model_cpu_offload()
+        pipe.enable_model_cpu_offload(device=device or torch.device("cuda", torch.cuda.current_device()))
     pipe.set_progress_bar_config(disable=True)
     out = []
     bar = tqdm(total=len(images), desc="stage III (x4 upscale)", unit="image", disable=not progress)

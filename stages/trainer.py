@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from stages import activation_ckpt, checkpoint, data, optim, precision, setup
+from stages import activation_ckpt, checkpoint, data, engines, optim, precision, setup
 from stages.divergence import stop_if_diverged
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 
@@ -76,17 +76,14 @@ def plot_losses(rows: list[dict], path: Path):
 def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_meta: dict,
           resume: bool = False, tracker_config: dict | None = None) -> TrainResult:
     """Fine-tune `unet` (fp32 master weights) on `task`; `cfg` is a cascade Train config section."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
     report_to = setup.check_tracker(cfg.report_to)
-    accelerator = Accelerator(cpu=setup.on_cpu(), mixed_precision=setup.resolve_mixed_precision(cfg.mixed_precision),
-                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              log_with=report_to, project_dir=str(run_dir), kwargs_handlers=optim.ddp_kwargs(cfg))
+    accelerator = engines.make_accelerator(cfg, setup.resolve_mixed_precision(cfg.mixed_precision), report_to, run_dir,
+                                           extra_handlers=optim.ddp_kwargs(cfg))
     set_seed(cfg.seed)
     if report_to:
         accelerator.init_trackers(f"cascade-stage{task.stage}", config=tracker_config or {})
@@ -97,9 +94,12 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         unet.compile()
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer, opt_name = optim.build(params, cfg, accelerator.num_processes, cfg.seed)
-    lr_sched = get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=cfg.lr_warmup_steps)
+    optimizer, lr_sched, opt_name = engines.make_optimizer_and_scheduler(
+        accelerator, params, cfg, lambda ps, *_: optim.build(ps, cfg, accelerator.num_processes, cfg.seed))
+    per_process_batch = cfg.batch_size * (2 if task.has_prior and cfg.prior_preservation else 1)
+    engines.configure_deepspeed(accelerator, unet, cfg, per_process_batch)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    in_dtype = engines.input_dtype(accelerator, unet)
     math_ = DiffusionMath(scheduler.alphas_cumprod)
     n_train = scheduler.config.num_train_timesteps
     device = accelerator.device
@@ -109,10 +109,11 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         state = checkpoint.load_checkpoint(accelerator, latest)
         start, rows = state["step"], state["losses"]
         log.info("resumed from %s at step %d", latest, start)
-    n_params = sum(p.numel() for p in params)
-    log.info("stage %d: %s, %d trainable params, %s, precision %s, attention %s, %d process(es)",
-             task.stage, "LoRA r=%d" % cfg.lora_rank if lora_config else "full fine-tune", n_params, opt_name,
-             accelerator.mixed_precision, attention, accelerator.num_processes)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 leaves empty placeholders
+    log.info("stage %d: %s, %d trainable params, %s, precision %s, attention %s, %d process(es), engine %s, "
+             "process-group timeout %s", task.stage, "LoRA r=%d" % cfg.lora_rank if lora_config else "full fine-tune",
+             n_params, opt_name, accelerator.mixed_precision, attention, accelerator.num_processes,
+             accelerator.distributed_type.value, engines.process_group_timeout())
 
     n_inst = cfg.batch_size
     prior_on = task.has_prior and cfg.prior_preservation
@@ -134,6 +135,8 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             # per-image captions: the task's rows (instance, then prior) replace the one fixed prompt
             text = batch["encoder_hidden_states"].to(device) if "encoder_hidden_states" in batch else enc
             inp, text = precision.cast_for_model(unet, inp, text)  # bf16/fp16 weights
+            if in_dtype is not None:  # DeepSpeed bf16/fp16 casts the module itself
+                inp, text = inp.to(in_dtype), text.to(in_dtype)
             with accelerator.accumulate(unet), accelerator.autocast():
                 out = unet(inp, t, encoder_hidden_states=text, class_labels=class_labels, return_dict=False)[0].float()
                 per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight,
@@ -142,9 +145,9 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
                 accelerator.backward(loss)
                 stop_if_diverged(accelerator, loss, task.stage, step + 1, ckpt_dir)  # all ranks, before the update
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+                    engines.clip_gradients(accelerator, unet, cfg.max_grad_norm)
                 optimizer.step()
-                lr_sched.step()
+                engines.step_lr(accelerator, lr_sched)
                 optimizer.zero_grad(set_to_none=True)
             inst_acc += inst.item() / cfg.gradient_accumulation_steps
             prior_acc += (prior.item() if prior is not None else 0.0) / cfg.gradient_accumulation_steps
@@ -168,8 +171,10 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     out = checkpoint.export(unet, accelerator, scheduler, run_dir / "export", meta, lora_config,
                             save_fixed_small=cfg.loss == "epsilon", variant=cfg.export_variant)
     accelerator.wait_for_everyone()
-    # every rank reports its weights' checksum: DDP must leave them identical
-    checksum = sum(p.detach().double().sum().item() for p in accelerator.unwrap_model(unet).parameters())
+    # every rank reports its weights' checksum: DDP must leave them identical (sharded engines: the
+    # checksum of this rank's shard)
+    checksum = sum(p.detach().to_local().double().sum().item() if hasattr(p, "to_local") else
+                   p.detach().double().sum().item() for p in accelerator.unwrap_model(unet).parameters())
     log.info("rank %d/%d final weights checksum %.10e", accelerator.process_index, accelerator.num_processes,
              checksum)
     if report_to:
@@ -179,14 +184,16 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
 
 
 def _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir: Path, step: int):
-    if not accelerator.is_main_process or cfg.validation_images < 1:
+    model, run_here = engines.validation_model(accelerator, unet)  # collective under FSDP/DeepSpeed
+    if not run_here or cfg.validation_images < 1:
         return
-    model = accelerator.unwrap_model(unet)
     model.eval()
     with accelerator.autocast():
         images = task.validation_samples(model, scheduler, embeds, cfg.validation_images, cfg.validation_steps,
                                          torch.Generator().manual_seed(cfg.seed))
     model.train()
+    if not accelerator.is_main_process:
+        return
     folder = run_dir / "samples"
     folder.mkdir(exist_ok=True)
     data.grid(data.to_pil(images)).save(folder / f"step-{step:06d}.png")

@@ -1,13 +1,32 @@
-"""Two CPU processes (torchrun, gloo): stage I trains with DDP, ranks stay in sync, one export."""
+"""Two CPU processes (torchrun, gloo): stage I trains with DDP, ranks stay in sync, one export; the
+LR schedule, the class images and the process-group timeout match what one process would have."""
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import torch
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_stage1.py"
+
+
+def one_process_lrs(lr: float, warmup: int, steps: int) -> list[float]:
+    """What the trainer's schedule gives in a single process: one step per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup)
+    out = []
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        out.append(sched.get_last_lr()[0])
+    return out
 
 
 def test_two_process_training(make_cfg, subject_dir, tmp_path):
@@ -18,10 +37,11 @@ def test_two_process_training(make_cfg, subject_dir, tmp_path):
     proc = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", "29531", str(SCRIPT), "--subject", str(subject_dir),
          "--class-noun", "dog", "--output", str(out), "--max-steps", "4", "--set", f"models.cache_dir={cache}",
+         "--set", "stage1.sample.steps=2",
          "--set", "stage1.train.num_class_images=2", "--set", "stage1.train.validation_images=1",
-         "--set", "stage1.train.validation_steps=2", "--set", "stage1.sample.steps=2",
-         "--set", "stage1.train.learning_rate=1e-3"],
-        env=env, capture_output=True, text=True, timeout=400)
+         "--set", "stage1.train.validation_steps=2", "--set", "stage1.train.learning_rate=1e-3",
+         "--set", "stage1.train.lr_warmup_steps=4", "--set", "distributed_timeout_minutes=77"],
+        env=env, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     assert "2 process(es)" in text
@@ -30,6 +50,14 @@ def test_two_process_training(make_cfg, subject_dir, tmp_path):
     # saved once: one export, one set of checkpoints, one loss file, written by the main process
     assert (out / "export" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000004"]
-    assert len((out / "loss.csv").read_text().splitlines()) == 5
+    rows = list(csv.DictReader(open(out / "loss.csv")))
+    assert len(rows) == 4
     assert text.count("export") >= 1 and "Traceback" not in text
     assert (out / ".cascade-run").is_file() and not (out / ".cascade-lock").exists()  # main process locked, released
+    # warmup counts optimizer steps, as on one process (accelerate would step it twice per call)
+    assert np.allclose([float(r["lr"]) for r in rows], one_process_lrs(1e-3, 4, 4), rtol=1e-9, atol=0)
+    # the configured timeout is the live process group's
+    assert "process-group timeout 1:17:00" in text
+    # class images were split between the ranks (file equality: test_engines_distributed.py)
+    assert text.count("0 of 2 class images present; generating 1 here") == 2
+    assert sorted(p.name for p in (out / "class_images").glob("*.png")) == ["class-000000.png", "class-000001.png"]
