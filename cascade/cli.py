@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade import cli_sample
 
     cli_sample.add_commands(sub, _common_config)
+    from cascade import cli_eval
+
+    cli_eval.add_commands(sub, _common_config)
     return parser
 
 
@@ -154,10 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.runs import console_logging
 
     console_logging()
+    from cascade.cli_eval import COMMANDS as EVAL_COMMANDS
     from cascade.cli_sample import COMMANDS as SAMPLE_COMMANDS
 
     try:
-        {**COMMANDS, **SAMPLE_COMMANDS}[args.command](args)
+        {**COMMANDS, **SAMPLE_COMMANDS, **EVAL_COMMANDS}[args.command](args)
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 2
