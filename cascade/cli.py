@@ -31,7 +31,7 @@ def _train_args(p: argparse.ArgumentParser, stage: int):
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default=None)
     if stage == 2:
         p.add_argument("--noise-aug", default=None, metavar="MIN[:MAX]",
-                       help="training noise-augmentation level(s), integers in 0..999 (default 0:20)")
+                       help="training noise-augmentation level(s), integers in 0..999 (default 0:0, as the paper)")
         p.add_argument("--sample-noise-level", type=int, default=None, help="stage II sampling level (default: MAX)")
     p.add_argument("--output", default=None, help="run folder; default runs/NNNNN-stageN-CLASS")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
