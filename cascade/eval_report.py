@@ -70,7 +70,7 @@ def markdown(overall: list[dict], subjects: list[dict], lpips_reason: str) -> st
         lines.append("- **Random metric models were used: these numbers mean nothing.**")
     lines += ["", "| model | subjects | " + " | ".join(HEADERS[m] for m in METRICS) + " |",
               "|---|---|" + "---|" * len(METRICS)]
-    div_na = f"unavailable: {lpips_reason}" if lpips_reason else "-"
+    div_na = "unavailable (LPIPS, see above)" if lpips_reason else "-"
     for r in overall:
         cells = [_fmt(r[m], div_na if m == "div" and r["model"] != "real images" else "-") for m in METRICS]
         lines.append(f"| ours: {r['model']} | {r['subjects']} | " + " | ".join(cells) + " |")

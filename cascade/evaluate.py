@@ -137,7 +137,9 @@ def generate(cfg: Config, paths: models.ModelPaths, folder: Path, jobs, chunk: i
         if state.is_main_process:
             for i, job in enumerate(group):
                 for kk in range(k):
-                    os.replace(tmp / final / f"{i * k + kk:05d}.png", folder / f"{job[0]}-k{kk}.png")
+                    target = folder / f"{job[0]}-k{kk}.png"
+                    if not target.exists():  # images already there are kept as they are
+                        os.replace(tmp / final / f"{i * k + kk:05d}.png", target)
             shutil.rmtree(tmp)  # the runner's scratch folder, made by this call
         state.wait_for_everyone()
 
@@ -215,8 +217,9 @@ def run_evaluate(req: EvalRequest) -> Path | None:
 
     bench, subject_name, class_noun, real_images = _checked(req)
     templates = bench.templates(class_noun)[:req.max_prompts]
-    paths, base = _paths(req)
-    identifier = _identifier(req, paths)
+    needs_models = not req.images or (req.baseline and not req.baseline_images)
+    paths, base = _paths(req) if needs_models else (None, None)
+    identifier = _identifier(req, paths) if paths else req.identifier
     generating = [("fine-tuned", paths)] if not req.images else []
     if req.baseline and not req.baseline_images:
         generating.append(("base", base))
@@ -253,7 +256,7 @@ def run_evaluate(req: EvalRequest) -> Path | None:
               "prompts_source": bench.source, "real": real.get("row"),
               "clip_t_prompts": "identifier removed, class kept (e.g. 'a dog in the snow')",
               "metric_models": metrics.describe_models(*scorers[:2], scorers[2].reason),
-              "random_weights": {"cascade": paths.uses_tiny, "dino": scorers[0].random, "clip": scorers[1].random},
+              "random_weights": {"cascade": bool(generating) and paths.uses_tiny, "dino": scorers[0].random, "clip": scorers[1].random},
               "sources": {label: str(f) for label, f in sources}, "models": {}}
     for label, folder in sources:
         scored = score_folder(folder, label, templates, class_noun, identifier, real, scorers)

@@ -20,6 +20,7 @@ from cascade import metrics, models, runner, runs, study_report
 from cascade.config import Config
 from cascade.image_metrics import Lpips, hf_energy, hf_ratio, psnr, ssim
 from cascade.text import TextEncoder, load_tokenizer
+from cascade.tiny import TINY_VERSION
 from stages import components, data, noise_aug, sampling, stage1, stage2
 from stages.errors import InputError
 
@@ -65,7 +66,6 @@ def _identifier(req: StudyRequest, sr_paths: list[str], stage1_path: str, text_s
 
 
 def _train_variants(req: StudyRequest, base: str, token: str, out: Path) -> list[tuple[str, str]]:
-    from cascade.config import load_config  # noqa: F401  (validate the variant configs the same way)
     from cascade.config import validate
     from cascade.training import TrainRequest, train
 
@@ -175,7 +175,8 @@ def run_study(req: StudyRequest) -> Path:
                 rows.append({"model": label, "noise_level": level, **r})
     info = {"subject": req.subject, "class_noun": req.class_noun, "prompt": prompt, "identifier": token,
             "models": dict(sr_models), "levels": req.levels, "stage1": s1, "resolutions": [low, high],
-            "random_weights": paths.uses_tiny or any(metrics.is_random(p) for p in [base]),
+            "random_weights": any(TINY_VERSION in components.describe_source(p).base
+                                  for p in [base, paths.text_encoder] + ([s1] if s1 != "none" else [])),
             "dino": metrics.describe_models(dino, None, lpips.reason)[0] if dino else "DINO: not computed (--dino none)",
             "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package"}
     study_report.write(out, rows, info, lowres, truth, kinds, outputs, reference)
