@@ -147,6 +147,7 @@ def run_study(req: StudyRequest) -> Path:
     out = runs.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite)
     runs.start_logging(out, cfg)
     trained = _train_variants(req, base, token, out) if req.variants else []
+    runs.start_logging(out, cfg)  # training runs log into their own folders; back to the study's log
     sr_models = [("base", base)] + given + trained
 
     truth = data.stack(photos, high)
