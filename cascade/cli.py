@@ -42,7 +42,7 @@ def _train_args(p: argparse.ArgumentParser, stage: int):
                    help="per-image captions from <image>.txt files or metadata.jsonl (default: one prompt)")
     if stage == 2:
         p.add_argument("--noise-aug", default=None, metavar="MIN[:MAX]",
-                       help="training noise-augmentation level(s), integers in 0..999 (default 0:20)")
+                       help="training noise-augmentation level(s), integers in 0..999 (default 0:0, as the paper)")
         p.add_argument("--sample-noise-level", type=int, default=None, help="stage II sampling level (default: MAX)")
     p.add_argument("--output", default=None, help="run folder; default runs/NNNNN-stageN-CLASS")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade import cli_toy
 
     cli_toy.add_commands(sub)
+
+    from cascade import cli_eval
+
+    cli_eval.add_commands(sub, _common_config)
     return parser
 
 
@@ -208,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     console_logging()
     from cascade.cli_bench import COMMANDS as BENCH_COMMANDS
+    from cascade.cli_eval import COMMANDS as EVAL_COMMANDS
     from cascade.cli_sample import COMMANDS as SAMPLE_COMMANDS
 
     from cascade import run_folder, runs
@@ -215,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     run_folder.begin()
     failed = True
     try:
-        {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
+        {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, **EVAL_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
         failed = False
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)

@@ -76,7 +76,7 @@ class Train:
     hflip: bool = False
     # stage II only: noise augmentation of the low-res condition, an integer level in 0..999
     noise_aug_min: int = 0
-    noise_aug_max: int = 20
+    noise_aug_max: int = 0  # the paper lowers SR augmentation to ~0 (1e-3 -> 1e-5 = IF levels ~1 -> 0)
     random_crop: bool = False  # random 256 crops of larger photos (condition from the same crop)
     crop_source_size: int = 320  # short side the photo is resized to before random cropping
     allow_upscale: bool = False  # accept photos smaller than the stage resolution (upscaled, warned)

@@ -18,7 +18,7 @@ def test_demo_fast_report(make_cfg, tmp_path, write_subject, capsys):
     assert "noise" in printed  # the demo says plainly that tiny random weights make noise
     summary = json.loads((out / "summary.json").read_text())
     assert summary["random_weights"] is True and "noise" in summary["weights"]
-    assert summary["stage2"]["sample_noise_level"] == 20  # trained 0..20 -> sampled at 20
+    assert summary["stage2"]["sample_noise_level"] == 0  # trained at 0..0 (the paper) -> sampled at 0
     page = (out / "report.html").read_text()
     links = re.findall(r'(?:src|href)="([^"]+)"', page)
     assert len(links) > 10
@@ -32,5 +32,5 @@ def test_demo_fast_report(make_cfg, tmp_path, write_subject, capsys):
     before = (out / "samples-before" / "stage1" / "00000.png").read_bytes()
     assert before != (out / "samples-after" / "stage1" / "00000.png").read_bytes()
     after = json.loads((out / "samples-after" / "samples.json").read_text())
-    assert after["stage1"]["kind"] == "full" and after["stage2"]["noise_level"] == 20
+    assert after["stage1"]["kind"] == "full" and after["stage2"]["noise_level"] == 0
     assert Path(after["stage1"]["path"]).name == "export"

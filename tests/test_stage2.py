@@ -164,8 +164,8 @@ def test_lora_export_loads_with_load_lora_weights(cache_dir, subject, tiny, tmp_
     seen = _train_and_capture(_argv(cache_dir, subject, out, "--lora-rank", "4", "--max-steps", "3",
                                     sets=["stage2.train.learning_rate=1e-2"]))
     meta = json.loads((out / "export" / "cascade.json").read_text())
-    assert meta["kind"] == "lora" and meta["lora_rank"] == 4 and meta["noise_aug"] == [0, 20]
-    assert meta["sample_noise_level"] == 20  # default: the top of the trained range
+    assert meta["kind"] == "lora" and meta["lora_rank"] == 4 and meta["noise_aug"] == [0, 0]
+    assert meta["sample_noise_level"] == 0  # default: the top of the trained range (0, as the paper)
     pipe = IFSuperResolutionPipeline.from_pretrained(tiny / "stage2", **OFF)
     inputs = _fixed_input(1)
     base = _predict(pipe.unet, inputs)

@@ -1,0 +1,150 @@
+"""`cascade evaluate`: DreamBench prompt parsing, the metric definitions on inputs where the answer is
+known by construction, and the command end to end on tiny components (generation, resume, --images)."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from cascade import metrics
+from cascade.cli import main
+from tests.conftest import SHARED_DATA
+
+FAST = ["--set", "stage1.sample.steps=1", "--set", "stage2.sample.steps=1"]
+
+
+@pytest.fixture(scope="module")
+def metric_models(tmp_path_factory):
+    from cascade.tiny_metrics import tiny_metric_model
+
+    cache = str(tmp_path_factory.mktemp("metric-models"))
+    return tiny_metric_model(cache, "dino"), tiny_metric_model(cache, "clip")
+
+
+def test_prompt_parsing_packaged_and_dataset():
+    bench = metrics.load_dreambench()
+    assert len(bench.object_prompts) == 25 and len(bench.live_prompts) == 25 and len(bench.classes) == 30
+    assert sum(c in metrics.LIVE_CLASSES for c in bench.classes.values()) == 9  # the paper's 9 live subjects
+    assert bench.templates("dog") is bench.live_prompts and bench.templates("teapot") is bench.object_prompts
+    for t in bench.object_prompts + bench.live_prompts:
+        filled = metrics.fill(t, "jaw", "dog")
+        assert " jaw dog" in filled and "{" not in filled
+        assert "jaw" not in metrics.clip_t_prompt(t, "dog") and "dog" in metrics.clip_t_prompt(t, "dog")
+    assert metrics.clip_t_prompt("a {0} {1} in the jungle", "dog") == "a dog in the jungle"
+    if SHARED_DATA.is_dir():  # the packaged copy holds exactly the dataset's lists
+        ds = metrics.load_dreambench(str(SHARED_DATA))
+        assert (ds.object_prompts, ds.live_prompts, ds.classes) == (bench.object_prompts, bench.live_prompts,
+                                                                    bench.classes)
+
+
+def _images(colors, size=48):
+    out = []
+    for i, c in enumerate(colors):
+        im = Image.new("RGB", (size, size), c)
+        im.paste(Image.new("RGB", (size // 3, size // 3), (255 - c[0], 40 * i % 255, 90)), (5 * i, 7))
+        out.append(im)
+    return out
+
+
+def test_real_vs_themselves_max_and_shuffled_subjects_lower(metric_models, tmp_path):
+    dino = metrics.DinoScorer(metric_models[0])
+    clip = metrics.ClipScorer(metric_models[1])
+    photos = _images([(200, 30, 30), (30, 200, 30), (30, 30, 200)])
+    for scorer in (dino, clip):
+        sim = scorer.embed(photos) @ scorer.embed(photos).T
+        assert torch.allclose(sim.diagonal(), torch.ones(3), atol=1e-5)
+        assert (sim.max(1).values <= sim.diagonal() + 1e-6).all()  # each image is most similar to itself
+    # generated images identical to subject A's photo score DINO 1 against A; assigned to subject B they score less
+    from cascade.evaluate import score_folder
+    from cascade.image_metrics import Lpips
+
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for k in range(2):
+        photos[0].save(folder / f"p00-k{k}.png")
+    scorers = (dino, clip, Lpips())
+    own = {"dino": dino.embed(photos[:1]), "clip": clip.embed(photos[:1])}
+    other = {"dino": dino.embed(photos[1:2]), "clip": clip.embed(photos[1:2])}
+    tmpl = ["a {0} {1} in the jungle"]
+    a = score_folder(folder, "x", tmpl, "toy", "jaw", own, scorers)["summary"]
+    b = score_folder(folder, "x", tmpl, "toy", "jaw", other, scorers)["summary"]
+    assert a["dino"] == pytest.approx(1.0, abs=1e-5) and a["clip_i"] == pytest.approx(1.0, abs=1e-5)
+    assert b["dino"] < a["dino"] and b["clip_i"] < a["clip_i"]
+
+
+def test_clip_t_prefers_the_own_prompt_of_a_trained_clip(metric_models, tmp_path):
+    """Train the tiny CLIP contrastively on two (image, prompt) pairs: by construction each image then
+    matches its own prompt; CLIP-T as the evaluation computes it must say so."""
+    from transformers import AutoProcessor, CLIPModel
+
+    model, proc = CLIPModel.from_pretrained(metric_models[1]), AutoProcessor.from_pretrained(metric_models[1])
+    photos = _images([(220, 20, 20), (20, 20, 220)])
+    prompts = ["a dog in the snow", "a teapot on the beach"]
+    batch = proc(text=prompts, images=photos, return_tensors="pt", padding=True)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    torch.manual_seed(0)
+    for _ in range(40):
+        loss = model(**batch, return_loss=True).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trained = tmp_path / "clip"
+    model.save_pretrained(trained)
+    proc.save_pretrained(trained)
+    clip = metrics.ClipScorer(str(trained))
+    sim = clip.embed(photos) @ clip.embed_text(prompts).T
+    assert sim[0, 0] > sim[0, 1] and sim[1, 1] > sim[1, 0]
+
+
+def test_missing_metric_model_one_line_no_folder(tmp_path, make_cfg, capsys, subject_dir):
+    out = tmp_path / "eval"
+    code = main(["evaluate", "--subject", str(subject_dir), "--class-noun", "dog", "--identifier", "jaw",
+                 "--dino", str(tmp_path / "no-such-dino"), "--output", str(out),
+                 "--set", f"models.cache_dir={make_cfg().models.cache_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "no-such-dino" in err[0] and "DINO" in err[0]
+    assert not out.exists()
+
+
+def test_evaluate_end_to_end_resume_and_images(tmp_path, make_cfg, metric_models, write_subject, capsys):
+    subject = write_subject(tmp_path / "dog", 3, 64)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--subject", str(subject), "--identifier", "jaw", "--max-prompts", "2", "--num-images", "2",
+            "--num-class-images", "2", "--chunk", "1", "--dino", metric_models[0], "--clip", metric_models[1],
+            "--output", str(out), "--set", f"models.cache_dir={make_cfg().models.cache_dir}", *FAST]
+    assert main(args + ["--stage2", "none"]) == 0  # class "dog" from the folder name (live prompts)
+    first = capsys.readouterr().out
+    assert "quoted from the paper" in first and "mean nothing" in first and "noise" in first
+    folder = out / "dog" / "fine-tuned"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["class-k0.png", "class-k1.png", "p00-k0.png", "p00-k1.png", "p01-k0.png", "p01-k1.png"]
+    assert Image.open(folder / "p00-k0.png").size == (64, 64)  # --stage2 none: stage I images
+    stamp = {n: (folder / n).stat().st_mtime_ns for n in names}
+    (folder / "p01-k1.png").unlink()  # an interrupted run: one image missing
+    assert main(args + ["--stage2", "none", "--baseline"]) == 0
+    assert {n: (folder / n).stat().st_mtime_ns for n in names if n != "p01-k1.png"} == \
+        {n: t for n, t in stamp.items() if n != "p01-k1.png"}  # kept, not regenerated
+    assert (folder / "p01-k1.png").is_file() and len(list((out / "dog" / "base").glob("p*-k*.png"))) == 4
+    for f in ("per_image.csv", "per_prompt.csv", "summary.csv", "results.json", "table.md", "plot.png"):
+        assert (out / f).stat().st_size > 0, f
+    res = json.loads((out / "results.json").read_text())
+    overall = {r["model"]: r for r in res["overall"]}
+    assert set(overall) == {"real images", "fine-tuned", "base"}
+    assert res["div_unavailable"] or overall["fine-tuned"]["div"] is not None  # DIV: a number or the reason
+    table = (out / "table.md").read_text()
+    assert "0.696" in table and "0.493" in table and "DIV" in table
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert len(rows) == 8 and {r["clip_t_prompt"] for r in rows} == {"a dog in the jungle", "a dog in the snow"}
+    # fine-tuned (= the tiny base here) and base give identical images for the same seeds, so equal scores
+    assert overall["fine-tuned"]["dino"] == pytest.approx(overall["base"]["dino"], abs=1e-6)
+    # --images scores a folder as it is, with the same numbers
+    out2 = tmp_path / "eval2"
+    assert main(["evaluate", "--subject", str(subject), "--images", str(folder), "--dino", metric_models[0],
+                 "--clip", metric_models[1], "--output", str(out2), "--max-prompts", "2"]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    ft2 = {r["model"]: r for r in res2["overall"]}["fine-tuned"]
+    assert ft2["dino"] == pytest.approx(overall["fine-tuned"]["dino"], abs=1e-6)
+    assert ft2["pres"] == pytest.approx(overall["fine-tuned"]["pres"], abs=1e-6)
