@@ -238,7 +238,14 @@ def run_evaluate(req: EvalRequest) -> Path | None:
         dino = metrics.DinoScorer(resolve_metric_model(req.dino, cache, "dino"), _device())
         clip = metrics.ClipScorer(resolve_metric_model(req.clip, cache, "clip"), _device())
         scorers = (dino, clip, Lpips(req.lpips_net))
-    out = runs.prepare_output(req.output, f"eval-{subject_name}", resume=True) if state.is_main_process else None
+    # an evaluation folder is always continued (kept images are reused by name), but only for the same
+    # subject, identifier, fine-tuned stages and seed: other images would be scored as this run's
+    fine = generating[0][1] if generating and generating[0][0] == "fine-tuned" else None
+    identity = {"command": "evaluate", "run": {
+        "subject": str(Path(req.subject).resolve()), "identifier": identifier, "seed": req.seed,
+        "stage1": fine and str(fine.stage1), "stage2": fine and str(fine.stage2), "images": req.images}}
+    out = runs.prepare_output(req.output, f"eval-{subject_name}", resume=True, identity=identity) \
+        if state.is_main_process else None
     out = _broadcast_path(state, out)
     runs.start_logging(out, req.cfg, state.is_main_process)
     prompts = [metrics.fill(t, identifier, class_noun) for t in templates] if identifier else []
