@@ -10,7 +10,7 @@ log = logging.getLogger(__name__)
 def add_commands(sub, common_config):
     p = sub.add_parser("bench", help="time training/sampling of a stage, or plan memory (--estimate-memory)")
     common_config(p)
-    p.add_argument("--stage", type=int, choices=[1, 2], default=1)
+    p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="which stage's UNet to time or plan")
     p.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--sample-steps", type=int, default=10, help="sampler steps timed (0: skip sampling)")

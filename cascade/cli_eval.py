@@ -30,7 +30,7 @@ def add_commands(sub, common_config):
     p.add_argument("--num-class-images", type=int, default=4, help="'a <class>' images for PRES")
     p.add_argument("--max-prompts", type=int, default=25, help="first N of the 25 prompts (quick runs)")
     p.add_argument("--chunk", type=int, default=5, help="prompts per runner call (resume granularity)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image k of a prompt uses seed + k")
     _metric_args(p)
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model (hub id, folder, or tiny); default {DEFAULT_CLIP}")
     p.add_argument("--lpips-net", default="alex", help="LPIPS backbone for DIV (needs the lpips package)")
@@ -39,7 +39,7 @@ def add_commands(sub, common_config):
     p = sub.add_parser("study-sr", help="the super-resolution fine-tuning study: noise level x SR model")
     common_config(p)
     p.add_argument("--subject", required=True, help="folder of the subject's real photos (>= 256px)")
-    p.add_argument("--class-noun", required=True)
+    p.add_argument("--class-noun", required=True, help="the subject's class, e.g. dog")
     p.add_argument("--identifier", default=None, help="default: from the SR exports, else a rare token")
     p.add_argument("--base", default=None, help="base SR model (default: models.stage2's base)")
     p.add_argument("--sr", action="append", default=[], metavar="[LABEL=]PATH", help="fine-tuned SR export (repeatable)")
@@ -51,11 +51,11 @@ def add_commands(sub, common_config):
     p.add_argument("--stage1", default=None, help="stage I for the sample inputs (default: config), or none")
     p.add_argument("--num-stage1", type=int, default=2, help="stage I samples of 'a [V] <class>' to upsample")
     p.add_argument("--max-images", type=int, default=4, help="at most this many real photos")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="image k of a prompt uses seed + k")
     _metric_args(p)
-    p.add_argument("--lpips-net", default="alex")
+    p.add_argument("--lpips-net", default="alex", help="LPIPS backbone (alex|vgg|squeeze), when lpips is installed")
     p.add_argument("--output", default=None, help="study folder; default runs/NNNNN-study-sr-CLASS")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output study folder")
 
 
 def cmd_evaluate(args):

@@ -6,6 +6,25 @@ from dataclasses import fields
 from pathlib import Path
 
 
+PRETRAIN_HELP = {
+    "stage": "which stage to train: 1 (16 px base) or 2 (16 -> 64 super-resolution)",
+    "steps": "optimizer steps in all (a resumed run continues up to it)",
+    "batch_size": "images per step",
+    "learning_rate": "AdamW peak learning rate",
+    "warmup_steps": "linear warm-up steps",
+    "ema_decay": "decay of the exported EMA weights",
+    "grad_clip": "gradient-norm clipping (0: off)",
+    "caption_dropout": "fraction of empty captions (for classifier-free guidance)",
+    "attribute_dropout": "chance each attribute is left out of a caption",
+    "noise_level_max": "stage II: augmentation levels drawn from 0..this",
+    "crop": "stage II: random crop size (0: whole images)",
+    "pool_size": "generated (image, caption) pairs drawn from",
+    "seed": "seed of the world, the weights and every step",
+    "ckpt_every": "checkpoint and export every N steps",
+    "threads": "torch CPU threads (1 is fastest on a shared machine)",
+}
+
+
 def add_commands(sub):
     toy = sub.add_parser("toy", help="the toy world: pretrain its cascade, measure it").add_subparsers(
         dest="toy_command", required=True)
@@ -15,7 +34,8 @@ def add_commands(sub):
     p.add_argument("--output", required=True, help="run folder: model/ (diffusers layout), checkpoints, logs")
     p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in --output")
     for f in fields(PretrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                       help=f"{PRETRAIN_HELP[f.name]} (default {f.default})")
     p.set_defaults(func=cmd_pretrain)
     add_check(toy)
     add_install(toy)
@@ -45,11 +65,11 @@ def add_check(toy):
     p = toy.add_parser("check", help="measure the toy cascade's bars with the readers (stage I and II accuracy)")
     p.add_argument("--model", default=None, help="folder with stage1/ and stage2/; default: the committed weights")
     p.add_argument("--stage", type=int, choices=[0, 1, 2], default=0, help="0 (default): both stages")
-    p.add_argument("--num", type=int, default=128)
+    p.add_argument("--num", type=int, default=128, help="samples per stage to read")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of both stages")
-    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
     p.add_argument("--noise-level", type=int, default=100, help="stage II sampling noise-augmentation level")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generator images and the samplers")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")
     p.add_argument("--grid", default=None, help="write sample grids (PNG) with this path prefix")

@@ -21,12 +21,13 @@ import time
 from pathlib import Path
 
 from stages.errors import InputError
+from stages.photos import CLASS_MANIFEST
 
 log = logging.getLogger(__name__)
 
 MARKER = ".cascade-run"
 LOCK = ".cascade-lock"
-BOOKKEEPING = {MARKER, LOCK, "config.yaml", "log.txt"}  # files that are not results
+BOOKKEEPING = {MARKER, LOCK, "config.yaml", "log.txt", CLASS_MANIFEST}  # files that are not results
 # training settings that may change on --resume: they do not change the weights a step produces
 RESUME_FREE = {"checkpoint_every", "keep_checkpoints", "sample_every", "validation_images", "validation_steps",
                "report_to", "gradient_checkpointing", "attention"}

@@ -63,6 +63,18 @@ def lora_metadata(lora_config) -> dict:
     return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in lora_config.to_dict().items()}
 
 
+def canonical_safetensors(path: Path):
+    """Rewrite a safetensors header with its keys sorted: safetensors writes the metadata map in
+    hash order, which changes from save to save, so identical weights would get different bytes."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    header += b" " * (-len(header) % 8)  # the format allows trailing spaces; keeps the data 8-byte aligned
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
+    os.replace(tmp, path)
+
+
 def readable_like_others(folder: Path):
     """safetensors writes through a private temp file (mode 0600); give every exported file the
     mode an ordinary file gets here (0644 under the usual umask 022)."""
@@ -96,6 +108,7 @@ def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None
         lora_sd = get_peft_model_state_dict(model, state_dict=state_dict)
         IFPipeline.save_lora_weights(tmp, unet_lora_layers=lora_sd, weight_name=LORA_WEIGHTS,
                                      unet_lora_adapter_metadata=lora_metadata(lora_config))
+        canonical_safetensors(tmp / LORA_WEIGHTS)
         kind = "lora"
     else:
         engines.save_full_unet(accelerator, unet, state_dict, tmp / "unet")  # gathered weights, one form
