@@ -23,10 +23,11 @@ def add_commands(sub, common_config):
     p.add_argument("--output", default=None, help="output folder; default runs/NNNNN-sample")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
-    p = sub.add_parser("demo", help="the whole mission end to end: tiny preset, offline, CPU")
+    p = sub.add_parser("demo", help="the whole mission end to end: the toy world by default, offline, CPU")
     common_config(p)
     p.add_argument("--output", default=None, help="demo folder; default runs/NNNNN-demo")
-    p.add_argument("--subject", default=None, help="subject photos (default: DreamBench dog if present, else synthetic)")
+    p.add_argument("--subject", default=None,
+                   help="subject photos (default: the toy world's subject with the toy preset, else synthetic images)")
     p.add_argument("--class-noun", default=None, help="the subject's class (needed with --subject)")
     p.add_argument("--fast", action="store_true", help="fewer steps and images (for tests)")
     p.add_argument("--stage3", action="store_true", help="also upscale to 1024 with the stage III model")
@@ -102,7 +103,7 @@ def _broadcast_path(state, path):
 def cmd_demo(args):
     from cascade.demo import run_demo
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config or "toy", args.overrides)  # the toy world unless a preset is named
     summary = run_demo(cfg, args.output, args.subject, args.class_noun, fast=args.fast, with_stage3=args.stage3,
                        overwrite=args.overwrite)
     print(f"report: {summary['report']}\nsummary: {summary['summary']}")

@@ -39,6 +39,7 @@ def add_commands(sub):
     p.set_defaults(func=cmd_pretrain)
     add_check(toy)
     add_install(toy)
+    add_study(toy)
 
 
 def cmd_pretrain(args):
@@ -128,3 +129,39 @@ def cmd_install(args):
         prov[s] = json.loads(info.read_text()) if info.is_file() else {}
     digest = weights.install(model, prov)
     print(f"installed {model} into {weights.WEIGHTS}; sha256 of SHA256SUMS: {digest}")
+
+
+def add_study(toy):
+    p = toy.add_parser("study", help="the paper's three claims on the toy cascade, several seeds, read exactly")
+    p.add_argument("--output", required=True, help="run folder: results.csv, table.md, plots.png, grids")
+    p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds, comma-separated (>= 3 for a spread)")
+    p.add_argument("--samples", type=int, default=16, help="stage I samples per prompt and model")
+    p.add_argument("--stage1-steps", type=int, default=100)
+    p.add_argument("--stage2-steps", type=int, default=100)
+    p.add_argument("--levels", default="0,50,100,250", help="SR sampling noise levels")
+    p.add_argument("--sr-inputs", type=int, default=8, help="stage I samples upsampled per SR model and level")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")
+    p.set_defaults(func=cmd_study)
+
+
+def cmd_study(args):
+    import torch
+
+    from stages.errors import InputError
+
+    try:
+        seeds = [int(x) for x in args.seeds.split(",")]
+        levels = [int(x) for x in args.levels.split(",")]
+    except ValueError:
+        raise InputError(f"--seeds/--levels must be comma-separated integers, got {args.seeds!r} / {args.levels!r}")
+    if not seeds or args.samples < 1 or args.sr_inputs < 1 or any(not 0 <= lv <= 999 for lv in levels):
+        raise InputError("--seeds needs one seed or more, --samples/--sr-inputs >= 1, --levels in 0..999")
+    from cascade.toy.study import StudyConfig, run_study
+
+    torch.set_num_threads(args.threads)
+    sc = StudyConfig(seeds, args.samples, args.stage1_steps, args.stage2_steps, levels=levels, sr_inputs=args.sr_inputs)
+    out = Path(args.output)
+    run_study(out, sc, args.cache_dir)
+    print((out / "table.md").read_text())
+    print(f"results: {out / 'results.csv'}, plots: {out / 'plots.png'}, grid: {out / 'grid-sr-subject.png'}")

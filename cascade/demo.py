@@ -26,8 +26,8 @@ from stages.errors import InputError
 
 log = logging.getLogger(__name__)
 
-DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
 PROMPTS = ["a [V] {c} on the beach", "a [V] {c} in the snow"]  # DreamBench prompts
+TOY_PROMPTS = ["a [V] {c}", "a {c}"]  # the toy world: the subject, and the class (drift)
 
 
 def synthetic_subject(folder: Path, n: int = 4, size: int = 320) -> Path:
@@ -64,9 +64,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
              fast: bool = False, with_stage3: bool = False, overwrite: bool = False) -> dict:
     if fast:
         cfg = _fast(cfg)
-    if subject is None and (DREAMBENCH / "dog").is_dir():
-        subject, class_noun, subject_note = str(DREAMBENCH / "dog"), class_noun or "dog", "DreamBench 'dog' photos"
-    elif subject is not None:
+    if subject is not None:
         subject_note = f"user photos from {subject}"
         if not class_noun:
             raise InputError("--class-noun is required with --subject (the subject's class, e.g. dog)")
@@ -81,10 +79,16 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
         timings[name] = round(time.time() - start, 2)
         log.info("demo: %s took %.1f s", name, timings[name])
 
-    if subject is None:
+    toy = cfg.models.stage1 == "toy"
+    if subject is None and toy:  # the toy world's subject, written into the run folder
+        from cascade.toy import measure, world
+
+        subject, class_noun = str(measure.write_subject(root / "subject")), class_noun or world.CLASS_NOUN
+        subject_note = "the toy world's subject (a purple striped square toy with a black centre spot), 5 photos"
+    elif subject is None:  # never a folder outside the repository: synthetic stand-ins
         subject = str(synthetic_subject(root / "subject"))
         class_noun = class_noun or "toy"
-        subject_note = "synthetic stand-in images (DreamBench data not found beside the checkout)"
+        subject_note = "synthetic stand-in images (pass --subject DIR --class-noun NOUN for your own photos)"
     size = resolutions.stage1_size(paths.stage1)
     data.grid([im.resize((128, 128)) for im in data.load_folder(subject, size, "subject")]).save(root / "subject.png")
 
@@ -105,8 +109,8 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     lap("train stage II", t)
     runs.start_logging(root)  # back to the demo's own log
 
-    prompts = [p.format(c=class_noun).replace("[V]", token) for p in PROMPTS]
-    n_images = 1 if fast else 2
+    prompts = [p.format(c=class_noun).replace("[V]", token) for p in (TOY_PROMPTS if toy else PROMPTS)]
+    n_images = (2 if fast else 6) if toy else (1 if fast else 2)
     stage3 = paths.stage3 if with_stage3 else "none"
     if with_stage3 and stage3 == "none":
         stage3 = models.resolve_name(cfg, "tiny", "stage3") if paths.uses_tiny else stage3
@@ -118,9 +122,20 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     t = time.time()
     run_cascade(cfg, tuned, prompts, n_images, 0, root / "samples-after", progress=False)
     lap("sample fine-tuned cascade", t)
+    toy_numbers = None
+    if toy:
+        from cascade.text import TextEncoder
+        from cascade.toy.demo_measures import measure_demo
+
+        t = time.time()
+        encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length)
+        toy_numbers = measure_demo(root, cfg, base, tuned, prompts, n_images, encoder)
+        lap("read samples (toy readers)", t)
     timings["total"] = round(time.time() - t0, 2)
 
-    weights = ("tiny random-initialised components built locally: every image below is noise by construction, "
+    weights = ("the toy world's pretrained cascade (cascade/toy/weights, 16 -> 64 px): a small learned procedural "
+               "world, not real photos; the same commands run on IF with --config if-xl --subject DIR --class-noun NOUN"
+               ) if toy else ("tiny random-initialised components built locally: every image below is noise by construction, "
                "the demo shows the pipeline, not image quality") if paths.uses_tiny else \
         f"stage I {paths.stage1}, stage II {paths.stage2}, stage III {stage3}"
     summary = {
@@ -134,7 +149,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
                    "seconds": round(r2.seconds, 2),
                    "noise_aug": [cfg.stage2.train.noise_aug_min, cfg.stage2.train.noise_aug_max],
                    "sample_noise_level": json.loads((r2.export_dir / "cascade.json").read_text())["sample_noise_level"]},
-        "stage3": stage3, "timings_seconds": timings,
+        "stage3": stage3, "timings_seconds": timings, "toy": toy_numbers,
     }
     summary["report"] = str(report.write_report(root, summary))
     summary["summary"] = str(root / "summary.json")

@@ -12,7 +12,7 @@ def test_demo_fast_report(make_cfg, tmp_path, write_subject, capsys):
     cache = make_cfg().models.cache_dir
     subject = write_subject(tmp_path / "subject", 3, 256)
     out = tmp_path / "demo"
-    assert main(["demo", "--fast", "--stage3", "--output", str(out), "--subject", str(subject),
+    assert main(["demo", "--config", "tiny", "--fast", "--stage3", "--output", str(out), "--subject", str(subject),
                  "--class-noun", "toy", "--set", f"models.cache_dir={cache}"]) == 0
     printed = capsys.readouterr().out
     assert "noise" in printed  # the demo says plainly that tiny random weights make noise
@@ -34,3 +34,30 @@ def test_demo_fast_report(make_cfg, tmp_path, write_subject, capsys):
     after = json.loads((out / "samples-after" / "samples.json").read_text())
     assert after["stage1"]["kind"] == "full" and after["stage2"]["noise_level"] == 0
     assert Path(after["stage1"]["path"]).name == "export"
+
+
+def test_demo_default_is_the_toy_world(tmp_path, capsys):
+    """Without --config the demo runs the toy world: its subject written into the run folder, the
+    readers' numbers in summary.json and report.html (values from --fast's few steps are not claims)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "demo"
+        assert main(["demo", "--fast", "--output", str(out), "--set", f"models.cache_dir={tmp_path / 'cache'}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "toy world" in capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"] == "toy" and summary["random_weights"] is False
+    assert Path(summary["subject"]) == out / "subject" and len(list((out / "subject").glob("*.png"))) == 5
+    assert summary["prompts"] == [f"a {summary['identifier']} toy", "a toy"]
+    toy = summary["toy"]
+    for name in ("before", "after"):
+        assert 0 <= toy[name]["subject_fidelity"] <= 1 and 0 <= toy[name]["class_entropy_bits"] <= 4.6
+    assert set(toy["sr_subject_views"]) == {"base", "fine-tuned"}
+    page = (out / "report.html").read_text()
+    for link in re.findall(r'(?:src|href)="([^"]+)"', page):
+        assert (out / link).is_file(), f"report.html links a missing file: {link}"
+    assert "toy world" in page and "--config if-xl" in page and "sr-subject.png" in page
