@@ -64,13 +64,14 @@ def _corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(folder: Path):
-    """Train a tiny SentencePiece unigram model (T5 ids: pad 0, eos 1, unk 2) and save a T5 tokenizer."""
+def train_tokenizer(corpus: list[str], words, folder: Path):
+    """Train a SentencePiece unigram model on `corpus` (T5 ids: pad 0, eos 1, unk 2), check that each
+    of `words` gets its own known ids, and save it as a T5 tokenizer in `folder`."""
     import sentencepiece as spm
     from transformers import T5Tokenizer
 
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus()), model_writer=buf, vocab_size=16000,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=buf, vocab_size=16000,
                                    hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
                                    bos_id=-1, num_threads=1, character_coverage=1.0, minloglevel=2)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,10 +79,15 @@ def build_tokenizer(folder: Path):
         # from_pretrained on a folder with spiece.model really converts it; T5Tokenizer(vocab_file=...)
         # silently builds an empty vocabulary with transformers 5.x.
         tok = T5Tokenizer.from_pretrained(tmp, extra_ids=100)
-    if tok("a dog").input_ids == tok("a cat").input_ids:
-        raise RuntimeError("tiny tokenizer does not tokenize: 'a dog' and 'a cat' give the same ids")
+    ids = [tuple(tok(w, add_special_tokens=False).input_ids) for w in words]
+    if len(set(ids)) != len(ids) or any(tok.unk_token_id in i for i in ids):
+        raise RuntimeError(f"trained tokenizer does not tell these words apart: {', '.join(words)}")
     tok.save_pretrained(folder)
     return tok
+
+
+def build_tokenizer(folder: Path):
+    return train_tokenizer(_corpus(), ("dog", "cat"), folder)
 
 
 def build_text_encoder(vocab_size: int):

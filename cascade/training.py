@@ -14,7 +14,7 @@ from cascade import identifier as ident
 from cascade import early_log, model_checks, models, resolutions, run_folder, runs
 from cascade.config import Config, ConfigError
 from cascade.text import TextEncoder, load_tokenizer
-from stages import components, data, setup, stage1, stage2, trainer
+from stages import components, data, engines, setup, stage1, stage2, trainer
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -30,16 +30,6 @@ class TrainRequest:
     class_dir: str | None = None
     resume: bool = False
     overwrite: bool = False
-
-
-def _main_first(state, fn):
-    """Run fn on the main process, then let the others run it (they then hit caches)."""
-    if state.is_main_process:
-        result = fn()
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        result = fn()
-    return result
 
 
 def _pick_identifier(req: TrainRequest, text_source: str) -> str:
@@ -115,7 +105,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
         raise InputError("--class-noun must name the subject's class, e.g. dog")
     setup.early_checks(tc)
     _check_request(req, sec)
-    paths = _main_first(state, lambda: models.resolve(cfg))
+    paths = engines.main_first(state, lambda: models.resolve(cfg))
     model_path = paths.stage1 if req.stage == 1 else paths.stage2
     model_checks.check_trainable(model_path, req.stage)
     model_checks.check_models(paths, cfg.models.variant, (1, 2) if req.stage == 2 and tc.prior_preservation else
@@ -153,7 +143,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     texts = [prompts["instance"], prompts["class"], ""] + (captions or [])
     if state.is_main_process:
         encoder.check_lengths(list(dict.fromkeys(texts[:2] + texts[3:])))
-    embeds = _main_first(state, lambda: encoder.encode(texts))  # every caption too: T5 once, before any UNet
+    embeds = engines.main_first(state, lambda: encoder.encode(texts))  # every caption too: T5 once, before any UNet
     log.info("instance prompt %r, class prompt %r%s", prompts["instance"], prompts["class"],
              f", {len(set(captions))} distinct per-image captions ({tc.captions})" if captions else "")
 

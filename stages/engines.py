@@ -164,7 +164,6 @@ def configure_deepspeed(accelerator, unet, cfg, micro_batch: int):
 def make_optimizer_and_scheduler(accelerator, params, cfg, make_optimizer):
     """Our AdamW (or 8-bit AdamW) with constant-after-warmup, unless a DeepSpeed config defines its
     own optimizer/scheduler: then accelerate's placeholders carry our lr/warmup into that config."""
-    from accelerate.utils import DummyOptim, DummyScheduler
     from diffusers.optimization import get_scheduler
 
     def schedule(opt):
@@ -172,6 +171,8 @@ def make_optimizer_and_scheduler(accelerator, params, cfg, make_optimizer):
 
     conf = deepspeed_config(accelerator) or {}
     if "optimizer" in conf:
+        from accelerate.utils import DummyOptim, DummyScheduler  # exported only where deepspeed is installed
+
         optimizer, name = DummyOptim(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay), "deepspeed-config"
         if "scheduler" in conf:
             return optimizer, DummyScheduler(optimizer, total_num_steps=cfg.max_steps,

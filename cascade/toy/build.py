@@ -8,9 +8,7 @@ predicts x0 itself there, so the low frequencies follow the low-res condition.
 """
 from __future__ import annotations
 
-import io
 import random
-import tempfile
 from pathlib import Path
 
 from cascade import tiny
@@ -27,23 +25,10 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(folder: Path):
-    """Train the SentencePiece model (T5 ids: pad 0, eos 1, unk 2) and check that it tokenizes."""
-    import sentencepiece as spm
-    from transformers import T5Tokenizer
-
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(_corpus()), model_writer=buf, vocab_size=16000,
-                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2,
-                                   bos_id=-1, num_threads=1, character_coverage=1.0, minloglevel=2)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "spiece.model").write_bytes(buf.getvalue())
-        tok = T5Tokenizer.from_pretrained(tmp, extra_ids=100)  # T5Tokenizer(vocab_file=) ignores the file
-    words = [*world.COLOURS, *world.SHAPES, *world.PATTERNS, world.CLASS_NOUN]
-    ids = [tuple(tok(w, add_special_tokens=False).input_ids) for w in words]
-    if len(set(ids)) != len(ids) or any(tok.unk_token_id in i for i in ids):
-        raise RuntimeError("toy tokenizer does not tell the grammar's words apart")
-    tok.save_pretrained(folder)
-    return tok
+    """The SentencePiece model trained on tiny's corpus plus the grammar; every grammar word must get
+    its own known ids."""
+    return tiny.train_tokenizer(_corpus(), [*world.COLOURS, *world.SHAPES, *world.PATTERNS, world.CLASS_NOUN],
+                                folder)
 
 
 def stage1_unet():
