@@ -113,7 +113,8 @@ def test_demo_checks_every_stage_input_before_any_folder(cli, write_subject, tmp
                     "--output", str(tmp_path / "d1"))
     assert code == 2 and "--class-noun is required" in error_line(err)
     small = write_subject(tmp_path / "small", 3, 100)  # fine for stage I (64), too small for stage II (256)
-    code, err = cli("demo", "--fast", "--subject", str(small), "--class-noun", "dog", "--output", str(tmp_path / "d2"))
+    code, err = cli("demo", "--fast", "--config", "tiny", "--subject", str(small), "--class-noun", "dog",
+                    "--output", str(tmp_path / "d2"))
     assert code == 2 and "100x100" in error_line(err) and "256px" in err
     assert "stage 1:" not in err  # refused before stage I trained
     assert not (tmp_path / "d1").exists() and not (tmp_path / "d2").exists()
