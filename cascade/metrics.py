@@ -110,6 +110,16 @@ def is_random(name: str) -> bool:
     return (Path(name) / RANDOM_MARKER).is_file()
 
 
+@torch.no_grad()
+def _embed_images(scorer, images: list, batch: int, forward) -> torch.Tensor:
+    """L2-normalised image embeddings, `batch` images at a time through the scorer's processor."""
+    out = []
+    for i in range(0, len(images), batch):
+        px = scorer.processor(images=images[i:i + batch], return_tensors="pt")["pixel_values"].to(scorer.device)
+        out.append(forward(px).float().cpu())
+    return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+
+
 class DinoScorer:
     """ViT CLS embeddings (facebook/dino-vits16 by default), L2-normalised."""
 
@@ -120,13 +130,8 @@ class DinoScorer:
         self.model = _load(ViTModel, name, "DINO", add_pooling_layer=False).to(device).eval()
         self.name, self.device, self.random = name, device, is_random(name)
 
-    @torch.no_grad()
     def embed(self, images: list, batch: int = 16) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch):
-            px = self.processor(images=images[i:i + batch], return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(self.model(pixel_values=px).last_hidden_state[:, 0].float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return _embed_images(self, images, batch, lambda px: self.model(pixel_values=px).last_hidden_state[:, 0])
 
 
 class ClipScorer:
@@ -139,13 +144,8 @@ class ClipScorer:
         self.model = _load(CLIPModel, name, "CLIP").to(device).eval()
         self.name, self.device, self.random = name, device, is_random(name)
 
-    @torch.no_grad()
     def embed(self, images: list, batch: int = 16) -> torch.Tensor:
-        out = []
-        for i in range(0, len(images), batch):
-            px = self.processor(images=images[i:i + batch], return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(_features(self.model.get_image_features(pixel_values=px)).float().cpu())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1)
+        return _embed_images(self, images, batch, lambda px: _features(self.model.get_image_features(pixel_values=px)))
 
     @torch.no_grad()
     def embed_text(self, prompts: list[str]) -> torch.Tensor:

@@ -13,6 +13,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models run faster on one torch thread, far faster on an oversubscribed shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """A models.cache_dir holding the tiny components (built once per session)."""

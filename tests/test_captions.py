@@ -14,13 +14,7 @@ from stages import components, task as task_module, trainer
 CAPTIONS = ["a [V] dog on grass", "a [V] dog in the snow", "a close photo of a [V] dog"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster, and far faster on an oversubscribed shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

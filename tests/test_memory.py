@@ -9,12 +9,7 @@ from cascade.config import Train
 from stages import activation_ckpt, optim
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _measured_peak(plan: memory.Plan) -> int:

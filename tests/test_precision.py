@@ -11,13 +11,7 @@ from stages.precision import LowPrecisionAdamW, convert_to_variant, stochastic_r
 TOLERANCE = 0.03
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny kernels on a shared machine run far faster on one thread than fighting over two."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _problem():
