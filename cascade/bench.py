@@ -4,12 +4,20 @@ Weights are random (real presets: the shipped real architecture; tiny: the tiny 
 synthetic and the step is the trainer's (forward under autocast, backward, optimizer step with the
 config's memory options). Reports the median step time after warm-up, steps/s, images/s, peak
 memory (CUDA allocator stats, or peak RSS on CPU), FLOPs per step (FlopCounterMode) and, on a GPU
-whose peak is known, MFU. `--compare` runs the naive path (fp32 weights, no checkpointing,
-full-precision AdamW, T5 resident) in the same process, after the configured one, so on CPU its
-peak RSS is not hidden by the first run's (peak RSS only grows)."""
+whose peak is known, MFU. `--compare` also runs the naive path (fp32 weights, no checkpointing,
+full-precision AdamW, T5 resident).
+
+On CPU each variant runs in a fresh process (peak RSS only grows, and freed memory that the C
+allocator keeps would leak into the next variant's figure). The memory measured is that process's
+peak RSS minus its RSS just before the model is built (the interpreter and libraries), with glibc
+told to return every allocation above 64 KiB to the system when freed (MALLOC_MMAP_THRESHOLD_), so
+RSS follows the live tensors as CUDA's max_memory_allocated does on a GPU. `--estimate` puts the
+planner's figure for the same step beside each measurement."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -136,6 +144,21 @@ def _sync():
         torch.cuda.synchronize()
 
 
+def _import_libraries():
+    """Everything a step imports lazily, loaded before the RSS baseline so it is not counted as memory."""
+    import importlib.util
+
+    import diffusers  # noqa: F401
+    from diffusers import UNet2DConditionModel  # noqa: F401
+    from torch.utils.flop_counter import FlopCounterMode  # noqa: F401
+
+    import peft.tuners.lora  # noqa: F401
+
+    if importlib.util.find_spec("bitsandbytes"):
+        import bitsandbytes.functional  # noqa: F401
+        import bitsandbytes.optim  # noqa: F401
+
+
 def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, warmup: int, sample_steps: int,
                 sample_batch: int, text_len: int = 77, resolution: int | None = None) -> dict:
     """Time `steps` training steps (after `warmup`) and one sampling call; report memory and FLOPs."""
@@ -145,6 +168,7 @@ def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    _import_libraries()
     rss0 = rss_bytes()
     t5 = None
     if v.t5_resident:  # the naive path keeps the text encoder loaded while training
@@ -184,6 +208,8 @@ def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, 
         _sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    # the training steps' peak, before the FLOP-counting step (its dispatch mode holds more) and sampling
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes() - rss0
     flops = FlopCounterMode(display=False)
     with flops:
         step()
@@ -197,15 +223,49 @@ def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, 
     pf = peak_flops()
     result["train"]["mfu"] = step_flops / median / pf if pf else None
     result["sample"] = _time_sampling(unet, stage, sample_batch, sample_steps, text_len, device) if sample_steps else None
+    result["peak_memory_bytes"] = peak
     if device.type == "cuda":
-        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated()
-        result["peak_memory_kind"] = "cuda max_memory_allocated"
+        result["peak_memory_kind"] = "cuda max_memory_allocated of the training steps"
     else:
-        result["peak_memory_bytes"] = peak_rss_bytes()
-        result["peak_memory_kind"] = "peak RSS of the process"
+        result["peak_memory_kind"] = ("peak RSS of the training steps in their own process, minus the RSS "
+                                      "before the model was built")
         result["rss_before_bytes"] = rss0
+        result["malloc_mmap_threshold"] = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    result["t5_bytes"] = sum(p.numel() * p.element_size() for p in t5.parameters()) if t5 is not None else 0
     del unet, opt, t5
     return result
+
+
+MMAP_THRESHOLD = str(64 * 1024)
+
+
+def run_isolated(*args, **kwargs) -> dict:
+    """`run_variant` in a fresh spawned process (CPU), with glibc returning freed tensors to the system."""
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD  # read by the child's C library at start
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_run_with_threads, (torch.get_num_threads(), args, kwargs))
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+
+
+def _run_with_threads(threads: int, args, kwargs) -> dict:
+    torch.set_num_threads(threads)
+    return run_variant(*args, **kwargs)
+
+
+def planner_estimate(v: Variant, model: str, stage: int, tc, batch: int, resolution: int | None) -> dict:
+    """The planner's trace of the step `run_variant` takes (CPU: no autocast)."""
+    from cascade import memory
+
+    plan = memory.Plan(arch.arch_for(model) or f"tiny-stage{stage}", batch, stage == 1 and tc.prior_preservation,
+                       v.weights_dtype, v.checkpointing, v.use_8bit_adam, v.optimizer_states, v.in_backward,
+                       v.lora_rank, autocast=None, resolution=resolution)
+    return memory.trace_step(plan)["bytes"]
 
 
 def _tiny_t5(device):
@@ -246,15 +306,17 @@ def markdown_line(report: dict) -> str:
         tr = r["train"]
         mfu = f", MFU {tr['mfu'] * 100:.1f}%" if tr.get("mfu") else ""
         sample = f"sampling {r['sample']['images_per_s']:.3f} img/s, " if r["sample"] else ""
+        plan = (f", planner {r['planner']['peak_with_t5'] / 2**30:.2f} GiB "
+                f"({(r['planner']['over_measured'] - 1) * 100:+.1f}%)") if r.get("planner") else ""
         rows.append(f"{r['variant']['name']}: {tr['steps_per_s']:.3f} steps/s ({tr['images_per_s']:.2f} img/s), "
-                    f"{sample}peak {r['peak_memory_bytes'] / 2**30:.2f} GiB "
+                    f"{sample}peak {r['peak_memory_bytes'] / 2**30:.2f} GiB{plan} "
                     f"({r['peak_memory_kind']}), {tr['flops_per_step'] / 1e12:.3f} TFLOP/step{mfu}")
     return f"| {report['model']} (stage {report['stage']}) on {report['device']} | " + " / ".join(rows) + " |"
 
 
 def bench(cfg, stage: int, steps: int, warmup: int, sample_steps: int, compare: bool, batch: int | None = None,
           t5_resident: bool | None = None, variant_overrides: dict | None = None,
-          resolution: int | None = None) -> dict:
+          resolution: int | None = None, estimate: bool = False) -> dict:
     sec = cfg.stage1 if stage == 1 else cfg.stage2
     tc = sec.train
     model = cfg.models.stage1 if stage == 1 else cfg.models.stage2
@@ -265,8 +327,14 @@ def bench(cfg, stage: int, steps: int, warmup: int, sample_steps: int, compare: 
         if t5_resident is not None:
             nv.t5_resident = t5_resident
         variants.append(nv)
-    results = [run_variant(v, model, stage, tc, batch, steps, warmup, sample_steps, sec.sample.batch_size,
-                           resolution=resolution) for v in variants]
+    run = run_variant if torch.cuda.is_available() else run_isolated
+    results = [run(v, model, stage, tc, batch, steps, warmup, sample_steps, sec.sample.batch_size,
+                   resolution=resolution) for v in variants]
+    if estimate:
+        for v, r in zip(variants, results):
+            est = planner_estimate(v, model, stage, tc, batch, resolution)
+            r["planner"] = {"bytes": est, "peak_with_t5": est["peak"] + r["t5_bytes"],
+                            "over_measured": (est["peak"] + r["t5_bytes"]) / r["peak_memory_bytes"]}
     report = {"device": device_name(), "command": " ".join(["cascade"] + sys.argv[1:]), "model": model,
               "stage": stage, "resolution": resolution, "batch": batch, "config": {"name": cfg.name, "train": tc.__dict__, "sample": sec.sample.__dict__},
               "versions": versions(), "git": git_revision(), "steps": steps, "warmup": warmup, "results": results}

@@ -17,7 +17,9 @@ def add_commands(sub, common_config):
     p.add_argument("--batch", type=int, default=None, help="instance images per step (default: the config's)")
     p.add_argument("--resolution", type=int, default=None,
                    help="training input size (default: the stage's, 64 or 256); smaller for CPU measurements")
-    p.add_argument("--compare", action="store_true", help="also run the naive path in this process")
+    p.add_argument("--compare", action="store_true", help="also run the naive path (on CPU: each in its own process)")
+    p.add_argument("--estimate", action="store_true",
+                   help="also trace each timed step with the memory planner and report its estimate beside the measure")
     p.add_argument("--no-t5", action="store_true", help="naive path without the resident T5 (small machines)")
     p.add_argument("--output", default=None, help="JSON report path (default: print only)")
     p.add_argument("--estimate-memory", action="store_true", help="plan device memory instead of timing")
@@ -52,7 +54,8 @@ def cmd_bench(args):
         from cascade import bench
 
         report = bench.bench(cfg, args.stage, args.steps, args.warmup, args.sample_steps, args.compare, args.batch,
-                             False if args.no_t5 else None, resolution=args.resolution)
+                             False if args.no_t5 else None, resolution=args.resolution,
+                             estimate=args.estimate)
     if args.output:
         from cascade.bench import write_report
 

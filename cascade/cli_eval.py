@@ -114,7 +114,11 @@ def cmd_study_sr(args):
                        _variants(args.variant) if args.train else [], _levels(args.noise_levels), args.stage1,
                        args.num_stage1, args.max_images, args.seed, args.dino, args.lpips_net, args.output,
                        args.overwrite)
-    out = run_study(req)
+    if (args.base or cfg.models.stage2) == "toy":  # the toy world: its exact readers see the SR detail
+        from cascade.toy.measure import study_readers
+
+        req.readers = study_readers()
+    out, _ = run_study(req)
     print((out / "table.md").read_text())
     print(f"CSV, table, plots and grids in {out}")
 

@@ -164,4 +164,5 @@ def cmd_study(args):
     out = Path(args.output)
     run_study(out, sc, args.cache_dir)
     print((out / "table.md").read_text())
-    print(f"results: {out / 'results.csv'}, plots: {out / 'plots.png'}, grid: {out / 'grid-sr-subject.png'}")
+    print(f"results: {out / 'results.csv'}, plots: {out / 'plots.png'}; the SR sweep of each seed (tables, plots, "
+          f"grids): {out}/seed*/study-sr")

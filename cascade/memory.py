@@ -8,7 +8,9 @@ is computed and nothing is downloaded, so IF-I-XL plans on a laptop.
 
 What it counts and what it does not: tensor bytes on the training device (the CUDA context, ~0.5-1
 GB, and allocator fragmentation come on top; the fit verdict adds a margin for them). The optimizer
-state is created before tracing (one step on zero gradients), so the trace is a steady-state step.
+state is created before tracing (one step on zero gradients), so the trace is a steady-state step;
+every state tensor is handed to the tracker (`optim.state_tensors`), including those of the
+per-parameter optimizers that optimizer-in-backward keeps in hooks.
 8-bit AdamW (bitsandbytes kernels do not run on fake tensors) is stood in for by an optimizer that
 allocates exactly bitsandbytes' state layout; tests/test_memory.py checks it against the real one.
 The loss in the trace is the epsilon MSE (the hybrid bound adds a few per-pixel tensors: < 1 MB/img).
@@ -92,6 +94,32 @@ class _Fake8bitState:
         pass
 
 
+class _StateView(torch.optim.Optimizer):
+    """Hands MemTracker every optimizer state tensor under the optimizer-state category: it reads only
+    `.state` of the optimizers it is given, and would miss per-parameter optimizers in backward hooks
+    and 8-bit moments held in objects."""
+
+    def __init__(self, tensors):  # no super().__init__: only `.state` is read
+        self.state = {i: {"t": t} for i, t in enumerate(tensors)}
+
+
+class _NoHook:
+    def remove(self):
+        pass
+
+
+def _tracker(unet):
+    """A MemTracker for `unet`. torch's tracker puts a gradient hook on every parameter and fails on
+    frozen ones (LoRA's base weights): those are marked as already hooked (they never get gradients)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    tracker = MemTracker()
+    for p in unet.parameters():
+        if not p.requires_grad:
+            tracker._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
+    return tracker
+
+
 def unet_config(model: str) -> dict:
     if model.startswith("tiny-stage"):
         from cascade import tiny
@@ -141,25 +169,34 @@ def _inputs(cfg: dict, n: int, text_len: int, dtype, resolution: int | None = No
 
 
 def _build(plan: Plan, cfg: dict):
+    """The UNet (and LoRA adapters) built on the meta device, then given fake CPU tensors: call under
+    FakeTensorMode. Built in the weights' dtype (Module.to() cannot swap fake parameters, and peft's
+    adapter placement fails on fake ones, hence meta first)."""
     from diffusers import UNet2DConditionModel
 
-    # under FakeTensorMode: fake parameters, initialisers do no work; built directly in the weights'
-    # dtype (Module.to() cannot swap fake parameters)
     default = torch.get_default_dtype()
     torch.set_default_dtype(getattr(torch, plan.weights_dtype))
     try:
-        unet = UNet2DConditionModel(**cfg)
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**cfg)
+            if plan.lora_rank:
+                setup.add_lora(unet, plan.lora_rank, 0)
     finally:
         torch.set_default_dtype(default)
-    if plan.lora_rank:
-        setup.add_lora(unet, plan.lora_rank, 0)
+    for module in unet.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device="cpu"),
+                                                              requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty_like(b, device="cpu")
     return unet
 
 
 def trace_step(plan: Plan) -> dict:
     """Bytes of one steady-state training step: params, grads, optimizer state, activations, peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     cfg = unet_config(plan.model)
     saved = precision._State8bit
@@ -175,8 +212,8 @@ def trace_step(plan: Plan) -> dict:
             n = plan.batch * (2 if plan.prior else 1)
             dtype = next(unet.parameters()).dtype
             x, t, enc, labels = _inputs(cfg, n, plan.text_len, dtype, plan.resolution)
-            tracker = MemTracker()
-            tracker.track_external(unet, opt)
+            tracker = _tracker(unet)
+            tracker.track_external(unet, opt, _StateView(optim.state_tensors(opt)))
             ac = torch.autocast("cpu", dtype=getattr(torch, plan.autocast), enabled=plan.autocast is not None) \
                 if plan.autocast else torch.autocast("cpu", enabled=False)
             with tracker:
@@ -207,14 +244,13 @@ def trace_step(plan: Plan) -> dict:
 def trace_inference(model: str, batch: int, dtype: str = "float16", text_len: int = 77) -> int:
     """Peak bytes of one sampling forward (classifier-free guidance doubles the batch) of a frozen UNet."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
 
     cfg = unet_config(model)
     with FakeTensorMode(allow_non_fake_inputs=True):
         unet = _build(Plan(model, weights_dtype=dtype), cfg)
         unet.eval()
         x, t, enc, labels = _inputs(cfg, 2 * batch, text_len, next(unet.parameters()).dtype)
-        tracker = MemTracker()
+        tracker = _tracker(unet)
         tracker.track_external(unet)
         with tracker, torch.no_grad():
             unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)

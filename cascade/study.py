@@ -45,6 +45,9 @@ class StudyRequest:
     lpips_net: str = "alex"
     output: str | None = None
     overwrite: bool = False
+    # extra per-image measures {name: fn(image [3, H, W] in [-1, 1]) -> float}, on every input (the toy
+    # world's exact readers: does the SR output show the subject's stripes, its emblem)
+    readers: dict = field(default_factory=dict)
 
 
 def _identifier(req: StudyRequest, sr_paths: list[str], stage1_path: str, text_source: str) -> str:
@@ -100,11 +103,11 @@ def _upsample_all(path: str, cfg: Config, lowres: torch.Tensor, embeds, negative
 
 
 def _measure(images: torch.Tensor, kinds: list[str], truth: torch.Tensor, real_hf: float, dino, real_dino,
-             lpips: Lpips) -> list[dict]:
+             lpips: Lpips, readers: dict) -> list[dict]:
     rows = []
     d = metrics.mean_cosine(dino.embed(data.to_pil(images)), real_dino).tolist() if dino else [None] * len(kinds)
     for i, kind in enumerate(kinds):
-        row = {"input": kind, "image": i, "dino": d[i]}
+        row = {"input": kind, "image": i, "dino": d[i], **{name: float(fn(images[i])) for name, fn in readers.items()}}
         if kind == "real":
             gt = truth[i]
             row.update(psnr=psnr(images[i], gt), ssim=ssim(images[i], gt), hf_ratio=hf_ratio(images[i], gt),
@@ -115,7 +118,8 @@ def _measure(images: torch.Tensor, kinds: list[str], truth: torch.Tensor, real_h
     return rows
 
 
-def run_study(req: StudyRequest) -> Path:
+def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
+    """The sweep; (output folder, one row per SR model x noise level x input image)."""
     cfg = req.cfg
     if not req.class_noun.strip():
         raise InputError("--class-noun must name the subject's class, e.g. dog")
@@ -161,19 +165,20 @@ def run_study(req: StudyRequest) -> Path:
 
     rows, outputs = [], {}
     reference = noise_aug.upsample(lowres, high).clamp(-1, 1)  # plain bilinear upsampling, no model
-    for r in _measure(reference, kinds, truth, real_hf, dino, real_dino, lpips):
+    for r in _measure(reference, kinds, truth, real_hf, dino, real_dino, lpips, req.readers):
         rows.append({"model": "bilinear upsampling (no model)", "noise_level": None, **r})
     for label, path in sr_models:
         log.info("SR model %s (%s): %d inputs x noise levels %s", label, path, lowres.shape[0], req.levels)
         outputs[label] = _upsample_all(path, cfg, lowres, embeds[prompt], embeds[""], req.levels, req.seed)
         for level in req.levels:
-            for r in _measure(outputs[label][level], kinds, truth, real_hf, dino, real_dino, lpips):
+            for r in _measure(outputs[label][level], kinds, truth, real_hf, dino, real_dino, lpips, req.readers):
                 rows.append({"model": label, "noise_level": level, **r})
     info = {"subject": req.subject, "class_noun": req.class_noun, "prompt": prompt, "identifier": token,
             "models": dict(sr_models), "levels": req.levels, "stage1": s1, "resolutions": [low, high],
             "random_weights": any(TINY_VERSION in components.describe_source(p).base
                                   for p in [base, paths.text_encoder] + ([s1] if s1 != "none" else [])),
             "dino": metrics.describe_models(dino, None, lpips.reason)[0] if dino else "DINO: not computed (--dino none)",
-            "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package"}
+            "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package",
+            "readers": list(req.readers)}
     study_report.write(out, rows, info, lowres, truth, kinds, outputs, reference)
-    return out
+    return out, rows

@@ -23,14 +23,18 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
-def aggregate(rows: list[dict]) -> list[dict]:
+def metrics_of(kind: str, readers=()) -> tuple:
+    return METRICS[kind] + tuple(readers)
+
+
+def aggregate(rows: list[dict], readers=()) -> list[dict]:
     """Means per (input kind, model, noise level), in the order rows first appear."""
     keys = list(dict.fromkeys((r["input"], r["model"], r["noise_level"]) for r in rows))
     out = []
     for kind, model, level in keys:
         sel = [r for r in rows if (r["input"], r["model"], r["noise_level"]) == (kind, model, level)]
         out.append({"input": kind, "model": model, "noise_level": level, "n": len(sel),
-                    **{m: _mean([r.get(m) for r in sel]) for m in METRICS[kind]}})
+                    **{m: _mean([r.get(m) for r in sel]) for m in metrics_of(kind, readers)}})
     return out
 
 
@@ -65,8 +69,8 @@ def markdown(agg: list[dict], info: dict, found: list[str]) -> str:
         sel = [a for a in agg if a["input"] == kind]
         if not sel:
             continue
-        ms = METRICS[kind]
-        lines += ["", f"## {title}", "", "| model | noise_level | n | " + " | ".join(NAMES[m] for m in ms) + " |",
+        ms = metrics_of(kind, info["readers"])
+        lines += ["", f"## {title}", "", "| model | noise_level | n | " + " | ".join(NAMES.get(m, m) for m in ms) + " |",
                   "|---|---|---|" + "---|" * len(ms)]
         for a in sel:
             lines.append(f"| {a['model']} | {_fmt(a['noise_level'])} | {a['n']} | "
@@ -78,13 +82,13 @@ def markdown(agg: list[dict], info: dict, found: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(agg: list[dict], kind: str, path: Path):
+def plot(agg: list[dict], kind: str, path: Path, readers=()):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = [m for m in METRICS[kind] if any(a.get(m) is not None for a in agg if a["input"] == kind)]
+    ms = [m for m in metrics_of(kind, readers) if any(a.get(m) is not None for a in agg if a["input"] == kind)]
     fig, axes = plt.subplots(1, len(ms), figsize=(3.6 * len(ms), 3.2), squeeze=False)
     for ax, m in zip(axes[0], ms):
         for model in dict.fromkeys(a["model"] for a in agg if a["input"] == kind):
@@ -95,7 +99,7 @@ def plot(agg: list[dict], kind: str, path: Path):
                 ax.plot([a["noise_level"] for a in sel], [a[m] for a in sel], marker="o", label=model)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("sampling noise_level")
-        ax.set_title(NAMES[m])
+        ax.set_title(NAMES.get(m, m))
     axes[0][0].legend(fontsize=7)
     fig.suptitle("SR study: " + ("real photos (vs ground truth)" if kind == "real" else "stage I samples"))
     fig.tight_layout()
@@ -133,18 +137,18 @@ def image_grid(index: int, lowres, truth, outputs: dict, reference, levels: list
 
 
 def write(out: Path, rows: list[dict], info: dict, lowres, truth, kinds, outputs, reference):
-    agg = aggregate(rows)
+    agg = aggregate(rows, info["readers"])
     found = findings(agg)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["input", "image", "model", "noise_level", "psnr", "ssim", "lpips",
-                                          "hf_ratio", "dino"])
+                                          "hf_ratio", "dino", *info["readers"]])
         w.writeheader()
         w.writerows(rows)
     (out / "results.json").write_text(json.dumps({**info, "means": agg, "findings": found}, indent=1))
     (out / "table.md").write_text(markdown(agg, info, found))
     for kind in ("real", "stage1"):
         if kind in kinds:
-            plot(agg, kind, out / f"plot-{kind}.png")
+            plot(agg, kind, out / f"plot-{kind}.png", info["readers"])
             i = kinds.index(kind)
             image_grid(i, lowres, truth[i] if kind == "real" else None, outputs, reference, info["levels"],
                        out / f"grid-{kind}.png")

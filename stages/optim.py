@@ -111,6 +111,36 @@ def build(params, cfg, num_processes: int = 1, seed: int = 0):
     return opt, name + "+in-backward"
 
 
+def state_tensors(optimizer) -> list[torch.Tensor]:
+    """Every tensor an optimizer holds as state, each once: per-parameter optimizers inside backward
+    included, and 8-bit moments held in objects (q, absmax, code map). The planner and the bench count
+    these; torch's MemTracker alone sees only plain tensors in `optimizer.state` of the outer optimizer."""
+    opts = list(optimizer.inner.values()) if isinstance(optimizer, InBackwardOptimizer) else [optimizer]
+    found: dict[int, torch.Tensor] = {}
+
+    def walk(v, depth=0):
+        if isinstance(v, torch.Tensor):
+            found.setdefault(id(v), v)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x, depth)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x, depth)
+        elif hasattr(v, "__dict__") and depth < 3:  # _State8bit, bitsandbytes' QuantState
+            for x in vars(v).values():
+                walk(x, depth + 1)
+
+    for o in opts:
+        for st in o.state.values():
+            walk(st)
+    return list(found.values())
+
+
+def state_bytes(optimizer) -> int:
+    return sum(t.numel() * t.element_size() for t in state_tensors(optimizer))
+
+
 def ddp_kwargs(cfg) -> list:
     """accelerate kwargs handlers: DDP with gradient_as_bucket_view (gradients are views into the
     all-reduce buckets, so DDP holds no second full copy of them)."""

@@ -171,17 +171,6 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         for g, sg in zip(self.param_groups, saved):
             g.update({k: v for k, v in sg.items() if k != "params"})
 
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state actually held (for the planner and the bench)."""
-        total = 0
-        for st in self.state.values():
-            for k, val in st.items():
-                if isinstance(val, torch.Tensor):
-                    total += val.numel() * val.element_size()
-                elif isinstance(val, _State8bit):
-                    total += val.q.numel() + val.qs.absmax.numel() * val.qs.absmax.element_size()
-        return total
-
 
 def cast_for_model(model, *tensors):
     """Inputs in the dtype of the model's weights (bf16 weights run without autocast on CPU)."""

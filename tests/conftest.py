@@ -77,3 +77,17 @@ def subject_dir(tmp_path) -> Path:
 @pytest.fixture
 def write_subject():
     return _write_subject
+
+
+def torchrun(args: list, port: int, **extra_env) -> str:
+    """Run `args` (a script and its arguments) in 2 CPU processes (gloo); its output; fails on an error."""
+    import subprocess
+    import sys
+
+    exe = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra_env}
+    proc = subprocess.run([str(exe), "--nproc_per_node", "2", "--master_port", str(port), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=900)  # ~1 min idle
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-4000:]
+    return text

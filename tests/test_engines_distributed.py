@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,18 +13,9 @@ import torch
 from PIL import Image
 
 from cascade.cli import main
+from tests.conftest import torchrun
 
 HELPERS = Path(__file__).parent / "helpers"
-
-
-def torchrun(args: list, port: int, **extra_env) -> str:
-    exe = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra_env}
-    proc = subprocess.run([str(exe), "--nproc_per_node", "2", "--master_port", str(port), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=900)  # ~1 min idle
-    text = proc.stdout + proc.stderr
-    assert proc.returncode == 0, text[-4000:]
-    return text
 
 
 def test_class_images_split_match_one_process(make_cfg, tmp_path):

@@ -148,3 +148,65 @@ def test_evaluate_end_to_end_resume_and_images(tmp_path, make_cfg, metric_models
     ft2 = {r["model"]: r for r in res2["overall"]}["fine-tuned"]
     assert ft2["dino"] == pytest.approx(overall["fine-tuned"]["dino"], abs=1e-6)
     assert ft2["pres"] == pytest.approx(overall["fine-tuned"]["pres"], abs=1e-6)
+
+
+def test_two_process_evaluate_matches_one(tmp_path, make_cfg, metric_models, write_subject, one_thread):
+    """`accelerate launch`/torchrun spreads evaluate's generation over ranks through the runner; the images
+    and the scores equal a single-process run's, and only rank 0 scores and writes the tables."""
+    import numpy as np
+
+    from tests.conftest import torchrun
+
+    subject = write_subject(tmp_path / "dog", 2, 64)
+    common = ["evaluate", "--subject", str(subject), "--identifier", "jaw", "--max-prompts", "2", "--num-images",
+              "2", "--num-class-images", "2", "--chunk", "2", "--stage2", "none", "--dino", metric_models[0],
+              "--clip", metric_models[1], "--set", f"models.cache_dir={make_cfg().models.cache_dir}", *FAST,
+              "--set", "stage1.sample.batch_size=1"]
+    assert main(common + ["--output", str(tmp_path / "one")]) == 0
+    helper = __import__("pathlib").Path(__file__).parent / "helpers" / "cli_main.py"
+    text = torchrun([helper], 29561, CASCADE_ARGV=json.dumps(common + ["--output", str(tmp_path / "two")]))
+    assert "process 0/2" in text and "process 1/2" in text, text[-2000:]
+    one = sorted((tmp_path / "one" / "dog" / "fine-tuned").glob("*.png"))
+    two = sorted((tmp_path / "two" / "dog" / "fine-tuned").glob("*.png"))
+    assert [p.name for p in one] == [p.name for p in two] and len(one) == 6
+    for a, b in zip(one, two):
+        diff = np.asarray(Image.open(a), dtype=np.int16) - np.asarray(Image.open(b), dtype=np.int16)
+        assert np.abs(diff).max() <= 1, a.name
+    scores = [{r["model"]: r for r in json.loads((tmp_path / d / "results.json").read_text())["overall"]}
+              for d in ("one", "two")]
+    for key in ("dino", "clip_i", "clip_t", "pres"):
+        assert scores[1]["fine-tuned"][key] == pytest.approx(scores[0]["fine-tuned"][key], abs=2e-3), key
+
+
+def test_div_is_the_mean_pairwise_distance_within_each_prompt(metric_models, tmp_path, monkeypatch):
+    """The DIV path with a working `lpips` (which needs torchvision, absent here), run through a stand-in
+    module whose distance is the mean absolute pixel difference, so the expected DIV is known exactly:
+    per prompt the mean over unordered pairs, then the mean over prompts."""
+    import sys
+    import types
+
+    from cascade.evaluate import score_folder
+    from cascade.image_metrics import Lpips
+
+    class MeanAbs(torch.nn.Module):
+        def __init__(self, net="alex", verbose=True):
+            super().__init__()
+
+        def forward(self, a, b):
+            assert a.min() >= -1 and a.max() <= 1  # LPIPS takes [-1, 1] images
+            return (a - b).abs().mean().reshape(1, 1, 1, 1)
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=MeanAbs))
+    lp = Lpips()
+    assert lp.available and lp.reason == ""
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    colours = {"p00-k0": 0, "p00-k1": 255, "p00-k2": 0, "p01-k0": 128, "p01-k1": 128}
+    for name, v in colours.items():
+        Image.new("RGB", (32, 32), (v, v, v)).save(folder / f"{name}.png")
+    dino, clip = metrics.DinoScorer(metric_models[0]), metrics.ClipScorer(metric_models[1])
+    real = {"dino": dino.embed([Image.new("RGB", (32, 32))]), "clip": clip.embed([Image.new("RGB", (32, 32))])}
+    out = score_folder(folder, "x", ["a {0} {1}", "a {0} {1} on a rug"], "toy", "jaw", real, (dino, clip, lp))
+    per_prompt = [p["div"] for p in out["prompts"]]
+    assert per_prompt == pytest.approx([(2 + 0 + 2) / 3, 0.0], abs=1e-6)  # black/white pairs differ by 2
+    assert out["summary"]["div"] == pytest.approx(2 / 3, abs=1e-6)

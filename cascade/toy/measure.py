@@ -45,6 +45,13 @@ def detail(images: torch.Tensor) -> dict:
     return {"stripes": stripes, "emblem": emblem, "subject_with_stripes": full}
 
 
+def study_readers() -> dict:
+    """Per-image readers for `cascade study-sr` on the toy world (1.0 = shown): the subject's stripes
+    and its emblem, the detail only the SR stage can draw."""
+    return {"stripes": lambda im: float(readers.read(im).get("pattern") == world.SUBJECT["pattern"]),
+            "emblem": lambda im: float(bool(readers.read(im).get("emblem")))}
+
+
 def entropy(images: torch.Tensor) -> float:
     """Entropy (bits) of the read (colour, shape) pairs: the class prior's diversity."""
     counts = Counter(tuple(readers.locate(im)[:2]) for im in images)
