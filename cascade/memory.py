@@ -85,13 +85,13 @@ class _Fake8bitState:
     def __init__(self, like, signed):
         self.q = torch.zeros(like.numel(), dtype=torch.uint8, device=like.device)
         self.absmax = torch.zeros((like.numel() + 255) // 256, dtype=torch.float32, device=like.device)
-        self.shape = like.shape
 
-    def get(self):
-        return torch.zeros(self.shape, dtype=torch.float32, device=self.q.device)
+    def get(self, start=0, end=None):
+        end = self.q.numel() if end is None else end
+        return torch.zeros(end - start, dtype=torch.float32, device=self.q.device)
 
-    def set(self, value):
-        pass
+    def set(self, value, start=0):
+        torch.zeros(value.numel(), dtype=torch.uint8, device=self.q.device)  # the quantised copy, then freed
 
 
 class _StateView(torch.optim.Optimizer):

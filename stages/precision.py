@@ -38,25 +38,47 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     return x.to(dtype)
 
 
+def _part(t: torch.Tensor, s, e) -> torch.Tensor:
+    """The flat range [s, e) of `t` as a view (writable), or `t` itself when s is None."""
+    return t if s is None else t.view(-1)[s:e]
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(t, DTensor) or isinstance(getattr(t, "data", None), DTensor)
+
+
 class _State8bit:
-    """One Adam moment in 8-bit blockwise form (bitsandbytes' dynamic maps)."""
+    """One Adam moment in 8-bit blockwise form (bitsandbytes' dynamic maps), flat. Blocks of _BLOCK
+    values are quantised independently, so a range starting on a block boundary reads and writes on
+    its own: the chunked update touches one range at a time."""
 
     def __init__(self, like: torch.Tensor, signed: bool):
         import bitsandbytes.functional as bnbf
 
         self.code = bnbf.create_dynamic_map(signed=signed).to(like.device)
         self.shape = tuple(like.shape)
-        self.set(torch.zeros(like.numel(), device=like.device))
+        self.q, self.qs = bnbf.quantize_blockwise(torch.zeros(like.numel(), device=like.device), code=self.code,
+                                                  blocksize=_BLOCK)
 
-    def get(self) -> torch.Tensor:
+    def get(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """fp32 values of the flat range [start, end) (start a multiple of the block size)."""
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_blockwise(self.q, self.qs).view(self.shape)
+        end = self.q.numel() if end is None else end
+        return bnbf.dequantize_blockwise(self.q[start:end], absmax=self.qs.absmax[start // _BLOCK:-(-end // _BLOCK)],
+                                         code=self.code, blocksize=_BLOCK)
 
-    def set(self, value: torch.Tensor):
+    def set(self, value: torch.Tensor, start: int = 0):
         import bitsandbytes.functional as bnbf
 
-        self.q, self.qs = bnbf.quantize_blockwise(value.reshape(-1).contiguous(), code=self.code, blocksize=_BLOCK)
+        end = start + value.numel()
+        q, qs = bnbf.quantize_blockwise(value.reshape(-1).contiguous(), code=self.code, blocksize=_BLOCK)
+        self.q[start:end].copy_(q)
+        self.qs.absmax[start // _BLOCK:-(-end // _BLOCK)].copy_(qs.absmax)
 
     def to_tensors(self) -> dict:
         """Plain tensors for checkpoints (torch.load(weights_only=True) accepts only those)."""
@@ -78,11 +100,13 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
     rounding "nearest" it is exactly torch's AdamW (decoupled weight decay)."""
 
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 rounding: str = "stochastic", states: str = "fp32", seed: int = 0):
+                 rounding: str = "stochastic", states: str = "fp32", seed: int = 0, chunk: int = 1 << 22):
+        if chunk % _BLOCK:
+            raise ValueError(f"chunk must be a multiple of {_BLOCK} (the 8-bit block size)")
         if rounding not in ROUNDINGS or states not in STATE_KINDS:
             raise ValueError(f"rounding must be one of {ROUNDINGS}, states one of {STATE_KINDS}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-        self.rounding, self.states = rounding, states
+        self.rounding, self.states, self.chunk = rounding, states, chunk
         self.generator = torch.Generator().manual_seed(seed)
 
     def _init_state(self, p: torch.Tensor) -> dict:
@@ -96,18 +120,29 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             st["comp"] = torch.zeros_like(p)
         return st
 
-    def _moments(self, st):
+    def _moments(self, st, s, e, shape):
         if self.states == "8bit":
-            return st["m"].get(), st["v"].get()
-        return st["m"].float(), st["v"].float()
+            m, v = st["m"].get(s or 0, e), st["v"].get(s or 0, e)
+            return (m.view(shape), v.view(shape)) if s is None else (m, v)
+        return _part(st["m"], s, e).float(), _part(st["v"], s, e).float()
 
-    def _store(self, st, m, v):
+    def _store(self, st, m, v, s, e):
         if self.states == "8bit":
-            st["m"].set(m)
-            st["v"].set(v)
+            st["m"].set(m, s or 0)
+            st["v"].set(v, s or 0)
         else:
-            st["m"].copy_(m)
-            st["v"].copy_(v)
+            _part(st["m"], s, e).copy_(m)
+            _part(st["v"], s, e).copy_(v)
+
+    def _chunks(self, p: torch.Tensor) -> list:
+        """Flat [start, end) ranges of the update. Its fp32 scratch (gradient, both moments, the old and
+        new weight, rounding bits: ~7 x 4 bytes a value) then exists for one chunk, not for a whole
+        tensor: IF-I-XL's largest weight has 143M values, 4 GB of scratch unchunked. A sharded (DTensor)
+        or non-contiguous parameter is updated whole: [(None, None)]."""
+        if not p.is_contiguous() or _is_dtensor(p):
+            return [(None, None)]
+        n = p.numel()
+        return [(s, min(n, s + self.chunk)) for s in range(0, n, self.chunk)]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -119,29 +154,32 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                     continue
                 st = self.state[p] if p in self.state else self.state.setdefault(p, self._init_state(p))
                 st["step"] += 1
-                g = p.grad.float()
-                m, v = self._moments(st)
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                self._store(st, m, v)
                 bc1, bc2 = 1 - b1 ** st["step"], 1 - b2 ** st["step"]
-                p32 = p.float()
-                # torch AdamW's order: decay first, then the Adam step
-                new = p32 * (1 - group["lr"] * group["weight_decay"])
-                new.addcdiv_(m, (v.sqrt() / math.sqrt(bc2)).add_(group["eps"]), value=-group["lr"] / bc1)
-                self._write(p, p32, new, st)
+                for s, e in self._chunks(p):
+                    g = (p.grad if s is None else p.grad.reshape(-1)[s:e]).float()
+                    m, v = self._moments(st, s, e, p.shape)
+                    m.mul_(b1).add_(g, alpha=1 - b1)
+                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                    del g
+                    self._store(st, m, v, s, e)
+                    p32 = _part(p, s, e).float()
+                    # torch AdamW's order: decay first, then the Adam step
+                    new = p32 * (1 - group["lr"] * group["weight_decay"])
+                    new.addcdiv_(m, (v.sqrt() / math.sqrt(bc2)).add_(group["eps"]), value=-group["lr"] / bc1)
+                    del m, v
+                    self._write(_part(p, s, e), p32, new, _part(st["comp"], s, e) if "comp" in st else None)
         return loss
 
-    def _write(self, p, old32, new32, st):
+    def _write(self, p, old32, new32, comp):
         if p.dtype == torch.float32 or self.rounding == "nearest":
             p.copy_(new32)
         elif self.rounding == "stochastic":
             p.copy_(stochastic_round(new32, p.dtype, self.generator))
         else:  # kahan: re-add what earlier roundings lost, remember what this one loses
-            wanted = new32 - old32 + st["comp"].float()
+            wanted = new32 - old32 + comp.float()
             target = old32 + wanted
             p.copy_(target)
-            st["comp"].copy_(target - p.float())
+            comp.copy_(target - p.float())
 
     def state_dict(self):
         sd = super().state_dict()

@@ -191,3 +191,25 @@ def test_low_precision_adamw_8bit_state_dict_round_trip(tmp_path):
         step(b, ob2, i)
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("states", ["fp32", "bf16", "8bit"])
+@pytest.mark.parametrize("rounding", ["nearest", "kahan", "stochastic"])
+def test_chunked_update_equals_the_whole_tensor_update(states, rounding):
+    """The update runs in flat chunks (its fp32 scratch is one chunk, not one tensor); 8-bit blocks are
+    quantised independently, so chunks on block boundaries give bit-identical weights and states."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(3 * 1024 + 77, 5, generator=g).to(torch.bfloat16)  # not a multiple of the chunk
+    grads = [torch.randn(w0.shape, generator=g).to(torch.bfloat16) for _ in range(4)]
+    results = []
+    for chunk in (1 << 22, 1024):  # whole tensor in one chunk, then 16 chunks
+        w = torch.nn.Parameter(w0.clone())
+        opt = LowPrecisionAdamW([w], lr=1e-2, weight_decay=0.1, rounding=rounding, states=states, chunk=chunk)
+        for gr in grads:
+            w.grad = gr.clone()
+            opt.step()
+        st = opt.state[w]
+        m = st["m"].get() if states == "8bit" else st["m"]
+        results.append((w.detach().clone(), m.float().reshape(-1).clone()))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert not torch.equal(results[0][0], w0)  # it did update

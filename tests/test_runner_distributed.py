@@ -2,17 +2,16 @@
 single-process run."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cascade.cli import main
+from tests.conftest import torchrun
 
-HELPER = Path(__file__).parent / "helpers" / "sample_two_ranks.py"
+HELPER = Path(__file__).parent / "helpers" / "cli_main.py"
 
 
 def test_two_process_sampling_matches_one(make_cfg, tmp_path):
@@ -21,12 +20,7 @@ def test_two_process_sampling_matches_one(make_cfg, tmp_path):
             "--set", f"models.cache_dir={cache}", "--set", "stage1.sample.steps=2", "--set", "stage2.sample.steps=1",
             "--set", "stage1.sample.batch_size=1", "--set", "stage2.sample.batch_size=1"]
     assert main(["sample", *args, "--output", str(tmp_path / "one")]) == 0
-    torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", str(HELPER), *args,
-                           "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    text = proc.stdout + proc.stderr
+    text = torchrun([HELPER], 29517, CASCADE_ARGV=json.dumps(["sample", *args, "--output", str(tmp_path / "two")]))
     assert "process 0/2 samples 2 of 4 images" in text and "process 1/2 samples 2 of 4 images" in text
     for stage in ("stage1", "stage2"):
         one = sorted((tmp_path / "one" / stage).glob("*.png"))
