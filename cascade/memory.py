@@ -260,12 +260,24 @@ def trace_inference(model: str, batch: int, dtype: str = "float16", text_len: in
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def _t5_params(model: str) -> int:
+    """T5 v1.1 XXL for the real models; the tiny encoder beside the tiny ones."""
+    if model.startswith("tiny-stage"):
+        from cascade import tiny
+
+        with torch.device("meta"):
+            return arch.n_params(tiny.build_text_encoder(16000))
+    return arch.n_params(arch.build_t5())
+
+
 def command_phases(plan: Plan, step: dict, frozen_dtype: str = "float16", sample_batch: int = 4,
-                   validation_images: int = 4, t5_resident: bool = False, export_variant: str = "fp16") -> dict:
+                   validation_images: int = 4, t5_resident: bool = False) -> dict:
     """Device bytes of each phase of `cascade train`, in order: T5 encoding (T5 alone, freed after),
     class images (the frozen stage model sampling), training steps, validation grids (during
-    training: weights + optimizer state + a sampling forward), export (state dict + half copy)."""
-    t5_bytes = arch.n_params(arch.build_t5()) * DTYPE_BYTES[frozen_dtype]
+    training: weights + optimizer state + a sampling forward), export (weights and optimizer state
+    still resident; safetensors copies one tensor at a time to the host, and the fp16 variant is
+    converted from the written files on the host, so the device holds no second copy)."""
+    t5_bytes = _t5_params(plan.model) * DTYPE_BYTES[frozen_dtype]
     t5_act = 64 * 2**20  # encoder activations for 3 prompts of 77 tokens: a few MB, rounded up
     resident = t5_bytes if t5_resident else 0
     b = step["bytes"]
@@ -273,12 +285,11 @@ def command_phases(plan: Plan, step: dict, frozen_dtype: str = "float16", sample
     weights_opt = b["params"] + b["optimizer"]
     val = weights_opt + trace_inference(plan.model, validation_images,
                                         plan.weights_dtype) - step["params_total"] * DTYPE_BYTES[plan.weights_dtype]
-    export_extra = step["params_total"] * (2 if export_variant != "none" and plan.lora_rank == 0 else 0)
     phases = {"t5_encode": t5_bytes + t5_act,
               "class_images": resident + (sample_peak if plan.prior else 0),
               "train_step": resident + b["peak"],
               "validation": resident + val,
-              "export": resident + weights_opt + export_extra}
+              "export": resident + weights_opt}
     return phases
 
 

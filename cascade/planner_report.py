@@ -79,8 +79,7 @@ def run(cfg, args) -> dict:
         report.update(plan=step, markdown=f"{plan.model}, {plan.label()}, batch {plan.batch} (+prior), "
                       f"resolution {plan.resolution or 'native'}, CPU: training step peak {_gb(step['bytes']['peak'])} GB")
         return report
-    phases = memory.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images,
-                                   export_variant=sec.train.export_variant)
+    phases = memory.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images)
     peak_phase = max(phases, key=phases.get)
     report.update(plan=step, phases=phases, peak_phase=peak_phase, command_peak=phases[peak_phase])
     lines = [f"{plan.model}, batch {plan.batch}{' + ' + str(plan.batch) + ' prior' if plan.prior else ''}, "
@@ -104,5 +103,15 @@ def run(cfg, args) -> dict:
             else:
                 lines.append(f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB); switch on: "
                              f"{', '.join(switched)} -> training step peak {_gb(result['bytes']['peak'])} GB")
+    # host RAM at export: safetensors builds each file in memory (the whole state dict), then the fp16
+    # variant is converted from the written file (a half-precision copy)
+    full = plan.lora_rank == 0
+    host = (step["params_total"] * memory.DTYPE_BYTES[plan.weights_dtype] if full else 0) + \
+        (step["params_total"] * 2 if full and sec.train.export_variant != "none" else 0)
+    report["host_export_bytes"] = host
+    if host:
+        variant = sec.train.export_variant
+        lines.append(f"host RAM for the export: about {_gb(host)} GB (the state dict is written from memory"
+                     + (f", then the {variant} variant is converted from the file)" if variant != "none" else ")"))
     report["markdown"] = "\n".join(lines)
     return report

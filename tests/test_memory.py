@@ -118,9 +118,15 @@ def test_bench_tiny_writes_valid_json(tmp_path, capsys):
     assert "|" in report["markdown"] and report["markdown"] in capsys.readouterr().out
 
 
-def test_estimate_memory_cli_fit_verdict(capsys):
+def test_estimate_memory_cli_fit_verdict(capsys, tmp_path):
     from cascade.cli import main
 
-    assert main(["bench", "--estimate-memory", "--config", "tiny", "--gpu-memory", "40GB", "--batch", "1"]) == 0
+    assert main(["bench", "--estimate-memory", "--config", "tiny", "--gpu-memory", "40GB", "--batch", "1",
+                 "--output", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
     assert "phases (GB)" in out and "fits 40GB" in out
+    report = json.loads((tmp_path / "plan.json").read_text())
+    # the tiny cascade's phases are the tiny models' (its T5 is the tiny one, not T5-XXL's 9.5 GB), and
+    # the export holds no second copy of the weights on the device
+    assert report["command_peak"] < 0.2e9 and report["phases"]["t5_encode"] < 0.1e9
+    assert report["phases"]["export"] <= report["phases"]["train_step"]
