@@ -111,7 +111,7 @@ def run(cfg, args) -> dict:
     report["host_export_bytes"] = host
     if host:
         variant = sec.train.export_variant
-        lines.append(f"host RAM for the export: about {_gb(host)} GB (the state dict is written from memory"
+        lines.append(f"host RAM for the export: up to {_gb(host)} GB (the state dict is written from memory"
                      + (f", then the {variant} variant is converted from the file)" if variant != "none" else ")"))
     report["markdown"] = "\n".join(lines)
     return report
