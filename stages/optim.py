@@ -137,10 +137,6 @@ def state_tensors(optimizer) -> list[torch.Tensor]:
     return list(found.values())
 
 
-def state_bytes(optimizer) -> int:
-    return sum(t.numel() * t.element_size() for t in state_tensors(optimizer))
-
-
 def ddp_kwargs(cfg) -> list:
     """accelerate kwargs handlers: DDP with gradient_as_bucket_view (gradients are views into the
     all-reduce buckets, so DDP holds no second full copy of them)."""

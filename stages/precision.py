@@ -155,8 +155,9 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                 st = self.state[p] if p in self.state else self.state.setdefault(p, self._init_state(p))
                 st["step"] += 1
                 bc1, bc2 = 1 - b1 ** st["step"], 1 - b2 ** st["step"]
+                grad = p.grad if p.grad.is_contiguous() or _is_dtensor(p) else p.grad.contiguous()
                 for s, e in self._chunks(p):
-                    g = (p.grad if s is None else p.grad.reshape(-1)[s:e]).float()
+                    g = _part(grad, s, e).float()
                     m, v = self._moments(st, s, e, p.shape)
                     m.mul_(b1).add_(g, alpha=1 - b1)
                     v.mul_(b2).addcmul_(g, g, value=1 - b2)
