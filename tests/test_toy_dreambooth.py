@@ -60,3 +60,24 @@ def test_study_sr_on_the_toy_world_reads_stripes_and_emblem(tmp_path, one_thread
     assert all("stripes" in r and "emblem" in r for r in rows if r["input"] == "stage1")
     table = (out / "table.md").read_text()
     assert "| stripes | emblem |" in table and (out / "plot-real.png").exists()
+
+
+def test_toy_study_measures_the_three_claims_with_study_sr(tmp_path, one_thread):
+    """`cascade toy study` (1 seed, 1-step fine-tunes): claims (a) and (b) from its own samples, claim (c)
+    from a `cascade study-sr` run per seed, whose readers show the base SR never drawing the emblem."""
+    import csv
+
+    out = tmp_path / "study"
+    assert main(["toy", "study", "--output", str(out), "--seeds", "0", "--samples", "1", "--stage1-steps", "1",
+                 "--stage2-steps", "1", "--levels", "0", "--sr-inputs", "1", "--cache-dir", str(tmp_path / "cache")]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    claims = {r["claim"] for r in rows}
+    assert claims == {"a fidelity", "b drift", "c SR (subject views)", "c SR (stage I samples)"}
+    sr = [r for r in rows if r["claim"].startswith("c SR")]
+    assert {r["model"] for r in sr} == {"bilinear upsampling (no model)", "base", "low (aug 0..1)",
+                                        "high (aug 250..250)"}
+    base_emblem = [float(r["value"]) for r in sr if r["model"] == "base" and r["metric"] == "emblem"]
+    assert base_emblem == [0.0, 0.0]
+    means = json.loads((out / "seed0" / "study-sr" / "results.json").read_text())["means"]
+    assert {m["model"] for m in means} == {r["model"] for r in sr} and all("stripes" in m for m in means)
+    assert (out / "plots.png").stat().st_size > 0 and (out / "seed0" / "study-sr" / "grid-real.png").exists()
