@@ -18,6 +18,7 @@ The loss in the trace is the epsilon MSE (the hybrid bound adds a few per-pixel 
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -113,6 +114,9 @@ def _tracker(unet):
     frozen ones (LoRA's base weights): those are marked as already hooked (they never get gradients)."""
     from torch.distributed._tools.mem_tracker import MemTracker
 
+    # it warns once per untracked non-tensor it meets (None gradients, step counters): noise here
+    warnings.filterwarnings("ignore", message="Expected a tensor or a traceable wrapper-subclass",
+                            category=UserWarning)
     tracker = MemTracker()
     for p in unet.parameters():
         if not p.requires_grad:
