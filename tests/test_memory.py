@@ -130,3 +130,22 @@ def test_estimate_memory_cli_fit_verdict(capsys, tmp_path):
     # the export holds no second copy of the weights on the device
     assert report["command_peak"] < 0.2e9 and report["phases"]["t5_encode"] < 0.1e9
     assert report["phases"]["export"] <= report["phases"]["train_step"]
+
+
+def test_advice_switches_options_on_until_the_step_fits():
+    """`--gpu-memory` advice: options are switched on in the ladder's order until the traced step fits the
+    budget (after the context and slack); a budget nothing fits gets no plan."""
+    import functools
+
+    trace = functools.lru_cache(maxsize=None)(memory.trace_step)  # plans are frozen: traced once each
+    plan = memory.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16)
+    naive = trace(plan)["bytes"]["peak"]
+    context = 2**30
+    budget = context + 0.6 * naive  # the naive step does not fit, a leaner one can
+    assert not memory.fits(naive, budget)[0]
+    better, switched, result = memory.advise(plan, budget, trace)
+    assert better is not None and switched and memory.fits(result["bytes"]["peak"], budget)[0]
+    order = [text for _, _, text in memory.LADDER]
+    assert switched == [t for t in order if t in switched]  # in the ladder's order
+    assert switched[0] == "train.weights_dtype=bfloat16" and better.weights_dtype == "bfloat16"
+    assert memory.advise(plan, context + 1e5, trace)[0] is None  # 0.1 MB: nothing fits
