@@ -91,3 +91,21 @@ def torchrun(args: list, port: int, **extra_env) -> str:
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     return text
+
+
+def eval_loss(unet, x0, scheduler, seed: int) -> float:
+    """The diffusion loss of `unet` on the images `x0` (x4) at fixed noise and timesteps 20..980: the same
+    number before and after training means the training changed nothing."""
+    import torch
+
+    from stages.losses import DiffusionMath, diffusion_loss
+
+    dm = DiffusionMath(scheduler.alphas_cumprod)
+    g = torch.Generator().manual_seed(seed)
+    x0 = x0.repeat(4, 1, 1, 1)
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.linspace(20, 980, x0.shape[0]).long()
+    enc = torch.randn(1, 77, 32, generator=g).expand(x0.shape[0], -1, -1)
+    with torch.no_grad():
+        xt = dm.q_sample(x0, noise, t)
+        return diffusion_loss(dm, unet(xt, t, encoder_hidden_states=enc).sample, x0, xt, noise, t).mean().item()

@@ -13,19 +13,13 @@ from cascade import resolutions
 from cascade.cli import main
 from stages import components, data, trainer
 from stages.errors import InputError
+from tests.conftest import eval_loss
 
 LOW, HIGH = 16, 64
 QUICK = ["train.validation_images=1", "train.validation_steps=2", "train.num_class_images=2", "sample.steps=2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models run faster on one thread, and much faster on a busy shared CPU (measured: a
-    16px training step 0.19 s on 1 thread vs 10 s on 2 with the machine's cores oversubscribed)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: far faster on one thread
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +51,6 @@ def _train(stage: str, subject, out, sets):
                      *sets]) == 0
     seen["unet"].eval()
     return seen
-
-
-@torch.no_grad()
-def _eval_loss(unet, x0: torch.Tensor, sched) -> float:
-    from stages.losses import DiffusionMath, diffusion_loss
-
-    dm = DiffusionMath(sched.alphas_cumprod)
-    g = torch.Generator().manual_seed(5)
-    x0 = x0.repeat(4, 1, 1, 1)
-    noise = torch.randn(x0.shape, generator=g)
-    t = torch.linspace(20, 980, x0.shape[0]).long()
-    enc = torch.randn(1, 77, 32, generator=g).expand(x0.shape[0], -1, -1)
-    xt = dm.q_sample(x0, noise, t)
-    return diffusion_loss(dm, unet(xt, t, encoder_hidden_states=enc).sample, x0, xt, noise, t).mean().item()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +88,7 @@ def test_stage1_trains_at_its_unet_size(runs, small):
                               runs["r1"]["unet"](x, t, encoder_hidden_states=enc).sample, atol=1e-5)
     sched = DDPMScheduler.from_pretrained(small / "stage1", subfolder="scheduler")
     base = UNet2DConditionModel.from_pretrained(small / "stage1", subfolder="unet").eval()
-    before, after = _eval_loss(base, task.instance, sched), _eval_loss(exported, task.instance, sched)
+    before, after = eval_loss(base, task.instance, sched, 5), eval_loss(exported, task.instance, sched, 5)
     assert after < 0.9 * before, (before, after)
 
 

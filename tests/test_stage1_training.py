@@ -6,7 +6,6 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,6 +13,7 @@ from cascade.cli import main
 from stages import data
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 from stages.stage1 import Stage1Task
+from tests.conftest import eval_loss
 
 OFF = dict(safety_checker=None, watermarker=None, feature_extractor=None, requires_safety_checker=False)
 
@@ -56,19 +56,6 @@ def _checkpoint_unet(tiny, run: Path, lora_rank: int = 0):
     return unet.eval()
 
 
-def _eval_loss(unet, images: torch.Tensor, scheduler) -> float:
-    math_ = DiffusionMath(scheduler.alphas_cumprod)
-    g = torch.Generator().manual_seed(123)
-    x0 = images.repeat(4, 1, 1, 1)
-    noise = torch.randn(x0.shape, generator=g)
-    t = torch.linspace(20, 980, x0.shape[0]).long()
-    enc = torch.randn(1, 77, 32, generator=g).expand(x0.shape[0], -1, -1)
-    with torch.no_grad():
-        xt = math_.q_sample(x0, noise, t)
-        out = unet(xt, t, encoder_hidden_states=enc).sample
-        return diffusion_loss(math_, out, x0, xt, noise, t).mean().item()
-
-
 def test_full_finetune_loss_falls_and_export_reloads(make_cfg, tiny, subject_dir, tmp_path):
     from diffusers import DDPMScheduler, IFPipeline, UNet2DConditionModel
 
@@ -95,7 +82,7 @@ def test_full_finetune_loss_falls_and_export_reloads(make_cfg, tiny, subject_dir
     # the loss on a fixed evaluation batch of the subject fell
     base = UNet2DConditionModel.from_pretrained(tiny / "stage1", subfolder="unet").eval()
     subject = data.stack(data.load_folder(subject_dir, 64), 64)
-    before, after = _eval_loss(base, subject, sched), _eval_loss(exported.eval(), subject, sched)
+    before, after = eval_loss(base, subject, sched, 123), eval_loss(exported.eval(), subject, sched, 123)
     assert after < 0.9 * before, (before, after)
 
 
