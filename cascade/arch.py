@@ -6,6 +6,7 @@ numbers come from. No download is needed or attempted."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,22 +35,32 @@ def unet_config(name: str) -> dict:
     return {k: v for k, v in load(name)["unet"].items() if not k.startswith("_")}
 
 
+@contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Modules built inside get their weights in `dtype` directly: no transient fp32 copy (as
+    from_pretrained(torch_dtype=) loads them)."""
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
 def build_unet(name: str, device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
     """The UNet with uninitialised (meta) or random weights; build under FakeTensorMode for fake ones."""
     from diffusers import UNet2DConditionModel
 
-    with torch.device(device):
-        model = UNet2DConditionModel(**unet_config(name))
-    return model.to(dtype) if dtype != torch.float32 else model
+    with torch.device(device), default_dtype(dtype):
+        return UNet2DConditionModel(**unet_config(name))
 
 
 def build_t5(device: str | torch.device = "meta", dtype: torch.dtype = torch.float32):
     from transformers import T5Config, T5EncoderModel
 
     cfg = T5Config(**load(T5)["t5"])
-    with torch.device(device):
-        model = T5EncoderModel(cfg)
-    return model.to(dtype) if dtype != torch.float32 else model
+    with torch.device(device), default_dtype(dtype):
+        return T5EncoderModel(cfg)
 
 
 def n_params(model) -> int:

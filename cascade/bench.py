@@ -58,7 +58,7 @@ def from_train_cfg(tc, name: str = "config") -> Variant:
 
 
 def naive() -> Variant:
-    return Variant("naive", "float32", "none", False, "fp32", False, False, 0, True, False)
+    return Variant("naive", fused=False, t5_resident=True)
 
 
 def device_name() -> str:
@@ -115,17 +115,12 @@ def build_unet(model: str, stage: int, dtype: torch.dtype, device):
     """Random weights: the real architecture for hub ids of the presets, else the tiny one."""
     torch.manual_seed(0)
     name = arch.arch_for(model)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in its dtype: no transient fp32 copy (as from_pretrained(dtype=))
-    try:
-        if name is not None:
-            unet = arch.build_unet(name, device="cpu")
-        else:
-            from cascade import tiny
+    if name is not None:
+        return arch.build_unet(name, device="cpu", dtype=dtype).to(device=device)
+    from cascade import tiny
 
-            unet = tiny.build_stage1_unet() if stage == 1 else tiny.build_stage2_unet()
-    finally:
-        torch.set_default_dtype(default)
+    with arch.default_dtype(dtype):
+        unet = tiny.build_stage1_unet() if stage == 1 else tiny.build_stage2_unet()
     return unet.to(device=device)
 
 
@@ -315,13 +310,12 @@ def markdown_line(report: dict) -> str:
 
 
 def bench(cfg, stage: int, steps: int, warmup: int, sample_steps: int, compare: bool, batch: int | None = None,
-          t5_resident: bool | None = None, variant_overrides: dict | None = None,
-          resolution: int | None = None, estimate: bool = False) -> dict:
+          t5_resident: bool | None = None, resolution: int | None = None, estimate: bool = False) -> dict:
     sec = cfg.stage1 if stage == 1 else cfg.stage2
     tc = sec.train
     model = cfg.models.stage1 if stage == 1 else cfg.models.stage2
     batch = batch or tc.batch_size
-    variants = [replace(from_train_cfg(tc), **(variant_overrides or {}))]
+    variants = [from_train_cfg(tc)]
     if compare:
         nv = naive()
         if t5_resident is not None:

@@ -1,10 +1,7 @@
 """`cascade bench`: timing (default) or `--estimate-memory` (the planner), parsing and run."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 
 def add_commands(sub, common_config):

@@ -99,9 +99,8 @@ def _variants(items: list[str]) -> list[tuple[str, int, int]]:
 def cmd_study_sr(args):
     from cascade.study import StudyRequest, run_study
 
-    cfg = load_config(args.config, args.overrides)
-    if args.max_steps is not None:
-        cfg = load_config(args.config, args.overrides + [f"stage2.train.max_steps={args.max_steps}"])
+    steps = [] if args.max_steps is None else [f"stage2.train.max_steps={args.max_steps}"]
+    cfg = load_config(args.config, args.overrides + steps)
     sr = []
     for item in args.sr:
         label, sep, path = item.partition("=")

@@ -4,9 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from cascade import resolutions
 from cascade.config import ConfigError, load_config
-from stages.errors import InputError
 
 
 def add_commands(sub, common_config):
@@ -67,37 +65,17 @@ def cmd_sample(args):
 
     # every input checked before the output folder exists: a failed command leaves nothing behind
     model_checks.check_models(paths, cfg.models.variant, (1, 2, 3) if paths.stage2 != "none" else (1,))
-    check_request(paths, prompts)
-    resolutions.check_cascade(paths.stage1, paths.stage2)  # cheap (configs only)
+    check_request(paths, prompts)  # cheap (configs only)
     for prompt in prompts:
         fill_identifier(prompt, paths.stage1)
     state = process_state(cfg.distributed_timeout_minutes)
-    output = None
-    if state.is_main_process:
-        try:
-            output = runs.prepare_output(args.output, "sample", overwrite=args.overwrite)
-        except InputError as e:
-            output = e
-    output = _broadcast_path(state, output)
+    output = runs.prepare_on_main(state, lambda: runs.prepare_output(args.output, "sample", overwrite=args.overwrite))
     runs.start_logging(output, cfg, state.is_main_process)
     result = run_cascade(cfg, paths, prompts, args.num_images, args.seed, output, args.negative_prompt)
     if state.is_main_process:
         print(f"images in {result.folder} (samples.json records prompts, seeds and models)")
         if paths.uses_tiny:
             print("note: tiny random-initialised weights were used; the images are noise")
-
-
-def _broadcast_path(state, path):
-    """The main process's output folder (or its error, raised on every process)."""
-    if state.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        holder = [path if isinstance(path, Exception) else str(path) if path else None]
-        broadcast_object_list(holder)
-        path = holder[0]
-    if isinstance(path, Exception):
-        raise path
-    return Path(path)
 
 
 def cmd_demo(args):

@@ -18,9 +18,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from cascade import eval_report, metrics, models, runs
+from cascade import eval_report, metrics, models, runner, runs
 from cascade.config import Config
 from cascade.identifier import class_prompt
 from cascade.image_metrics import Lpips
@@ -117,7 +116,6 @@ def _groups(jobs, chunk: int):
 
 def generate(cfg: Config, paths: models.ModelPaths, folder: Path, jobs, chunk: int, encoder=None):
     """Generate every missing image of `jobs` into `folder` through the cascade runner."""
-    from cascade.runner import run_cascade
     from cascade.text import TextEncoder
 
     state = setup.process_state()
@@ -133,7 +131,7 @@ def generate(cfg: Config, paths: models.ModelPaths, folder: Path, jobs, chunk: i
         tmp = folder / f".gen-{group[0][0]}"
         k = group[0][2]
         log.info("%s: generating %s (%d images each)", folder, ", ".join(j[0] for j in group), k)
-        run_cascade(cfg, paths, [j[1] for j in group], k, group[0][3], tmp, encoder=encoder, progress=False)
+        runner.run_cascade(cfg, paths, [j[1] for j in group], k, group[0][3], tmp, encoder=encoder, progress=False)
         if state.is_main_process:
             for i, job in enumerate(group):
                 for kk in range(k):
@@ -174,10 +172,11 @@ def score_folder(folder: Path, label: str, templates: list[str], class_noun: str
     bad = [i for i in prompt_files if i >= len(templates)]
     if bad:
         raise InputError(f"{folder}: prompt index {bad[0]} is beyond the {len(templates)} prompts for '{class_noun}'")
-    texts = [metrics.clip_t_prompt(templates[i], class_noun) for i in sorted(prompt_files)]
-    text_feats = dict(zip(sorted(prompt_files), clip.embed_text(texts)))
+    order = sorted(prompt_files)
+    texts = {i: metrics.clip_t_prompt(templates[i], class_noun) for i in order}
+    text_feats = dict(zip(order, clip.embed_text(list(texts.values()))))
     images, per_prompt = [], []
-    for i in sorted(prompt_files):
+    for i in order:
         files = sorted(prompt_files[i])
         ims = _open([f for _, f in files])
         d = metrics.mean_cosine(dino.embed(ims), real["dino"])
@@ -187,7 +186,7 @@ def score_folder(folder: Path, label: str, templates: list[str], class_noun: str
         prompt = metrics.fill(templates[i], identifier or "[V]", class_noun)
         for (k, f), a, b, tt in zip(files, d.tolist(), c.tolist(), t.tolist()):
             images.append({"model": label, "prompt_index": i, "k": k, "file": f.name, "prompt": prompt,
-                           "clip_t_prompt": texts[sorted(prompt_files).index(i)], "dino": a, "clip_i": b, "clip_t": tt})
+                           "clip_t_prompt": texts[i], "dino": a, "clip_i": b, "clip_t": tt})
         div = lpips.mean_pairwise([data.to_tensor(im, im.size[0]) for im in ims]) if lpips.available else None
         per_prompt.append({"model": label, "prompt_index": i, "prompt": prompt, "n": len(ims),
                            "dino": d.mean().item(), "clip_i": c.mean().item(), "clip_t": t.mean().item(), "div": div})
@@ -213,7 +212,6 @@ def _real_features(real_images: list, dino, clip) -> dict:
 
 def run_evaluate(req: EvalRequest) -> Path | None:
     """Returns the run folder (main process) after writing scores and reports."""
-    from cascade.cli_sample import _broadcast_path
 
     bench, subject_name, class_noun, real_images = _checked(req)
     templates = bench.templates(class_noun)[:req.max_prompts]
@@ -235,8 +233,9 @@ def run_evaluate(req: EvalRequest) -> Path | None:
     state = setup.process_state()
     scorers = None
     if state.is_main_process:  # metric models load before any folder is made: a missing one stops here
-        dino = metrics.DinoScorer(resolve_metric_model(req.dino, cache, "dino"), _device())
-        clip = metrics.ClipScorer(resolve_metric_model(req.clip, cache, "clip"), _device())
+        device = str(runner.device())
+        dino = metrics.DinoScorer(resolve_metric_model(req.dino, cache, "dino"), device)
+        clip = metrics.ClipScorer(resolve_metric_model(req.clip, cache, "clip"), device)
         scorers = (dino, clip, Lpips(req.lpips_net))
     # an evaluation folder is always continued (kept images are reused by name), but only for the same
     # subject, identifier, fine-tuned stages and seed: other images would be scored as this run's
@@ -244,9 +243,8 @@ def run_evaluate(req: EvalRequest) -> Path | None:
     identity = {"command": "evaluate", "run": {
         "subject": str(Path(req.subject).resolve()), "identifier": identifier, "seed": req.seed,
         "stage1": fine and str(fine.stage1), "stage2": fine and str(fine.stage2), "images": req.images}}
-    out = runs.prepare_output(req.output, f"eval-{subject_name}", resume=True, identity=identity) \
-        if state.is_main_process else None
-    out = _broadcast_path(state, out)
+    out = runs.prepare_on_main(state, lambda: runs.prepare_output(req.output, f"eval-{subject_name}", resume=True,
+                                                                  identity=identity))
     runs.start_logging(out, req.cfg, state.is_main_process)
     prompts = [metrics.fill(t, identifier, class_noun) for t in templates] if identifier else []
     for label, p in generating:
@@ -274,7 +272,3 @@ def run_evaluate(req: EvalRequest) -> Path | None:
     os.replace(tmp, out / subject_name / "scores.json")
     eval_report.write(out, scorers[2].reason)
     return out
-
-
-def _device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"

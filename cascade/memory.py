@@ -17,7 +17,6 @@ The loss in the trace is the epsilon MSE (the hybrid bound adds a few per-pixel 
 """
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -26,7 +25,6 @@ import torch
 from cascade import arch
 from stages import activation_ckpt, optim, precision, setup
 
-log = logging.getLogger(__name__)
 GB = 1e9
 
 
@@ -178,15 +176,10 @@ def _build(plan: Plan, cfg: dict):
     adapter placement fails on fake ones, hence meta first)."""
     from diffusers import UNet2DConditionModel
 
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, plan.weights_dtype))
-    try:
-        with torch.device("meta"):
-            unet = UNet2DConditionModel(**cfg)
-            if plan.lora_rank:
-                setup.add_lora(unet, plan.lora_rank, 0)
-    finally:
-        torch.set_default_dtype(default)
+    with torch.device("meta"), arch.default_dtype(getattr(torch, plan.weights_dtype)):
+        unet = UNet2DConditionModel(**cfg)
+        if plan.lora_rank:
+            setup.add_lora(unet, plan.lora_rank, 0)
     for module in unet.modules():
         for name, p in module._parameters.items():
             if p is not None:
@@ -275,7 +268,7 @@ def _t5_params(model: str) -> int:
 
 
 def command_phases(plan: Plan, step: dict, frozen_dtype: str = "float16", sample_batch: int = 4,
-                   validation_images: int = 4, t5_resident: bool = False) -> dict:
+                   validation_images: int = 4) -> dict:
     """Device bytes of each phase of `cascade train`, in order: T5 encoding (T5 alone, freed after),
     class images (the frozen stage model sampling), training steps, validation grids (during
     training: weights + optimizer state + a sampling forward), export (weights and optimizer state
@@ -283,18 +276,15 @@ def command_phases(plan: Plan, step: dict, frozen_dtype: str = "float16", sample
     converted from the written files on the host, so the device holds no second copy)."""
     t5_bytes = _t5_params(plan.model) * DTYPE_BYTES[frozen_dtype]
     t5_act = 64 * 2**20  # encoder activations for 3 prompts of 77 tokens: a few MB, rounded up
-    resident = t5_bytes if t5_resident else 0
     b = step["bytes"]
-    sample_peak = trace_inference(plan.model, sample_batch, frozen_dtype)
     weights_opt = b["params"] + b["optimizer"]
     val = weights_opt + trace_inference(plan.model, validation_images,
                                         plan.weights_dtype) - step["params_total"] * DTYPE_BYTES[plan.weights_dtype]
-    phases = {"t5_encode": t5_bytes + t5_act,
-              "class_images": resident + (sample_peak if plan.prior else 0),
-              "train_step": resident + b["peak"],
-              "validation": resident + val,
-              "export": resident + weights_opt}
-    return phases
+    return {"t5_encode": t5_bytes + t5_act,
+            "class_images": trace_inference(plan.model, sample_batch, frozen_dtype) if plan.prior else 0,
+            "train_step": b["peak"],
+            "validation": val,
+            "export": weights_opt}
 
 
 def fits(peak: int, gpu_bytes: float, context: float = 1.0 * 2**30, slack: float = 0.05) -> tuple[bool, float]:

@@ -99,14 +99,13 @@ def check_source(name: str, sub: str, setting: str, variant: str | None):
         f"unset HF_HUB_OFFLINE if you are online, or point {setting} at a local folder")
 
 
-def check_models(paths: ModelPaths, variant: str | None, stages=(1, 2), text: bool = True):
+def check_models(paths: ModelPaths, variant: str | None, stages=(1, 2)):
     """Every model a command will load, checked before any of them loads."""
     for stage in stages:
         name = {1: paths.stage1, 2: paths.stage2, 3: paths.stage3}[stage]
         if name != "none":
             check_source(name, "unet", f"models.stage{stage}", None if stage == 3 else variant)
-    if text:
-        check_source(paths.text_encoder, "text_encoder", "models.text_encoder", variant)
+    check_source(paths.text_encoder, "text_encoder", "models.text_encoder", variant)
 
 
 def check_trainable(name: str, stage: int):

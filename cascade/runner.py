@@ -178,10 +178,9 @@ def check_request(paths: models.ModelPaths, prompts: list[str]):
     for i, p in enumerate(prompts):
         if not p.strip():
             raise InputError(f"prompt {i + 1} is empty; give the text to sample")
-    components.check_stage(paths.stage1, 1, "stage I model")
+    resolutions.check_cascade(paths.stage1, paths.stage2)  # each model of its stage; the sizes chain
     if paths.stage2 == "none":
         return
-    components.check_stage(paths.stage2, 2, "stage II model")
     id1 = (components.describe_source(paths.stage1).meta or {}).get("identifier")
     id2 = (components.describe_source(paths.stage2).meta or {}).get("identifier")
     if id1 and id2 and id1 != id2:
@@ -217,7 +216,6 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
     split between them; every image is the same as in a single-process run."""
     state = setup.process_state(cfg.distributed_timeout_minutes)
     check_request(paths, prompts)
-    resolutions.check_cascade(paths.stage1, paths.stage2)
     if paths.stage2 == "none" and paths.stage3 != "none":
         log.warning("stage III (%s) skipped: it upscales stage II's output and stage II is none", paths.stage3)
     prompts = [fill_identifier(p, paths.stage1) for p in prompts]

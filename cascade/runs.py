@@ -27,6 +27,26 @@ def next_run_dir(root: Path, tag: str) -> Path:
     return root / f"{max(numbers, default=-1) + 1:05d}-{slug}"
 
 
+def prepare_on_main(state, make) -> Path:
+    """The output folder `make()` prepares on the main process only, handed to every process; the
+    InputError it raises stops every process instead of leaving the others waiting."""
+    result = None
+    if state.is_main_process:
+        try:
+            result = str(make())
+        except InputError as e:
+            result = e
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        holder = [result]
+        broadcast_object_list(holder)
+        result = holder[0]
+    if isinstance(result, Exception):
+        raise result
+    return Path(result)
+
+
 def prepare_output(output: str | None, tag: str, resume: bool = False, overwrite: bool = False,
                    identity: dict | None = None, protected: dict | None = None) -> Path:
     """The run folder: `output` if given, else the next numbered folder under runs/, marked as a run

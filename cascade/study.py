@@ -102,7 +102,7 @@ def _upsample_all(path: str, cfg: Config, lowres: torch.Tensor, embeds, negative
     return out
 
 
-def _measure(images: torch.Tensor, kinds: list[str], truth: torch.Tensor, real_hf: float, dino, real_dino,
+def _measure(images: torch.Tensor, kinds: list[str], truth: torch.Tensor, truth_hf: list[float], dino, real_dino,
              lpips: Lpips, readers: dict) -> list[dict]:
     rows = []
     d = metrics.mean_cosine(dino.embed(data.to_pil(images)), real_dino).tolist() if dino else [None] * len(kinds)
@@ -110,10 +110,11 @@ def _measure(images: torch.Tensor, kinds: list[str], truth: torch.Tensor, real_h
         row = {"input": kind, "image": i, "dino": d[i], **{name: float(fn(images[i])) for name, fn in readers.items()}}
         if kind == "real":
             gt = truth[i]
-            row.update(psnr=psnr(images[i], gt), ssim=ssim(images[i], gt), hf_ratio=hf_ratio(images[i], gt),
+            row.update(psnr=psnr(images[i], gt), ssim=ssim(images[i], gt), hf_ratio=hf_ratio(images[i], truth_hf[i]),
                        lpips=lpips.distance(images[i], gt) if lpips.available else None)
         else:
-            row.update(psnr=None, ssim=None, hf_ratio=hf_ratio(images[i], real_hf), lpips=None)
+            # no ground truth: against the real photos' mean energy
+            row.update(psnr=None, ssim=None, hf_ratio=hf_ratio(images[i], sum(truth_hf) / len(truth_hf)), lpips=None)
         rows.append(row)
     return rows
 
@@ -160,18 +161,18 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
         inputs.append(runner.run_stage1(s1, cfg, embeds[prompt].expand(len(seeds), -1, -1), embeds[""], seeds))
         kinds += ["stage1"] * len(seeds)
     lowres = torch.cat(inputs)
-    real_hf = sum(hf_energy(x) for x in truth) / truth.shape[0]
+    truth_hf = [hf_energy(x) for x in truth]  # once, not per model and level
     real_dino = dino.embed(photos) if dino else None
 
     rows, outputs = [], {}
     reference = noise_aug.upsample(lowres, high).clamp(-1, 1)  # plain bilinear upsampling, no model
-    for r in _measure(reference, kinds, truth, real_hf, dino, real_dino, lpips, req.readers):
+    for r in _measure(reference, kinds, truth, truth_hf, dino, real_dino, lpips, req.readers):
         rows.append({"model": "bilinear upsampling (no model)", "noise_level": None, **r})
     for label, path in sr_models:
         log.info("SR model %s (%s): %d inputs x noise levels %s", label, path, lowres.shape[0], req.levels)
         outputs[label] = _upsample_all(path, cfg, lowres, embeds[prompt], embeds[""], req.levels, req.seed)
         for level in req.levels:
-            for r in _measure(outputs[label][level], kinds, truth, real_hf, dino, real_dino, lpips, req.readers):
+            for r in _measure(outputs[label][level], kinds, truth, truth_hf, dino, real_dino, lpips, req.readers):
                 rows.append({"model": label, "noise_level": level, **r})
     info = {"subject": req.subject, "class_noun": req.class_noun, "prompt": prompt, "identifier": token,
             "models": dict(sr_models), "levels": req.levels, "stage1": s1, "resolutions": [low, high],

@@ -64,8 +64,12 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
     from cascade import class_images, runner
 
     class_images.check_manifest(class_dir, prompts["class"], req.stage)
-    if class_images.existing(class_dir):
-        data.load_folder(class_dir, size, "class", allow_upscale=True)
+    n = train_cfg.num_class_images
+    have = class_images.existing(class_dir)
+    if have:  # validated before any generation
+        loaded = data.load_folder(class_dir, size, "class", allow_upscale=True)
+        if len(have) >= n:  # nothing to generate: no second read
+            return data.stack(loaded[:n], size)
     cfg = req.cfg
     base1 = components.describe_source(paths.stage1).base
 
@@ -76,7 +80,7 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
                                                    embeds[""], seeds)
         return runner.class_pair_sampler(cfg, paths, embeds[prompts["class"]], embeds[""])
 
-    files = class_images.generate(class_dir, train_cfg.num_class_images, factory, 8 * cfg.stage1.sample.batch_size,
+    files = class_images.generate(class_dir, n, factory, 8 * cfg.stage1.sample.batch_size,
                                   train_cfg.seed, prompts["class"], req.stage, state)  # split between processes
     return data.stack(data.load_folder(class_dir, size, "class", allow_upscale=True)[:len(files)], size)
 
@@ -94,8 +98,6 @@ def _check_request(req: TrainRequest, sec):
 
 
 def train(req: TrainRequest) -> trainer.TrainResult:
-    from accelerate.utils import broadcast_object_list
-
     cfg = req.cfg
     sec = cfg.stage1 if req.stage == 1 else cfg.stage2
     tc = sec.train
@@ -118,20 +120,10 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     subject_images = data.load_folder(req.subject, size, "subject", allow_upscale=tc.allow_upscale)
     token = _pick_identifier(req, paths.text_encoder)
     captions = caps.read_captions(req.subject, tc.captions, token)  # None unless opted in
-    holder = [None, None]  # the run folder, or the error the main process met preparing it
-    if state.is_main_process:
-        try:
-            holder[0] = str(runs.prepare_output(req.output, f"stage{req.stage}-{req.class_noun}", req.resume,
-                                                req.overwrite, _run_identity(req, token, paths, model_path),
-                                                {"subject": Path(req.subject),
-                                                 "class": req.class_dir and Path(req.class_dir)}))
-        except InputError as e:
-            holder[1] = e
-    if state.num_processes > 1:
-        broadcast_object_list(holder)  # every rank stops on the main process's error instead of waiting
-    if holder[1] is not None:
-        raise holder[1]
-    run_dir = Path(holder[0])
+    run_dir = runs.prepare_on_main(state, lambda: runs.prepare_output(
+        req.output, f"stage{req.stage}-{req.class_noun}", req.resume, req.overwrite,
+        _run_identity(req, token, paths, model_path),
+        {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir)}))
     runs.start_logging(run_dir, cfg, state.is_main_process)
     early_log.replay_since(log_mark)
     if paths.uses_tiny:

@@ -26,13 +26,15 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
     fp16 (no shared exponent layout) falls back to adding uniform noise of one ulp before rounding."""
     x = x.float()
     if dtype == torch.bfloat16:
-        noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device="cpu").to(x.device)
+        where = generator.device if generator is not None else x.device  # drawn where the generator lives
+        noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=where).to(x.device)
         bits = (x.view(torch.int32) + noise) & -65536  # add random low 16 bits, truncate
         return bits.view(torch.float32).to(torch.bfloat16)
     if dtype == torch.float16:
         lo = x.to(torch.float16)
         ulp = (torch.nextafter(lo, torch.full_like(lo, math.inf)) - lo).float()
-        u = torch.rand(x.shape, generator=generator, device="cpu").to(x.device)
+        u = torch.rand(x.shape, generator=generator, device=generator.device if generator is not None
+                       else x.device).to(x.device)
         up = (x - lo.float()) / ulp.clamp(min=1e-30) > u
         return torch.where(up & (x > lo.float()), torch.nextafter(lo, torch.full_like(lo, math.inf)), lo)
     return x.to(dtype)
@@ -107,7 +109,8 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             raise ValueError(f"rounding must be one of {ROUNDINGS}, states one of {STATE_KINDS}")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rounding, self.states, self.chunk = rounding, states, chunk
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
+        self._device_generators = {}  # rounding bits drawn on the weights' device, not copied from the CPU
 
     def _init_state(self, p: torch.Tensor) -> dict:
         st = {"step": 0}
@@ -171,11 +174,18 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                     self._write(_part(p, s, e), p32, new, _part(st["comp"], s, e) if "comp" in st else None)
         return loss
 
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cpu":
+            return self.generator
+        if device not in self._device_generators:
+            self._device_generators[device] = torch.Generator(device).manual_seed(self.seed)
+        return self._device_generators[device]
+
     def _write(self, p, old32, new32, comp):
         if p.dtype == torch.float32 or self.rounding == "nearest":
             p.copy_(new32)
         elif self.rounding == "stochastic":
-            p.copy_(stochastic_round(new32, p.dtype, self.generator))
+            p.copy_(stochastic_round(new32, p.dtype, self._generator(p.device)))
         else:  # kahan: re-add what earlier roundings lost, remember what this one loses
             wanted = new32 - old32 + comp.float()
             target = old32 + wanted

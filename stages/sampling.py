@@ -16,7 +16,7 @@ from stages.rng import randn
 def sample(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
            steps: int, guidance_scale: float, generator, resolution: int,
            lowres: torch.Tensor | None = None, noise_level: int = 250, noising_scheduler=None,
-           progress: bool = False, on_step=None) -> torch.Tensor:
+           on_step=None) -> torch.Tensor:
     """Return images in [-1, 1], shape [B, 3, resolution, resolution]. `prompt_embeds` is [B, L, D].
     Random draws follow the pipelines' order (initial noise, then condition noise, then step noise)
     so a CPU generator with the same seed reproduces the diffusers pipeline's output. `generator` may
@@ -42,12 +42,7 @@ def sample(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.
         class_labels = torch.cat([levels] * 2) if cfg else levels
         class_labels = class_labels.to(device)
     timesteps = scheduler.timesteps
-    iterator = timesteps
-    if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(timesteps, desc=f"sampling {resolution}px", leave=False)
-    for i, t in enumerate(iterator):
+    for i, t in enumerate(timesteps):
         inp = x if condition is None else noise_aug.model_input(x, condition)
         inp = torch.cat([inp] * 2) if cfg else inp
         inp = scheduler.scale_model_input(inp, t)

@@ -56,6 +56,3 @@ class ImageTask:
             rows = [self.instance_text[idx]] + ([self.prior_text.expand(n, -1, -1)] if with_prior else [])
             batch["encoder_hidden_states"] = torch.cat(rows)
         return batch
-
-    def draw_x0(self, n: int, with_prior: bool, gen: torch.Generator) -> torch.Tensor:
-        return self.draw(n, with_prior, gen)["x0"]

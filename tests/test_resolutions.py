@@ -55,7 +55,7 @@ def _train(stage: str, subject, out, sets):
 
 @pytest.fixture(scope="module")
 def runs(small, cache_dir, tmp_path_factory):
-    from conftest import _write_subject
+    from tests.conftest import _write_subject
 
     root = tmp_path_factory.mktemp("res-runs")
     subject = _write_subject(root / "subject", 3, 80)

@@ -50,7 +50,7 @@ def _train_and_capture(argv):
 
 @pytest.fixture(scope="module")
 def subject(tmp_path_factory):
-    from conftest import SHARED_DATA, _write_subject
+    from tests.conftest import SHARED_DATA, _write_subject
 
     dog = SHARED_DATA / "dog"
     return dog if dog.is_dir() else _write_subject(tmp_path_factory.mktemp("subject"), 4, 320)
