@@ -1,5 +1,6 @@
-"""Which weights each stage uses: "tiny" resolves to the locally built tiny components; anything
-else is a hub id or a local folder, passed to `from_pretrained` unchanged."""
+"""Which weights each stage uses: a registered source name (`tiny`: the locally built tiny
+components; `toy`: the committed toy cascade; see cascade.model_sources) resolves to its folder;
+anything else is a hub id or a local folder, passed to `from_pretrained` unchanged."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import torch
 
+from cascade import model_sources
 from cascade.config import Config
-from cascade.tiny import TINY_VERSION, tiny_root
 from stages.components import DTYPES, describe_source
 
 
@@ -21,19 +22,18 @@ class ModelPaths:
 
     @property
     def uses_tiny(self) -> bool:
-        return any(TINY_VERSION in describe_source(p).base for p in (self.stage1, self.stage2, self.text_encoder))
+        return any(model_sources.random_weights(describe_source(p).base)
+                   for p in (self.stage1, self.stage2, self.text_encoder))
 
 
 def resolve_name(cfg: Config, name: str, which: str) -> str:
-    """"tiny" -> the built tiny folder for `which` (stage1|stage2|stage3); "none" and paths unchanged."""
-    if name == "tiny":
-        return str(tiny_root(cfg.models.cache_dir) / which)
-    if name == "toy":  # the committed, pretrained toy cascade (checksum-verified)
-        from cascade.toy.weights import toy_root
-
-        return str(toy_root() / which)
+    """A source name -> its folder for `which` (stage1|stage2|stage3); "none" and paths unchanged."""
+    source = model_sources.get(name) if "/" not in name else None
+    if source is not None:
+        return str(source.root(cfg.models.cache_dir) / which)
     if name != "none" and not Path(name).exists() and (name.count("/") != 1 or name.startswith((".", "/"))):
-        raise FileNotFoundError(f"models.{which}: {name} is neither an existing folder nor a hub id (owner/name)")
+        raise FileNotFoundError(f"models.{which}: {name} is neither an existing folder, a hub id (owner/name) nor a "
+                                f"model source ({', '.join(model_sources.names()) or 'none registered: reinstall the package'})")
     return name
 
 

@@ -11,7 +11,8 @@ import torch
 
 from cascade import captions as caps
 from cascade import identifier as ident
-from cascade import early_log, model_checks, models, resolutions, run_folder, runs
+from cascade import model_checks, models, resolutions
+from cascade.runs import early_log, folders, markers
 from cascade.config import Config, ConfigError
 from cascade.text import TextEncoder, load_tokenizer
 from stages import components, data, engines, setup, stage1, stage2, trainer
@@ -120,11 +121,11 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     subject_images = data.load_folder(req.subject, size, "subject", allow_upscale=tc.allow_upscale)
     token = _pick_identifier(req, paths.text_encoder)
     captions = caps.read_captions(req.subject, tc.captions, token)  # None unless opted in
-    run_dir = runs.prepare_on_main(state, lambda: runs.prepare_output(
+    run_dir = folders.prepare_on_main(state, lambda: folders.prepare_output(
         req.output, f"stage{req.stage}-{req.class_noun}", req.resume, req.overwrite,
         _run_identity(req, token, paths, model_path),
         {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir)}))
-    runs.start_logging(run_dir, cfg, state.is_main_process)
+    folders.start_logging(run_dir, cfg, state.is_main_process)
     early_log.replay_since(log_mark)
     if paths.uses_tiny:
         log.info("weights: tiny random-initialised components (%s); samples will be noise", model_path)
@@ -166,7 +167,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
                     lowres_size=lowres)
     result = trainer.train(task, unet, scheduler, emb, tc, run_dir, meta, resume=req.resume,
                            tracker_config={k: str(v) for k, v in vars(tc).items()})
-    run_folder.release(run_dir)
+    markers.release(run_dir)
     return result
 
 

@@ -2,7 +2,7 @@
 (same arguments as `cascade train stage1`)."""
 import sys
 
-from cascade.cli import main
+from cascade.cli.main import main
 
 if __name__ == "__main__":
     sys.exit(main(["train", "stage1", *sys.argv[1:]]))

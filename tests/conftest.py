@@ -27,7 +27,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """A models.cache_dir holding the tiny components (built once per session)."""
-    from cascade.tiny import tiny_root
+    from cascade.offline.tiny import tiny_root
 
     cache = tmp_path_factory.mktemp("cascade-cache")
     tiny_root(str(cache))

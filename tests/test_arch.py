@@ -1,7 +1,7 @@
 """The shipped real-architecture configs build (no weights) and have the published parameter counts."""
 import pytest
 
-from cascade import arch
+from cascade.perf import arch
 
 # published sizes (model cards / design notes): IF-I-M 0.4B, IF-I-L 0.9B, IF-I-XL 4.3B, IF-II-M 0.45B,
 # IF-II-L 1.2B, T5 v1.1 XXL encoder 4.76B. Published figures are rounded, hence the tolerance.

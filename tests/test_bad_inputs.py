@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cascade.cli import main
+from cascade.cli.main import main
 
 
 @pytest.fixture

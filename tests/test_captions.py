@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cascade.captions import CaptionError, read_captions
-from cascade.cli import main
+from cascade.cli.main import main
 from stages import components, task as task_module, trainer
 
 CAPTIONS = ["a [V] dog on grass", "a [V] dog in the snow", "a close photo of a [V] dog"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cascade.cli import _train_flags, main, parse_args
+from cascade.cli.main import _train_flags, main, parse_args
 from cascade.config import ConfigError, load_config
 
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from cascade.cli import main, parse_args
+from cascade.cli.main import main, parse_args
 
 
 def test_build_tiny_layout_loads_in_diffusers(tmp_path, capsys):
@@ -53,7 +53,7 @@ def test_class_images_command_is_resumable(make_cfg, tmp_path, capsys):
 
 
 def test_train_flags_become_typed_config_values():
-    from cascade.cli import _train_flags
+    from cascade.cli.main import _train_flags
 
     args = parse_args(["train", "stage2", "--subject", "s", "--class-noun", "dog", "--noise-aug", "0:5",
                        "--sample-noise-level", "5", "--max-steps", "7", "--lora-rank", "4", "--model", "m/x"])

@@ -5,7 +5,7 @@ import json
 import re
 from pathlib import Path
 
-from cascade.cli import main
+from cascade.cli.main import main
 
 
 def test_demo_fast_report(make_cfg, tmp_path, write_subject, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cascade.cli import main
+from cascade.cli.main import main
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "diverge_on_one_rank.py"
 ARGS = ["--class-noun", "dog", "--set", "stage1.train.prior_preservation=false",

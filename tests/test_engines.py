@@ -99,7 +99,7 @@ def test_sharded_export_writes_the_gathered_weights(tmp_path):
     from accelerate.utils import DistributedType
     from diffusers import UNet2DConditionModel
 
-    from cascade.tiny import build_stage1_unet
+    from cascade.offline.tiny import build_stage1_unet
 
     model = build_stage1_unet()
     gathered = {k: torch.full_like(v, 0.25) for k, v in model.state_dict().items()}

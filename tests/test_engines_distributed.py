@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade.cli import main
+from cascade.cli.main import main
 from tests.conftest import torchrun
 
 HELPERS = Path(__file__).parent / "helpers"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade import metrics
-from cascade.cli import main
+from cascade.evaluation import metrics
+from cascade.cli.main import main
 from tests.conftest import SHARED_DATA
 
 FAST = ["--set", "stage1.sample.steps=1", "--set", "stage2.sample.steps=1"]
@@ -18,7 +18,7 @@ FAST = ["--set", "stage1.sample.steps=1", "--set", "stage2.sample.steps=1"]
 
 @pytest.fixture(scope="module")
 def metric_models(tmp_path_factory):
-    from cascade.tiny_metrics import tiny_metric_model
+    from cascade.offline.tiny_metrics import tiny_metric_model
 
     cache = str(tmp_path_factory.mktemp("metric-models"))
     return tiny_metric_model(cache, "dino"), tiny_metric_model(cache, "clip")
@@ -58,8 +58,8 @@ def test_real_vs_themselves_max_and_shuffled_subjects_lower(metric_models, tmp_p
         assert torch.allclose(sim.diagonal(), torch.ones(3), atol=1e-5)
         assert (sim.max(1).values <= sim.diagonal() + 1e-6).all()  # each image is most similar to itself
     # generated images identical to subject A's photo score DINO 1 against A; assigned to subject B they score less
-    from cascade.evaluate import score_folder
-    from cascade.image_metrics import Lpips
+    from cascade.evaluation.dreambench import score_folder
+    from cascade.evaluation.image_metrics import Lpips
 
     folder = tmp_path / "gen"
     folder.mkdir()
@@ -185,8 +185,8 @@ def test_div_is_the_mean_pairwise_distance_within_each_prompt(metric_models, tmp
     import sys
     import types
 
-    from cascade.evaluate import score_folder
-    from cascade.image_metrics import Lpips
+    from cascade.evaluation.dreambench import score_folder
+    from cascade.evaluation.image_metrics import Lpips
 
     class MeanAbs(torch.nn.Module):
         def __init__(self, net="alex", verbose=True):

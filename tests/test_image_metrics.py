@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cascade.image_metrics import Lpips, hf_energy, hf_ratio, psnr, ssim
+from cascade.evaluation.image_metrics import Lpips, hf_energy, hf_ratio, psnr, ssim
 
 
 def _detailed(seed: int = 0, size: int = 64) -> torch.Tensor:

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from cascade import memory
+from cascade.perf import planner
 from cascade.config import Train
 from stages import activation_ckpt, optim, setup
 
@@ -27,10 +27,10 @@ def _real_state(opt) -> list:
     return list({id(t): t for t in out}.values())  # bitsandbytes shares its quantization maps
 
 
-def _measured_peak(plan: memory.Plan) -> tuple[int, int]:
+def _measured_peak(plan: planner.Plan) -> tuple[int, int]:
     """Real tensors, real optimizer (bitsandbytes for 8-bit), two steps; (peak tensor bytes of the
     second, optimizer state bytes)."""
-    from cascade.tiny import build_stage1_unet
+    from cascade.offline.tiny import build_stage1_unet
 
     torch.manual_seed(0)
     unet = build_stage1_unet().to(getattr(torch, plan.weights_dtype))
@@ -56,7 +56,7 @@ def _measured_peak(plan: memory.Plan) -> tuple[int, int]:
     step()  # creates the optimizer state
     state = _real_state(opt)
     assert state, "the optimizer holds no state after a step"
-    tracker = memory._tracker(unet)  # a MemTracker that skips gradient hooks on frozen (LoRA base) weights
+    tracker = planner._tracker(unet)  # a MemTracker that skips gradient hooks on frozen (LoRA base) weights
     tracker.track_external(unet, opt, *state)
     with tracker:
         step()
@@ -71,8 +71,8 @@ def _measured_peak(plan: memory.Plan) -> tuple[int, int]:
     dict(weights_dtype="bfloat16", checkpointing="full", lora_rank=4),  # LoRA on a bf16 frozen base
 ], ids=["naive", "8bit", "bf16-full-inbackward", "lora"])
 def test_planner_estimate_within_10_percent_of_measured(opts):
-    plan = memory.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16, **opts)
-    estimate = memory.trace_step(plan)["bytes"]
+    plan = planner.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16, **opts)
+    estimate = planner.trace_step(plan)["bytes"]
     measured, state = _measured_peak(plan)
     assert abs(estimate["peak"] - measured) / measured < 0.10, (estimate["peak"], measured)
     # the state must be counted for optimizers kept in backward hooks and for 8-bit moments too
@@ -80,8 +80,8 @@ def test_planner_estimate_within_10_percent_of_measured(opts):
 
 
 def test_planner_orders_the_options():
-    naive = memory.trace_step(memory.Plan("tiny-stage1", batch=2, text_len=16))
-    best = memory.trace_step(memory.Plan("tiny-stage1", batch=2, text_len=16, weights_dtype="bfloat16",
+    naive = planner.trace_step(planner.Plan("tiny-stage1", batch=2, text_len=16))
+    best = planner.trace_step(planner.Plan("tiny-stage1", batch=2, text_len=16, weights_dtype="bfloat16",
                                          checkpointing="full", use_8bit_adam=True, in_backward=True))
     nb, bb = naive["bytes"], best["bytes"]
     n = naive["params_trainable"]
@@ -92,16 +92,16 @@ def test_planner_orders_the_options():
 
 
 def test_parse_size_and_fit():
-    assert memory.parse_size("40GB") == 40e9 and memory.parse_size("24GiB") == 24 * 2**30
-    assert memory.fits(int(10e9), 40e9)[0] and not memory.fits(int(39.5e9), 40e9)[0]
+    assert planner.parse_size("40GB") == 40e9 and planner.parse_size("24GiB") == 24 * 2**30
+    assert planner.fits(int(10e9), 40e9)[0] and not planner.fits(int(39.5e9), 40e9)[0]
     from stages.errors import InputError
 
     with pytest.raises(InputError, match="gpu-memory"):
-        memory.parse_size("lots")
+        planner.parse_size("lots")
 
 
 def test_bench_tiny_writes_valid_json(tmp_path, capsys):
-    from cascade.cli import main
+    from cascade.cli.main import main
 
     out = tmp_path / "bench.json"
     assert main(["bench", "--config", "tiny", "--steps", "1", "--warmup", "0", "--sample-steps", "1",
@@ -119,7 +119,7 @@ def test_bench_tiny_writes_valid_json(tmp_path, capsys):
 
 
 def test_estimate_memory_cli_fit_verdict(capsys, tmp_path):
-    from cascade.cli import main
+    from cascade.cli.main import main
 
     assert main(["bench", "--estimate-memory", "--config", "tiny", "--gpu-memory", "40GB", "--batch", "1",
                  "--output", str(tmp_path / "plan.json")]) == 0
@@ -137,15 +137,15 @@ def test_advice_switches_options_on_until_the_step_fits():
     budget (after the context and slack); a budget nothing fits gets no plan."""
     import functools
 
-    trace = functools.lru_cache(maxsize=None)(memory.trace_step)  # plans are frozen: traced once each
-    plan = memory.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16)
+    trace = functools.lru_cache(maxsize=None)(planner.trace_step)  # plans are frozen: traced once each
+    plan = planner.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16)
     naive = trace(plan)["bytes"]["peak"]
     context = 2**30
     budget = context + 0.6 * naive  # the naive step does not fit, a leaner one can
-    assert not memory.fits(naive, budget)[0]
-    better, switched, result = memory.advise(plan, budget, trace)
-    assert better is not None and switched and memory.fits(result["bytes"]["peak"], budget)[0]
-    order = [text for _, _, text in memory.LADDER]
+    assert not planner.fits(naive, budget)[0]
+    better, switched, result = planner.advise(plan, budget, trace)
+    assert better is not None and switched and planner.fits(result["bytes"]["peak"], budget)[0]
+    order = [text for _, _, text in planner.LADDER]
     assert switched == [t for t in order if t in switched]  # in the ladder's order
     assert switched[0] == "train.weights_dtype=bfloat16" and better.weights_dtype == "bfloat16"
-    assert memory.advise(plan, context + 1e5, trace)[0] is None  # 0.1 MB: nothing fits
+    assert planner.advise(plan, context + 1e5, trace)[0] is None  # 0.1 MB: nothing fits

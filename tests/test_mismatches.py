@@ -9,7 +9,7 @@ import logging
 import pytest
 
 from cascade import models, runner
-from cascade.cli import main
+from cascade.cli.main import main
 from cascade.config import ConfigError, load_config
 from stages.components import EXPORT_META
 

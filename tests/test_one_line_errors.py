@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cascade import run_folder
-from cascade.cli import main
+from cascade.runs import markers
+from cascade.cli.main import main
 
 
 def error_line(err: str) -> str:

@@ -85,7 +85,7 @@ def test_low_precision_adamw_equals_torch_adamw_in_fp32():
 
 
 def _tiny_unet():
-    from cascade.tiny import build_stage1_unet
+    from cascade.offline.tiny import build_stage1_unet
 
     torch.manual_seed(0)
     return build_stage1_unet()

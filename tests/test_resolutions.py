@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from cascade import resolutions
-from cascade.cli import main
+from cascade.cli.main import main
 from stages import components, data, trainer
 from stages.errors import InputError
 from tests.conftest import eval_loss
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: far faster on
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
     """Tiny components at 16 -> 64 ("tiny-v1" in the name: commands say their images are noise)."""
-    from cascade.tiny import build_tiny
+    from cascade.offline.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("small") / "tiny-v1-16", with_stage3=False, sizes=(LOW, HIGH))
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from cascade import run_folder
-from cascade.cli import main
+from cascade.runs import markers
+from cascade.cli.main import main
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_overwrite_replaces_a_run_folder_but_not_class_images_inside_it(run, wri
                     "--set", "stage1.train.prior_preservation=true")
     assert code == 0, err
     assert len(list(classes.glob("class-*.png"))) == 2
-    assert json.loads((out / run_folder.MARKER).read_text())["command"] == "train stage1"
+    assert json.loads((out / markers.MARKER).read_text())["command"] == "train stage1"
     code, err = run("--subject", str(photos), "--output", str(out))
     assert code == 2 and "--resume" in err and "--overwrite" in err  # a run folder: both are offered
     kept = _snapshot(classes)
@@ -80,7 +80,7 @@ def test_overwrite_replaces_a_run_folder_but_not_class_images_inside_it(run, wri
     code, err = run("--subject", str(photos), "--output", str(out), "--overwrite")
     assert code == 0, err
     assert not (out / "stale.txt").exists() and (out / "export" / "cascade.json").is_file()
-    assert not (out / run_folder.LOCK).exists()  # released on exit
+    assert not (out / markers.LOCK).exists()  # released on exit
 
 
 def test_resume_refuses_a_different_run_and_allows_more_steps(run, write_subject, tmp_path):
@@ -108,34 +108,34 @@ def test_resume_refuses_a_different_run_and_allows_more_steps(run, write_subject
     log = (out / "log.txt").read_text()
     assert "at step 2" in log and "stage 1: 1 steps in" in log
     assert json.loads((out / "export" / "cascade.json").read_text())["steps"] == 3
-    assert json.loads((out / run_folder.MARKER).read_text())["run"]["train"]["max_steps"] == 3
+    assert json.loads((out / markers.MARKER).read_text())["run"]["train"]["max_steps"] == 3
 
 
 def test_a_second_writer_is_refused_and_stale_locks_are_taken_over(run, write_subject, tmp_path):
     photos = write_subject(tmp_path / "photos", 3, 80)
     out = tmp_path / "run"
     out.mkdir()
-    run_folder.write_marker(out, {"command": "train stage1"})
+    markers.write_marker(out, {"command": "train stage1"})
     (out / "checkpoints").mkdir()
     (out / "checkpoints" / "weights.bin").write_bytes(b"\1\2\3")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / run_folder.LOCK).write_text(json.dumps({"pid": other.pid, "host": __import__("socket").gethostname(),
-                                                       "start": run_folder._proc_start(other.pid), "since": "now"}))
+        (out / markers.LOCK).write_text(json.dumps({"pid": other.pid, "host": __import__("socket").gethostname(),
+                                                       "start": markers._proc_start(other.pid), "since": "now"}))
         for extra in (["--overwrite"], ["--resume"]):
             code, err = run("--subject", str(photos), "--output", str(out), *extra)
             assert code == 2 and f"in use by process {other.pid}" in error_line(err)
         assert (out / "checkpoints" / "weights.bin").read_bytes() == b"\1\2\3"  # the live writer's files stay
-        assert json.loads((out / run_folder.LOCK).read_text())["pid"] == other.pid  # its lock too
+        assert json.loads((out / markers.LOCK).read_text())["pid"] == other.pid  # its lock too
     finally:
         other.kill()
         other.wait()
     # the holder is gone (e.g. kill -9): its lock is stale and taken over, then released on exit
-    run_folder.acquire(out)
-    assert json.loads((out / run_folder.LOCK).read_text())["pid"] == __import__("os").getpid()
-    run_folder.release(out)
-    assert not (out / run_folder.LOCK).exists()
+    markers.acquire(out)
+    assert json.loads((out / markers.LOCK).read_text())["pid"] == __import__("os").getpid()
+    markers.release(out)
+    assert not (out / markers.LOCK).exists()
     # a lock from another host cannot be checked: refused, naming the file to delete if that run is gone
-    (out / run_folder.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
-    with pytest.raises(run_folder.RunLockedError, match="elsewhere.*delete"):
-        run_folder.acquire(out)
+    (out / markers.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
+    with pytest.raises(markers.RunLockedError, match="elsewhere.*delete"):
+        markers.acquire(out)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cascade import models
-from cascade.cli import main
+from cascade.cli.main import main
 from cascade.runner import STAGE2_SEED_OFFSET, run_cascade
 from cascade.text import TextEncoder
 

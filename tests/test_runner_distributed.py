@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cascade.cli import main
+from cascade.cli.main import main
 from tests.conftest import torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "cli_main.py"

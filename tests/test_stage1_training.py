@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from cascade.cli import main
+from cascade.cli.main import main
 from stages import data
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 from stages.stage1 import Stage1Task

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade.cli import main
+from cascade.cli.main import main
 from stages import components, data, noise_aug, sampling, trainer
 from stages.losses import DiffusionMath, diffusion_loss
 from stages.stage2 import Stage2Task

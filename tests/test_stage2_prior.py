@@ -5,7 +5,7 @@ import csv
 
 from PIL import Image
 
-from cascade.cli import main
+from cascade.cli.main import main
 
 
 def test_stage2_prior_pairs_from_frozen_cascade(make_cfg, subject_dir, tmp_path):

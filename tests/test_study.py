@@ -7,7 +7,7 @@ import json
 
 from PIL import Image
 
-from cascade.cli import main
+from cascade.cli.main import main
 
 FAST = ["--set", "stage1.sample.steps=1", "--set", "stage2.sample.steps=1", "--set", "stage2.train.validation_images=0",
         "--set", "stage2.train.checkpoint_every=100"]

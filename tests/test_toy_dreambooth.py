@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 
-from cascade.cli import main
+from cascade.cli.main import main
 from cascade.config import load_config
 from cascade.toy import measure, world
 

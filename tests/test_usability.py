@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cascade import models, runner
-from cascade.cli import build_parser, main
+from cascade.cli.main import build_parser, main
 
 
 def _parsers(parser, name="cascade"):

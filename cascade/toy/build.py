@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from cascade import tiny
+from cascade.offline import tiny
 from cascade.toy import world
 
 BUILD_SEED = 0

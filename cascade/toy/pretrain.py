@@ -63,7 +63,7 @@ def prepare(out: Path, seed: int) -> dict[str, torch.Tensor]:
     try:
         torch.manual_seed(seed)
         tok = build.build_tokenizer(tmp / "tokenizer-src")
-        from cascade.tiny import build_text_encoder
+        from cascade.offline.tiny import build_text_encoder
 
         text_encoder = build_text_encoder(len(tok))
         build.save_stage1(tmp / "stage1", tok, text_encoder, build.stage1_unet())

@@ -50,15 +50,15 @@ def _train(stage: int, overrides: list[str], subject: Path, out: Path, class_dir
 def _sr_study(sc: StudyConfig, overrides: list[str], subject: Path, token: str, base: str, stage1: str, seed: int,
               out: Path) -> list[dict]:
     """Claim (c) through `cascade study-sr`: means of the readers per input kind, SR model and level."""
-    from cascade import study, study_report
+    from cascade.evaluation import sr_study, sr_study_report
 
-    req = study.StudyRequest(_cfg(overrides), str(subject), world.CLASS_NOUN, identifier=token, base=base,
+    req = sr_study.StudyRequest(_cfg(overrides), str(subject), world.CLASS_NOUN, identifier=token, base=base,
                              variants=[("low", *sc.low_aug), ("high", *sc.high_aug)], levels=sc.levels,
                              stage1=stage1, num_stage1=sc.sr_inputs, max_images=len(world.subject_photos()),
                              seed=seed * 10_000, dino="none", output=str(out), overwrite=True,
                              readers=measure.study_readers())
-    rows = study.run_study(req)[1]
-    return study_report.aggregate(rows, list(req.readers))
+    rows = sr_study.run_study(req)[1]
+    return sr_study_report.aggregate(rows, list(req.readers))
 
 
 def run_study(root: Path, sc: StudyConfig, cache_dir: str, log=print) -> list[dict]:

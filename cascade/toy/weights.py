@@ -71,3 +71,12 @@ def install(model_dir: Path, provenance: dict, dest: Path = WEIGHTS) -> str:
         save_file({k: v.to(torch.float16) for k, v in load_file(f).items()}, str(f), metadata={"format": "pt"})
     (dest / "PROVENANCE.json").write_text(json.dumps(provenance, indent=1) + "\n")
     return write_sums(dest)
+
+
+def _source():
+    from cascade.model_sources import Source
+
+    return Source(root=lambda cache_dir: toy_root(), marker=WEIGHTS.name, random_weights=False)
+
+
+SOURCE = _source()  # `models.stageN: toy` (entry point cascade.model_sources:toy); cache_dir unused

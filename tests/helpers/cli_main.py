@@ -4,6 +4,6 @@ import json
 import os
 import sys
 
-from cascade.cli import main
+from cascade.cli.main import main
 
 sys.exit(main(json.loads(os.environ["CASCADE_ARGV"])))

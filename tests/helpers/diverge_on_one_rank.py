@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from cascade.cli import main
+from cascade.cli.main import main
 from stages import trainer
 
 calls = {"n": 0}

@@ -57,6 +57,6 @@ if __name__ == "__main__":
         force_fsdp_on_cpu()
     if os.environ.get("GRAD_NORM_LOG"):
         report_grad_norms(os.environ["GRAD_NORM_LOG"])
-    from cascade.cli import main
+    from cascade.cli.main import main
 
     sys.exit(main(["train", "stage1", *sys.argv[2:]]))

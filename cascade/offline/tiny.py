@@ -157,7 +157,7 @@ def build_tiny(output: Path, with_stage3: bool = True, sizes: tuple[int, int] = 
                                   scheduler=if_scheduler(1.0), image_noising_scheduler=if_noising_scheduler(),
                                   **off).save_pretrained(tmp / "stage2")
         if with_stage3:
-            from cascade.tiny_stage3 import build_tiny_upscaler
+            from cascade.offline.tiny_stage3 import build_tiny_upscaler
 
             build_tiny_upscaler(tmp / "stage3")
         shutil.rmtree(tmp / "tokenizer-src")
@@ -186,3 +186,12 @@ def tiny_root(cache_dir: str) -> Path:
                                      f"({e.strerror or e}); point models.cache_dir at a writable folder") from None
                 raise
     return root
+
+
+def _source():
+    from cascade.model_sources import Source
+
+    return Source(root=tiny_root, marker=TINY_VERSION, random_weights=True)
+
+
+SOURCE = _source()  # `models.stageN: tiny` (entry point cascade.model_sources:tiny)

@@ -48,7 +48,8 @@ def _read_prompts(args) -> list[str]:
 
 
 def cmd_sample(args):
-    from cascade import model_checks, models, runs
+    from cascade import model_checks, models
+    from cascade.runs import folders
     from cascade.runner import check_request, fill_identifier, run_cascade
 
     if args.num_images < 1:
@@ -69,8 +70,8 @@ def cmd_sample(args):
     for prompt in prompts:
         fill_identifier(prompt, paths.stage1)
     state = process_state(cfg.distributed_timeout_minutes)
-    output = runs.prepare_on_main(state, lambda: runs.prepare_output(args.output, "sample", overwrite=args.overwrite))
-    runs.start_logging(output, cfg, state.is_main_process)
+    output = folders.prepare_on_main(state, lambda: folders.prepare_output(args.output, "sample", overwrite=args.overwrite))
+    folders.start_logging(output, cfg, state.is_main_process)
     result = run_cascade(cfg, paths, prompts, args.num_images, args.seed, output, args.negative_prompt)
     if state.is_main_process:
         print(f"images in {result.folder} (samples.json records prompts, seeds and models)")
@@ -79,7 +80,7 @@ def cmd_sample(args):
 
 
 def cmd_demo(args):
-    from cascade.demo import run_demo
+    from cascade.cli.demo import run_demo
 
     cfg = load_config(args.config or "toy", args.overrides)  # the toy world unless a preset is named
     summary = run_demo(cfg, args.output, args.subject, args.class_noun, fast=args.fast, with_stage3=args.stage3,

@@ -19,10 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from cascade import eval_report, metrics, models, runner, runs
+from cascade import models, runner
+from cascade.evaluation import dreambench_report, metrics
+from cascade.runs import folders
 from cascade.config import Config
 from cascade.identifier import class_prompt
-from cascade.image_metrics import Lpips
+from cascade.evaluation.image_metrics import Lpips
 from stages import components, data, setup
 from stages.errors import InputError
 
@@ -228,7 +230,7 @@ def run_evaluate(req: EvalRequest) -> Path | None:
         if p.stage2 != "none":
             components.check_stage(p.stage2, 2, "stage II model")
     cache = req.cfg.models.cache_dir
-    from cascade.tiny_metrics import resolve_metric_model
+    from cascade.offline.tiny_metrics import resolve_metric_model
 
     state = setup.process_state()
     scorers = None
@@ -243,9 +245,9 @@ def run_evaluate(req: EvalRequest) -> Path | None:
     identity = {"command": "evaluate", "run": {
         "subject": str(Path(req.subject).resolve()), "identifier": identifier, "seed": req.seed,
         "stage1": fine and str(fine.stage1), "stage2": fine and str(fine.stage2), "images": req.images}}
-    out = runs.prepare_on_main(state, lambda: runs.prepare_output(req.output, f"eval-{subject_name}", resume=True,
+    out = folders.prepare_on_main(state, lambda: folders.prepare_output(req.output, f"eval-{subject_name}", resume=True,
                                                                   identity=identity))
-    runs.start_logging(out, req.cfg, state.is_main_process)
+    folders.start_logging(out, req.cfg, state.is_main_process)
     prompts = [metrics.fill(t, identifier, class_noun) for t in templates] if identifier else []
     for label, p in generating:
         folder = out / subject_name / label
@@ -270,5 +272,5 @@ def run_evaluate(req: EvalRequest) -> Path | None:
     tmp = out / subject_name / "scores.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, out / subject_name / "scores.json")
-    eval_report.write(out, scorers[2].reason)
+    dreambench_report.write(out, scorers[2].reason)
     return out

@@ -3,7 +3,7 @@ argument parsing and the calls into cascade.evaluate / cascade.study."""
 from __future__ import annotations
 
 from cascade.config import ConfigError, load_config
-from cascade.metrics import DEFAULT_CLIP, DEFAULT_DINO
+from cascade.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 DEFAULT_LEVELS = "0,1,5,20,50,100,250"
 
@@ -59,7 +59,7 @@ def add_commands(sub, common_config):
 
 
 def cmd_evaluate(args):
-    from cascade.evaluate import EvalRequest, run_evaluate
+    from cascade.evaluation.dreambench import EvalRequest, run_evaluate
 
     cfg = load_config(args.config, args.overrides)
     req = EvalRequest(cfg, args.subject, args.class_noun, args.identifier, args.dataset, args.stage1, args.stage2,
@@ -97,7 +97,7 @@ def _variants(items: list[str]) -> list[tuple[str, int, int]]:
 
 
 def cmd_study_sr(args):
-    from cascade.study import StudyRequest, run_study
+    from cascade.evaluation.sr_study import StudyRequest, run_study
 
     steps = [] if args.max_steps is None else [f"stage2.train.max_steps={args.max_steps}"]
     cfg = load_config(args.config, args.overrides + steps)

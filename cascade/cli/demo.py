@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cascade import model_checks, models, report, resolutions, runs
+from cascade import model_checks, models, resolutions
+from cascade.runs import folders, html_report
 from cascade.config import Config, validate
 from cascade.identifier import check_identifier, pick_identifier
 from cascade.runner import run_cascade
@@ -71,8 +72,8 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     t0 = time.time()
     paths = _check_inputs(cfg, subject, class_noun, with_stage3)  # all stages' inputs, before any folder exists
     build_seconds = round(time.time() - t0, 2)
-    root = runs.prepare_output(output, "demo", overwrite=overwrite, protected={"subject": subject and Path(subject)})
-    runs.start_logging(root, cfg)
+    root = folders.prepare_output(output, "demo", overwrite=overwrite, protected={"subject": subject and Path(subject)})
+    folders.start_logging(root, cfg)
     timings = {"build or locate components": build_seconds}
 
     def lap(name: str, start: float):
@@ -107,7 +108,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     t = time.time()
     r2 = train(TrainRequest(2, cfg, subject, class_noun, output=str(root / "stage2")))
     lap("train stage II", t)
-    runs.start_logging(root)  # back to the demo's own log
+    folders.start_logging(root)  # back to the demo's own log
 
     prompts = [p.format(c=class_noun).replace("[V]", token) for p in (TOY_PROMPTS if toy else PROMPTS)]
     n_images = (2 if fast else 6) if toy else (1 if fast else 2)
@@ -151,7 +152,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
                    "sample_noise_level": json.loads((r2.export_dir / "cascade.json").read_text())["sample_noise_level"]},
         "stage3": stage3, "timings_seconds": timings, "toy": toy_numbers,
     }
-    summary["report"] = str(report.write_report(root, summary))
+    summary["report"] = str(html_report.write_report(root, summary))
     summary["summary"] = str(root / "summary.json")
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

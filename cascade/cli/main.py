@@ -74,20 +74,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune one stage").add_subparsers(dest="stage", required=True)
     _train_args(train.add_parser("stage1", help="base model (IF: 64px) with prior preservation"), 1)
     _train_args(train.add_parser("stage2", help="super-resolution (IF: 64->256) with low noise augmentation"), 2)
-    from cascade import cli_sample
+    from cascade.cli import sample
 
-    cli_sample.add_commands(sub, _common_config)
-    from cascade import cli_bench
+    sample.add_commands(sub, _common_config)
+    from cascade.cli import bench
 
-    cli_bench.add_commands(sub, _common_config)
+    bench.add_commands(sub, _common_config)
 
-    from cascade import cli_toy
+    from cascade.cli import toy
 
-    cli_toy.add_commands(sub)
+    toy.add_commands(sub)
 
-    from cascade import cli_eval
+    from cascade.cli import evaluate
 
-    cli_eval.add_commands(sub, _common_config)
+    evaluate.add_commands(sub, _common_config)
     return parser
 
 
@@ -141,7 +141,7 @@ def cmd_train(args):
 
 
 def cmd_build_tiny(args):
-    from cascade.tiny import build_tiny
+    from cascade.offline.tiny import build_tiny
 
     low, _, high = args.sizes.partition(":")
     if not (low.isdigit() and high.isdigit()):
@@ -165,7 +165,8 @@ def cmd_identifier(args):
 
 
 def cmd_class_images(args):
-    from cascade import class_images, model_checks, models, run_folder, runner
+    from cascade import class_images, model_checks, models, runner
+    from cascade.runs import markers
     from cascade.identifier import class_prompt
     from cascade.text import TextEncoder
     from stages import components, engines
@@ -183,7 +184,7 @@ def cmd_class_images(args):
     if output.exists() and not output.is_dir():
         raise InputError(f"--output {output} is a file, not a folder")
     if state.is_main_process:
-        run_folder.track(output, created=not output.exists())  # removed again if the command fails before any image
+        markers.track(output, created=not output.exists())  # removed again if the command fails before any image
     prompt = class_prompt(args.class_noun)
     class_images.check_manifest(output, prompt, args.stage)
     encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length, models.weights_dtype(cfg),
@@ -208,16 +209,16 @@ COMMANDS = {"train": cmd_train, "build-tiny": cmd_build_tiny, "identifier": cmd_
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from cascade.runs import console_logging
+    from cascade.runs.folders import console_logging
 
     console_logging()
-    from cascade.cli_bench import COMMANDS as BENCH_COMMANDS
-    from cascade.cli_eval import COMMANDS as EVAL_COMMANDS
-    from cascade.cli_sample import COMMANDS as SAMPLE_COMMANDS
+    from cascade.cli.bench import COMMANDS as BENCH_COMMANDS
+    from cascade.cli.evaluate import COMMANDS as EVAL_COMMANDS
+    from cascade.cli.sample import COMMANDS as SAMPLE_COMMANDS
 
-    from cascade import run_folder, runs
+    from cascade.runs import folders, markers
 
-    run_folder.begin()
+    markers.begin()
     failed = True
     try:
         {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, **EVAL_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
@@ -229,8 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)
         return 1
     finally:
-        runs.stop_file_logging()
-        run_folder.finish(failed)  # locks released; a folder this command made without results removed
+        folders.stop_file_logging()
+        markers.finish(failed)  # locks released; a folder this command made without results removed
     return 0
 
 

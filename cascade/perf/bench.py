@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from cascade import arch
+from cascade.perf import arch
 from stages import activation_ckpt, optim, precision, setup
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -88,7 +88,7 @@ def versions() -> dict:
 
 def git_revision() -> str | None:
     try:
-        root = Path(__file__).resolve().parents[1]
+        root = Path(__file__).resolve().parents[2]
         rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
@@ -117,7 +117,7 @@ def build_unet(model: str, stage: int, dtype: torch.dtype, device):
     name = arch.arch_for(model)
     if name is not None:
         return arch.build_unet(name, device="cpu", dtype=dtype).to(device=device)
-    from cascade import tiny
+    from cascade.offline import tiny
 
     with arch.default_dtype(dtype):
         unet = tiny.build_stage1_unet() if stage == 1 else tiny.build_stage2_unet()
@@ -255,22 +255,22 @@ def _run_with_threads(threads: int, args, kwargs) -> dict:
 
 def planner_estimate(v: Variant, model: str, stage: int, tc, batch: int, resolution: int | None) -> dict:
     """The planner's trace of the step `run_variant` takes (CPU: no autocast)."""
-    from cascade import memory
+    from cascade.perf import planner
 
-    plan = memory.Plan(arch.arch_for(model) or f"tiny-stage{stage}", batch, stage == 1 and tc.prior_preservation,
+    plan = planner.Plan(arch.arch_for(model) or f"tiny-stage{stage}", batch, stage == 1 and tc.prior_preservation,
                        v.weights_dtype, v.checkpointing, v.use_8bit_adam, v.optimizer_states, v.in_backward,
                        v.lora_rank, autocast=None, resolution=resolution)
-    return memory.trace_step(plan)["bytes"]
+    return planner.trace_step(plan)["bytes"]
 
 
 def _tiny_t5(device):
-    from cascade import tiny
+    from cascade.offline import tiny
 
     return tiny.build_text_encoder(16000).to(device)
 
 
 def _time_sampling(unet, stage: int, batch: int, steps: int, text_len: int, device) -> dict:
-    from cascade import tiny
+    from cascade.offline import tiny
     from stages import sampling
 
     unet.eval()

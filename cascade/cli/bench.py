@@ -44,17 +44,17 @@ def cmd_bench(args):
     _check(args)
     cfg = load_config(args.config, args.overrides)
     if args.estimate_memory:
-        from cascade import planner_report
+        from cascade.perf import planner_report
 
         report = planner_report.run(cfg, args)
     else:
-        from cascade import bench
+        from cascade.perf import bench
 
         report = bench.bench(cfg, args.stage, args.steps, args.warmup, args.sample_steps, args.compare, args.batch,
                              False if args.no_t5 else None, resolution=args.resolution,
                              estimate=args.estimate)
     if args.output:
-        from cascade.bench import write_report
+        from cascade.perf.bench import write_report
 
         write_report(report, Path(args.output))
         print(f"report: {args.output}")

@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 
 from cascade import identifier as ident
-from cascade import metrics, models, resolutions, runner, runs, study_report
+from cascade import model_sources, models, resolutions, runner
+from cascade.evaluation import metrics, sr_study_report
+from cascade.runs import folders
 from cascade.config import Config
-from cascade.image_metrics import Lpips, hf_energy, hf_ratio, psnr, ssim
+from cascade.evaluation.image_metrics import Lpips, hf_energy, hf_ratio, psnr, ssim
 from cascade.text import TextEncoder, load_tokenizer
-from cascade.tiny import TINY_VERSION
 from stages import components, data, noise_aug, sampling
 from stages.errors import InputError
 
@@ -140,14 +141,14 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     token = _identifier(req, [p for _, p in given], s1, paths.text_encoder)
     dino = None
     if req.dino != "none":
-        from cascade.tiny_metrics import resolve_metric_model
+        from cascade.offline.tiny_metrics import resolve_metric_model
 
         dino = metrics.DinoScorer(resolve_metric_model(req.dino, cfg.models.cache_dir, "dino"), str(runner.device()))
     lpips = Lpips(req.lpips_net)
-    out = runs.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite)
-    runs.start_logging(out, cfg)
+    out = folders.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite)
+    folders.start_logging(out, cfg)
     trained = _train_variants(req, base, token, out) if req.variants else []
-    runs.start_logging(out, cfg)  # training runs log into their own folders; back to the study's log
+    folders.start_logging(out, cfg)  # training runs log into their own folders; back to the study's log
     sr_models = [("base", base)] + given + trained
 
     truth = data.stack(photos, high)
@@ -176,10 +177,10 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
                 rows.append({"model": label, "noise_level": level, **r})
     info = {"subject": req.subject, "class_noun": req.class_noun, "prompt": prompt, "identifier": token,
             "models": dict(sr_models), "levels": req.levels, "stage1": s1, "resolutions": [low, high],
-            "random_weights": any(TINY_VERSION in components.describe_source(p).base
+            "random_weights": any(model_sources.random_weights(components.describe_source(p).base)
                                   for p in [base, paths.text_encoder] + ([s1] if s1 != "none" else [])),
             "dino": metrics.describe_models(dino, None, lpips.reason)[0] if dino else "DINO: not computed (--dino none)",
             "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package",
             "readers": list(req.readers)}
-    study_report.write(out, rows, info, lowres, truth, kinds, outputs, reference)
+    sr_study_report.write(out, rows, info, lowres, truth, kinds, outputs, reference)
     return out, rows

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from cascade import run_folder
+from cascade.runs import markers
 from cascade.config import Config, dump_config
 from stages.errors import InputError
 
@@ -75,11 +75,11 @@ def prepare_output(output: str | None, tag: str, resume: bool = False, overwrite
             return _reuse(path, identity, resume, overwrite, resumable)
         created = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        run_folder.track(path, created)
+        markers.track(path, created)
         if resume:
             logging.getLogger(__name__).warning("--resume: %s has no run yet; starting fresh", path)
-        run_folder.acquire(path)
-        run_folder.write_marker(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        markers.acquire(path)
+        markers.write_marker(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     except OSError as e:
         raise InputError(f"cannot write to output folder {path}: {e.strerror or e}") from None
     return path
@@ -89,36 +89,36 @@ def _check_protected(path: Path, protected: dict, overwrite: bool):
     for what, folder in protected.items():
         if folder is None:
             continue
-        same = run_folder.inside(path, folder) and run_folder.inside(folder, path)
-        if same or (run_folder.inside(folder, path) and (overwrite or what == "subject")):
+        same = markers.inside(path, folder) and markers.inside(folder, path)
+        if same or (markers.inside(folder, path) and (overwrite or what == "subject")):
             raise InputError(f"--output {path} {'is' if same else 'contains'} the {what} folder {folder}; "
                              f"choose an output folder outside it")
 
 
 def _reuse(path: Path, identity: dict, resume: bool, overwrite: bool, resumable: bool) -> Path:
-    if not run_folder.is_run_folder(path):
+    if not markers.is_run_folder(path):
         what = "nothing to resume there; " if resume else ""
         raise OutputExistsError(f"output folder {path} exists and is not a cascade run folder (no "
-                                f"{run_folder.MARKER}); {what}choose a new --output (cascade only replaces "
+                                f"{markers.MARKER}); {what}choose a new --output (cascade only replaces "
                                 f"folders it created)")
     if not (resume and resumable) and not overwrite:
         hint = "pass --resume to continue it or --overwrite to replace it" if resumable else \
             "pass --overwrite to replace it"
         raise OutputExistsError(f"output folder {path} exists (a cascade run folder); {hint}")
-    run_folder.acquire(path)
+    markers.acquire(path)
     if resume:
-        run_folder.check_resume(path, identity)
-        run_folder.write_marker(path, {**run_folder.read_marker(path), **identity})
+        markers.check_resume(path, identity)
+        markers.write_marker(path, {**markers.read_marker(path), **identity})
         return path
     for child in path.iterdir():
-        if child.name == run_folder.LOCK:
+        if child.name == markers.LOCK:
             continue
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
-    run_folder.track(path, created=False)
-    run_folder.write_marker(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    markers.track(path, created=False)
+    markers.write_marker(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     return path
 
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from cascade import arch
+from cascade.perf import arch
 from stages import activation_ckpt, optim, precision, setup
 
 GB = 1e9
@@ -124,7 +124,7 @@ def _tracker(unet):
 
 def unet_config(model: str) -> dict:
     if model.startswith("tiny-stage"):
-        from cascade import tiny
+        from cascade.offline import tiny
 
         build = tiny.build_stage1_unet if model.endswith("1") else tiny.build_stage2_unet
         with torch.device("meta"):
@@ -260,7 +260,7 @@ DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 def _t5_params(model: str) -> int:
     """T5 v1.1 XXL for the real models; the tiny encoder beside the tiny ones."""
     if model.startswith("tiny-stage"):
-        from cascade import tiny
+        from cascade.offline import tiny
 
         with torch.device("meta"):
             return arch.n_params(tiny.build_text_encoder(16000))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 import time
 
-from cascade import arch, memory
-from cascade.bench import device_name, git_revision, versions
+from cascade.perf import arch, planner
+from cascade.perf.bench import device_name, git_revision, versions
 
 log = logging.getLogger(__name__)
 
@@ -19,19 +19,19 @@ COMBOS = {
 }
 
 
-def plan_from_config(cfg, stage: int, batch: int | None, cpu_run: bool, resolution: int | None = None) -> memory.Plan:
+def plan_from_config(cfg, stage: int, batch: int | None, cpu_run: bool, resolution: int | None = None) -> planner.Plan:
     sec = cfg.stage1 if stage == 1 else cfg.stage2
     tc = sec.train
     model_id = cfg.models.stage1 if stage == 1 else cfg.models.stage2
     name = arch.arch_for(model_id) or f"tiny-stage{stage}"
-    return memory.Plan(name, batch or tc.batch_size, bool(tc.prior_preservation), tc.weights_dtype,
+    return planner.Plan(name, batch or tc.batch_size, bool(tc.prior_preservation), tc.weights_dtype,
                        (tc.gradient_checkpointing_scope if tc.gradient_checkpointing else "none"), tc.use_8bit_adam,
                        tc.optimizer_states, tc.optimizer_in_backward, tc.lora_rank,
                        None if cpu_run else "bfloat16", resolution=resolution)
 
 
 def _gb(x: float) -> str:
-    return f"{x / memory.GB:.1f}"
+    return f"{x / planner.GB:.1f}"
 
 
 def table(models: list[str], batch: int, combos: list[str] | None = None) -> tuple[list[dict], str]:
@@ -41,12 +41,12 @@ def table(models: list[str], batch: int, combos: list[str] | None = None) -> tup
         for key in combos or list(COMBOS):
             label, opts = COMBOS[key]
             t0 = time.time()
-            r = memory.trace_step(memory.Plan(model, batch, True, **opts))
+            r = planner.trace_step(planner.Plan(model, batch, True, **opts))
             b = r["bytes"]
             rows.append({"model": model, "combo": label, **r, "trace_seconds": time.time() - t0})
             lines.append(f"| {model} | {label} | {_gb(b['params'])} | {_gb(b['grads'])} | {_gb(b['optimizer'])} | "
                          f"{_gb(b['activations_at_peak'])} | **{_gb(b['peak'])}** |")
-            log.info("%s / %s: peak %.2f GB (%.0f s)", model, label, b["peak"] / memory.GB, time.time() - t0)
+            log.info("%s / %s: peak %.2f GB (%.0f s)", model, label, b["peak"] / planner.GB, time.time() - t0)
     return rows, "\n".join(lines)
 
 
@@ -73,13 +73,13 @@ def run(cfg, args) -> dict:
         report.update(rows=rows, markdown=md)
         return report
     plan = plan_from_config(cfg, args.stage, args.batch, args.cpu_run, args.resolution)
-    step = memory.trace_step(plan)
+    step = planner.trace_step(plan)
     sec = cfg.stage1 if args.stage == 1 else cfg.stage2
     if args.cpu_run:  # the training step of a `cascade bench` CPU run (what peak RSS measures)
         report.update(plan=step, markdown=f"{plan.model}, {plan.label()}, batch {plan.batch} (+prior), "
                       f"resolution {plan.resolution or 'native'}, CPU: training step peak {_gb(step['bytes']['peak'])} GB")
         return report
-    phases = memory.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images)
+    phases = planner.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images)
     peak_phase = max(phases, key=phases.get)
     report.update(plan=step, phases=phases, peak_phase=peak_phase, command_peak=phases[peak_phase])
     lines = [f"{plan.model}, batch {plan.batch}{' + ' + str(plan.batch) + ' prior' if plan.prior else ''}, "
@@ -89,13 +89,13 @@ def run(cfg, args) -> dict:
              "phases (GB): " + ", ".join(f"{k} {_gb(v)}" for k, v in phases.items()) +
              f"; command peak {_gb(phases[peak_phase])} GB in {peak_phase}"]
     if args.gpu_memory:
-        gpu = memory.parse_size(args.gpu_memory)
-        ok, headroom = memory.fits(phases[peak_phase], gpu)
+        gpu = planner.parse_size(args.gpu_memory)
+        ok, headroom = planner.fits(phases[peak_phase], gpu)
         report["fits"] = ok
         if ok:
             lines.append(f"fits {args.gpu_memory}: {_gb(headroom)} GB to spare (after 1 GiB context + 5% slack)")
         else:
-            better, switched, result = memory.advise(plan, gpu)
+            better, switched, result = planner.advise(plan, gpu)
             report["advice"] = {"switch_on": switched, "plan": result}
             if better is None:
                 lines.append(f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB), even with "
@@ -106,7 +106,7 @@ def run(cfg, args) -> dict:
     # host RAM at export: safetensors builds each file in memory (the whole state dict), then the fp16
     # variant is converted from the written file (a half-precision copy)
     full = plan.lora_rank == 0
-    host = (step["params_total"] * memory.DTYPE_BYTES[plan.weights_dtype] if full else 0) + \
+    host = (step["params_total"] * planner.DTYPE_BYTES[plan.weights_dtype] if full else 0) + \
         (step["params_total"] * 2 if full and sec.train.export_variant != "none" else 0)
     report["host_export_bytes"] = host
     if host:

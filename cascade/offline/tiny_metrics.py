@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from cascade.metrics import RANDOM_MARKER
 
 TINY_METRICS_VERSION = "tiny-metrics-v1"
 IMAGE_SIZE = 32
+RANDOM_MARKER = "cascade_random_metric_model.json"  # its presence marks a random-initialised model
 
 
 def _marker(folder: Path, what: str):

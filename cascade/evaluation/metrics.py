@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from cascade.offline.tiny_metrics import RANDOM_MARKER  # beside a random-initialised metric model
 from stages.errors import InputError
 
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -21,7 +22,6 @@ DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 PACKAGED_PROMPTS = Path(__file__).resolve().parent / "data" / "dreambench_prompts.txt"
 PROMPTS_FILENAME = "prompts_and_classes.txt"
 LIVE_CLASSES = {"dog", "cat"}  # DreamBench's 9 live subjects are its cats and dogs
-RANDOM_MARKER = "cascade_random_metric_model.json"  # written by cascade.tiny_metrics
 
 
 class MetricModelError(InputError):

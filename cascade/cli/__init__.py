@@ -1,0 +1,1 @@
+"""The `cascade` command: the argument parser, one module per command group, and the demo."""
