@@ -12,6 +12,8 @@ def _room(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "cascade":
         return None
+    if module == "cascade.__main__":  # `python -m cascade`: an entry point like scripts/
+        return "cli"
     return parts[1] if len(parts) > 1 and parts[1] in LAYERS else "core"
 
 
