@@ -19,7 +19,7 @@ GROUP = "cascade.model_sources"
 @dataclass(frozen=True)
 class Source:
     root: Callable[[str], Path]  # models.cache_dir -> the folder holding stage1/, stage2/ (, stage3/)
-    marker: str  # a path component every folder of this source carries (recognises resolved paths)
+    marker: str  # text in the path of every folder of this source (recognises resolved paths and exports' bases)
     random_weights: bool  # True: random-initialised components, their images are noise
 
 
@@ -41,5 +41,4 @@ def names() -> list[str]:
 
 def random_weights(path: str) -> bool:
     """Whether a resolved model path lies in a source of random-initialised components."""
-    parts = Path(path).parts
-    return any(src.random_weights and src.marker in parts for src in map(get, names()) if src is not None)
+    return any(src.random_weights and src.marker in str(path) for src in map(get, names()) if src is not None)

@@ -37,11 +37,19 @@ def resolve_name(cfg: Config, name: str, which: str) -> str:
     return name
 
 
+def resolve_text_encoder(cfg: Config, stage1: str | None = None) -> str:
+    """The text encoder's source: `models.text_encoder`, else the base of stage I's model."""
+    m = cfg.models
+    if m.text_encoder:
+        return resolve_name(cfg, m.text_encoder, "stage1")
+    return describe_source(stage1 or resolve_name(cfg, m.stage1, "stage1")).base
+
+
 def resolve(cfg: Config) -> ModelPaths:
     m = cfg.models
     s1 = resolve_name(cfg, m.stage1, "stage1")
-    text = resolve_name(cfg, m.text_encoder, "stage1") if m.text_encoder else describe_source(s1).base
-    return ModelPaths(s1, resolve_name(cfg, m.stage2, "stage2"), resolve_name(cfg, m.stage3, "stage3"), text)
+    return ModelPaths(s1, resolve_name(cfg, m.stage2, "stage2"), resolve_name(cfg, m.stage3, "stage3"),
+                      resolve_text_encoder(cfg, s1))
 
 
 def weights_dtype(cfg: Config) -> torch.dtype:

@@ -64,12 +64,26 @@ def drift(images: torch.Tensor) -> dict:
     return {"subject_share": fidelity(images), "entropy_bits": entropy(images)}
 
 
-def sample_prompt(stage1: str, cfg, prompt: str, seeds: list[int]) -> torch.Tensor:
-    """Stage I samples of one prompt ("[V]" filled from a fine-tuned export) for the given seeds."""
-    from cascade import models, runner
+_ENCODERS: dict = {}
+
+
+def _encoder(cfg):
+    """The config's text encoder, resolved and built once per process (resolving the toy weights
+    re-hashes them, and a new encoder would reload T5 and its embedding cache)."""
+    from cascade import models
     from cascade.text import TextEncoder
 
-    paths = models.resolve(cfg)
+    m = cfg.models
+    key = (m.stage1, m.text_encoder, m.cache_dir, cfg.max_text_length)
+    if key not in _ENCODERS:
+        _ENCODERS[key] = TextEncoder(models.resolve_text_encoder(cfg), m.cache_dir, cfg.max_text_length)
+    return _ENCODERS[key]
+
+
+def sample_prompt(stage1: str, cfg, prompt: str, seeds: list[int]) -> torch.Tensor:
+    """Stage I samples of one prompt ("[V]" filled from a fine-tuned export) for the given seeds."""
+    from cascade import runner
+
     prompt = runner.fill_identifier(prompt, stage1)
-    emb = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length).encode([prompt, ""])
+    emb = _encoder(cfg).encode([prompt, ""])
     return runner.run_stage1(stage1, cfg, emb[prompt].expand(len(seeds), -1, -1), emb[""], seeds)
