@@ -151,7 +151,7 @@ def test_cancelled_training_resumes_like_a_killed_run(tmp_path):
     for i, im in enumerate(subject_photos()):
         im.save(subject / f"{i}.png")
     run = tmp_path / "run"
-    s = commands.TrainSettings(max_steps=10, prior_preservation=False,
+    s = commands.TrainSettings(max_steps=16, prior_preservation=False,
                                extra=["stage1.train.checkpoint_every=2", "stage1.train.validation_images=0"])
     q = JobQueue(tmp_path, job_env())
     job = q.submit(Job("train", commands.train_argv(commands.Subject(str(subject), "toy", "toy"), s, 1, run),
@@ -163,9 +163,60 @@ def test_cancelled_training_resumes_like_a_killed_run(tmp_path):
     assert q.wait_idle(30) and job.state == "cancelled", job.lines
     assert not (run / "export").exists()
     done_before = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
-    assert 4 <= done_before < 10
+    assert 4 <= done_before < 16
     again = q.submit(Job("train", job.resume_argv(), "t (resumed)", run))
     assert q.wait_idle(300) and again.state == "done", list(again.lines)[-5:]
-    assert [r[0] for r in losses(run)] == list(range(1, 11))
+    assert [r[0] for r in losses(run)] == list(range(1, 17))
     assert f"at step {done_before}" in (run / "log.txt").read_text()  # "resumed from ... at step N"
     assert (run / "export" / "cascade.json").is_file()
+
+
+def test_the_forms_make_commands_the_cli_parses(tmp_path):
+    """What each tab runs is a `cascade` command line its parser reads back field by field."""
+    from cascade.cli.main import parse_args
+
+    subj = commands.Subject(str(tmp_path / "photos"), "toy", "toy", "wip")
+    s = commands.TrainSettings(stages=(2,), max_steps="7", learning_rate="1e-4", prior_preservation=False,
+                               prior_weight="0.5", lora_rank="4", noise_aug="0:20", sample_noise_level="10",
+                               extra=commands.extra_lines("stage2.train.sample_every=3\n# note\n"))
+    a = parse_args(commands.train_argv(subj, s, 2, tmp_path / "run"))
+    assert (a.stage, a.subject, a.class_noun, a.identifier, a.max_steps, a.lora_rank, a.noise_aug,
+            a.sample_noise_level, a.output) == ("stage2", subj.folder, "toy", "wip", 7, 4, "0:20", 10, str(tmp_path / "run"))
+    assert a.overrides == ["stage2.train.learning_rate=0.0001", "stage2.train.prior_preservation=false",
+                           "stage2.train.prior_weight=0.5", "stage2.train.sample_every=3"]
+    a = parse_args(commands.sample_argv("toy", "a [V] toy", 2, 3, "E1", None, "none", "4", 50, tmp_path / "s",
+                                        ["stage1.sample.steps=5"]))
+    assert (a.prompt, a.num_images, a.seed, a.stage1, a.stage2, a.stage3, a.output) == (
+        ["a [V] toy"], 2, 3, "E1", None, "none", str(tmp_path / "s"))
+    assert a.overrides == ["stage1.sample.guidance_scale=4.0", "stage2.sample.guidance_scale=4.0",
+                           "stage2.sample.noise_level=50", "stage1.sample.steps=5"]
+    a = parse_args(commands.study_argv(subj, ["X/export"], "low=0:0, high=0:250", "3", "0, 20", tmp_path / "st"))
+    assert (a.sr, a.train, a.variant, a.max_steps, a.noise_levels, a.dino, a.identifier) == (
+        ["X/export"], True, ["low=0:0", "high=0:250"], 3, "0,20", "none", "wip")
+    with pytest.raises(InputError, match="argument --max-steps: invalid int value: 'many'"):
+        commands.train_argv(subj, commands.TrainSettings(max_steps="many"), 1, tmp_path / "r")
+
+
+def test_compare_and_runs_read_folders_generically(tmp_path):
+    """A study is any folder with results.csv / table.md; a run any folder with the marker, at any depth;
+    the UI's own folder is never listed; text is escaped."""
+    from cascade.runs.markers import MARKER
+    from cascade.ui.runs_view import exports, run_folders, studies
+    from cascade.ui.tab_compare import show
+
+    runs = tmp_path / "runs"
+    (runs / "00001-study" / "train" / "low" / "export").mkdir(parents=True)
+    (runs / "00001-study" / "train" / "low" / MARKER).write_text("{}")
+    (runs / "00001-study" / "train" / "low" / "export" / "cascade.json").write_text('{"stage": 2}')
+    (runs / "00001-study" / "results.csv").write_text("model,psnr,emblem\nbase,17,0\n")
+    (runs / "00001-study" / "table.md").write_text("| <i>x</i> |\n")
+    (runs / ".cascade-ui" / "x").mkdir(parents=True)
+    (runs / ".cascade-ui" / "x" / MARKER).write_text("{}")
+    (runs / ".cascade-ui" / "x" / "results.csv").write_text("a\n1\n")
+    assert run_folders(runs) == [runs / "00001-study" / "train" / "low"]
+    assert studies(runs) == [runs / "00001-study"]
+    assert [(e.stage, e.label) for e in exports(runs)] == [(2, "00001-study/train/low")]
+    ctx = type("C", (), {"runs": runs})()
+    table, results, grids, plots = show(ctx, "00001-study")
+    assert table == "| &lt;i&gt;x&lt;/i&gt; |\n" and list(results.columns) == ["model", "psnr", "emblem"]
+    assert show(ctx, "../..")[0] == ""

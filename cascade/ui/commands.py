@@ -23,13 +23,14 @@ class Subject:
 @dataclass
 class TrainSettings:
     stages: tuple[int, ...] = (1,)
-    max_steps: int | None = None
-    learning_rate: float | None = None
+    # None or blank: the preset's value; numbers may be given as the text typed
+    max_steps: int | str | None = None
+    learning_rate: float | str | None = None
     prior_preservation: bool | None = None
-    prior_weight: float | None = None
-    lora_rank: int | None = None
+    prior_weight: float | str | None = None
+    lora_rank: int | str | None = None
     noise_aug: str = ""  # stage II MIN[:MAX]
-    sample_noise_level: int | None = None  # stage II
+    sample_noise_level: int | str | None = None  # stage II
     extra: list[str] = field(default_factory=list)  # further --set KEY=VALUE
 
 
@@ -39,7 +40,33 @@ def extra_lines(text: str) -> list[str]:
 
 
 def _num(v):
-    return None if v is None or v == "" else v
+    """A field's value: None when blank; numbers typed into a text field stay text until checked."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    return v.strip() if isinstance(v, str) else v
+
+
+def _real(v) -> str | None:
+    """A number typed as text, as YAML reads it (1e-4 would stay a string); other text is kept, so the
+    config's own message names it."""
+    v = _num(v)
+    if v is None:
+        return None
+    try:
+        return repr(float(v))
+    except ValueError:
+        return str(v)
+
+
+def _int(v, flag: str) -> int | None:
+    """An integer flag as argparse reads it (its message when it is not one)."""
+    v = _num(v)
+    if v is None:
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise InputError(f"argument {flag}: invalid int value: {v!r}") from None
 
 
 def train_argv(subject: Subject, s: TrainSettings, stage: int, output: Path) -> list[str]:
@@ -48,13 +75,13 @@ def train_argv(subject: Subject, s: TrainSettings, stage: int, output: Path) -> 
     if subject.identifier.strip():
         argv += ["--identifier", subject.identifier.strip()]
     if _num(s.max_steps) is not None:
-        argv += ["--max-steps", str(int(s.max_steps))]
+        argv += ["--max-steps", str(_int(s.max_steps, "--max-steps"))]
     if _num(s.lora_rank) is not None:
-        argv += ["--lora-rank", str(int(s.lora_rank))]
+        argv += ["--lora-rank", str(_int(s.lora_rank, "--lora-rank"))]
     if stage == 2 and s.noise_aug.strip():
         argv += ["--noise-aug", s.noise_aug.strip()]
     if stage == 2 and _num(s.sample_noise_level) is not None:
-        argv += ["--sample-noise-level", str(int(s.sample_noise_level))]
+        argv += ["--sample-noise-level", str(_int(s.sample_noise_level, "--sample-noise-level"))]
     for o in _overrides(s, stage):
         argv += ["--set", o]
     return argv
@@ -64,11 +91,11 @@ def _overrides(s: TrainSettings, stage: int) -> list[str]:
     k = f"stage{stage}.train."
     out = []
     if _num(s.learning_rate) is not None:
-        out.append(f"{k}learning_rate={float(s.learning_rate)}")
+        out.append(f"{k}learning_rate={_real(s.learning_rate)}")
     if s.prior_preservation is not None:
         out.append(f"{k}prior_preservation={'true' if s.prior_preservation else 'false'}")
     if _num(s.prior_weight) is not None:
-        out.append(f"{k}prior_weight={float(s.prior_weight)}")
+        out.append(f"{k}prior_weight={_real(s.prior_weight)}")
     return out + list(s.extra)
 
 
@@ -79,9 +106,9 @@ def _flags(subject: Subject, s: TrainSettings, stage: int) -> list[tuple[str, st
     if subject.identifier.strip():
         out.append(("--identifier", "identifier.token", subject.identifier.strip()))
     if _num(s.max_steps) is not None:
-        out.append(("--max-steps", f"{k}.train.max_steps", int(s.max_steps)))
+        out.append(("--max-steps", f"{k}.train.max_steps", _int(s.max_steps, "--max-steps")))
     if _num(s.lora_rank) is not None:
-        out.append(("--lora-rank", f"{k}.train.lora_rank", int(s.lora_rank)))
+        out.append(("--lora-rank", f"{k}.train.lora_rank", _int(s.lora_rank, "--lora-rank")))
     if stage == 2 and s.noise_aug.strip():
         m = _NOISE_AUG.match(s.noise_aug)
         if not m:
@@ -92,7 +119,8 @@ def _flags(subject: Subject, s: TrainSettings, stage: int) -> list[tuple[str, st
         hi = int(m.group(2)) if m.group(2) is not None else lo
         out += [("--noise-aug", f"{k}.train.noise_aug_min", lo), ("--noise-aug", f"{k}.train.noise_aug_max", hi)]
     if stage == 2 and _num(s.sample_noise_level) is not None:
-        out.append(("--sample-noise-level", f"{k}.sample.noise_level", int(s.sample_noise_level)))
+        out.append(("--sample-noise-level", f"{k}.sample.noise_level",
+                    _int(s.sample_noise_level, "--sample-noise-level")))
     return out
 
 
@@ -160,9 +188,9 @@ def sample_argv(preset: str, prompt: str, num_images: int, seed: int, stage1: st
     for flag, v in (("--stage1", stage1), ("--stage2", stage2), ("--stage3", stage3)):
         if v:
             argv += [flag, v]
-    if guidance is not None:
-        argv += ["--set", f"stage1.sample.guidance_scale={float(guidance)}",
-                 "--set", f"stage2.sample.guidance_scale={float(guidance)}"]
+    if _num(guidance) is not None:
+        argv += ["--set", f"stage1.sample.guidance_scale={_real(guidance)}",
+                 "--set", f"stage2.sample.guidance_scale={_real(guidance)}"]
     if noise_level is not None:
         argv += ["--set", f"stage2.sample.noise_level={int(noise_level)}"]
     for o in extra:
@@ -184,7 +212,7 @@ def study_argv(subject: Subject, exports: list[str], train_variants: str, max_st
     if variants:
         argv += ["--train"] + [a for v in variants for a in ("--variant", v)]
         if _num(max_steps) is not None:
-            argv += ["--max-steps", str(int(max_steps))]
+            argv += ["--max-steps", str(_int(max_steps, "--max-steps"))]
     argv += ["--dino", dino or "none"]
     for o in extra:
         argv += ["--set", o]

@@ -38,11 +38,12 @@ def build(ctx, subject, tab):
         with gr.Column(scale=1):
             srs = gr.CheckboxGroup([e.label for e in exports(ctx.runs) if e.stage == 2], label="fine-tuned SR exports",
                                    elem_id="compare-exports")
-            variants = gr.Textbox(value="low=0:0 high=0:250", label="variants to train (NAME=MIN:MAX ...; blank: none)")
-            steps = gr.Number(label="training steps per variant (blank: the preset's)", precision=0, minimum=1)
+            variants = gr.Textbox(value="low=0:0 high=0:250", label="variants to train (NAME=MIN:MAX ...; blank: none)",
+                                  elem_id="compare-variants")
+            steps = gr.Textbox(label="training steps per variant (blank: the preset's)", elem_id="compare-steps")
             levels = gr.Textbox(value="0,20,250", label="sampling noise levels", elem_id="compare-levels")
             dino = gr.Textbox(value="none", label="DINO model (hub id, folder, tiny or none)")
-            extra = gr.Textbox(label="more settings: --set KEY=VALUE, one per line", lines=2)
+            extra = gr.Textbox(label="more settings: --set KEY=VALUE, one per line", lines=2, elem_id="compare-extra")
             go = gr.Button("run the study", variant="primary", elem_id="compare-go")
             status = gr.Markdown(elem_id="compare-status")
         with gr.Column(scale=2):
@@ -50,8 +51,8 @@ def build(ctx, subject, tab):
             table = gr.Markdown(elem_id="compare-table")
             results = gr.Dataframe(label="results.csv", interactive=False, max_height=240, elem_id="compare-results")
             grids = gr.Gallery(label="grids (rows: models; columns: input, each level, the truth)", columns=1,
-                               height=320, elem_id="compare-grids")
-            plots = gr.Gallery(label="plots", columns=2, height=260, elem_id="compare-plots")
+                               height=320, object_fit="contain", elem_id="compare-grids")
+            plots = gr.Gallery(label="plots", columns=2, height=260, object_fit="contain", elem_id="compare-plots")
 
     def on_go(folder, noun, preset_v, ident, srs_v, variants_v, steps_v, levels_v, dino_v, extra_v):
         subj = to_subject(folder, noun, preset_v, ident)
@@ -66,15 +67,21 @@ def build(ctx, subject, tab):
 
     def on_tab():
         return (gr.update(choices=[e.label for e in exports(ctx.runs) if e.stage == 2]),
-                gr.update(choices=study_choices(ctx)), status_text())
+                gr.update(choices=study_choices(ctx)))
 
-    def status_text():
+    def on_tick(last):
         jobs = [j for j in ctx.queue.jobs if j.kind == "study-sr"]
         if not jobs:
-            return gr.skip()
+            return gr.skip(), gr.skip(), last
         j = jobs[-1]
-        return safety.text(f"{j.title}: {j.summary()}" + (f" ({j.error})" if j.error else ""))
+        text = safety.text(f"{j.title}: {j.summary()}" + (f" ({j.error})" if j.error else ""))
+        if text == last:
+            return gr.skip(), gr.skip(), last
+        finished = j.state == "done" and last is not None and "done" not in last
+        return text, gr.update(choices=study_choices(ctx)) if finished else gr.skip(), text
 
     go.click(on_go, [*subject.inputs(), srs, variants, steps, levels, dino, extra], [status, *subject.msgs])
     pick.change(lambda c: show(ctx, c), pick, [table, results, grids, plots])
-    tab.select(on_tab, None, [srs, pick, status])
+    tab.select(on_tab, None, [srs, pick])
+    last = gr.State(None)
+    gr.Timer(1.0).tick(on_tick, last, [status, pick, last], show_progress="hidden")

@@ -33,8 +33,8 @@ def build(ctx, tab):
             config = gr.Code(label="config.yaml", language="yaml", interactive=False, elem_id="runs-config")
         with gr.Column():
             loss = gr.Image(label="loss.png", interactive=False, elem_id="runs-loss", height=240)
-            validation = gr.Gallery(label="validation grids", columns=4, height=200, elem_id="runs-validation")
-    grids = gr.Gallery(label="grids", columns=4, height=240, elem_id="runs-grids")
+            validation = gr.Gallery(label="validation grids", columns=4, height=200, object_fit="contain", elem_id="runs-validation")
+    grids = gr.Gallery(label="grids", columns=4, height=240, object_fit="contain", elem_id="runs-grids")
     with gr.Row():
         summary = gr.JSON(label="summary (summary.json or samples.json)", elem_id="runs-summary")
         with gr.Column():

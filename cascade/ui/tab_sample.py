@@ -67,7 +67,7 @@ def build(ctx, subject, tab):
             with gr.Row():
                 num = gr.Number(value=2, precision=0, minimum=1, maximum=16, label="images (seeds)", elem_id="sample-num")
                 seed = gr.Number(value=0, precision=0, minimum=0, label="first seed")
-            guidance = gr.Number(label="guidance (blank: the preset's)", elem_id="sample-guidance")
+            guidance = gr.Textbox(label="guidance (blank: the preset's)", elem_id="sample-guidance")
             level = gr.Slider(0, 999, value=preset_level(ctx.preset), step=1, label="stage II noise level "
                               "(re-samples on release)", elem_id="sample-noise")
             extra = gr.Textbox(label="more settings: --set KEY=VALUE, one per line", lines=2, elem_id="sample-extra")
@@ -75,16 +75,16 @@ def build(ctx, subject, tab):
             status = gr.Markdown(elem_id="sample-status")
         with gr.Column(scale=2):
             with gr.Row():
-                g1 = gr.Gallery(label="stage I", columns=2, height=260, elem_id="sample-out1")
-                g2 = gr.Gallery(label="stage II", columns=2, height=260, elem_id="sample-out2")
-                g3 = gr.Gallery(label="stage III", columns=2, height=260, elem_id="sample-out3")
+                g1 = gr.Gallery(label="stage I", columns=2, height=260, object_fit="contain", elem_id="sample-out1")
+                g2 = gr.Gallery(label="stage II", columns=2, height=260, object_fit="contain", elem_id="sample-out2")
+                g3 = gr.Gallery(label="stage III", columns=2, height=260, object_fit="contain", elem_id="sample-out3")
             info = gr.Textbox(label="as sampled (samples.json)", lines=3, interactive=False, elem_id="sample-info")
 
     def run(preset_v, m1_v, m2_v, m3_v, prompt_v, num_v, seed_v, guidance_v, level_v, extra_v):
         out = ctx.new_folder("sample")
         argv = commands.sample_argv(preset_v or ctx.preset, prompt_v or "", num_v or 1, seed_v or 0,
                                     model_arg(ctx, m1_v), model_arg(ctx, m2_v), model_arg(ctx, m3_v),
-                                    guidance_v, level_v, commands.extra_lines(extra_v))
+                                    guidance_v, level_v, out, commands.extra_lines(extra_v))
         job = Job("sample", argv, f"sample {out.name}", out)
         thread = threading.Thread(target=job.run, args=(ctx.runs, ctx.queue.env), daemon=True)
         thread.start()

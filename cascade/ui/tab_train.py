@@ -39,6 +39,22 @@ def loss_points(job: Job | None):
         pd.DataFrame({"step": [], "loss": []})
 
 
+def preset_defaults(preset: str) -> dict[str, str]:
+    """The preset's values of the fields, shown as placeholders (stage I's; stage II's where only it has one)."""
+    from cascade.config import load_config
+
+    try:
+        cfg = load_config(preset)
+    except Exception:  # an unreadable preset: the checks say why when a job is started
+        return {}
+    t1, t2 = cfg.stage1.train, cfg.stage2.train
+    level = cfg.stage2.sample.noise_level
+    return {"max_steps": f"{t1.max_steps} (stage II {t2.max_steps})", "learning_rate": f"{t1.learning_rate:g}",
+            "prior_preservation": "on" if t1.prior_preservation else "off", "prior_weight": f"{t1.prior_weight:g}",
+            "lora_rank": str(t1.lora_rank), "noise_aug": f"{t2.noise_aug_min}:{t2.noise_aug_max}",
+            "sample_level": str(level) if level >= 0 else "the top of the training range"}
+
+
 def shown_job(ctx) -> Job | None:
     """The running training job, else the newest one."""
     trains = [j for j in ctx.queue.jobs if j.kind == "train"]
@@ -51,13 +67,19 @@ def build(ctx, subject):
     with gr.Row():
         with gr.Column(scale=1):
             stages = gr.CheckboxGroup(list(STAGES), value=["stage I"], label="stages", elem_id="train-stages")
-            steps = gr.Number(label="steps (blank: the preset's)", precision=0, minimum=1, elem_id="train-steps")
-            lr = gr.Number(label="learning rate (blank: the preset's)", elem_id="train-lr")
-            prior = gr.Radio(["preset", "on", "off"], value="preset", label="prior preservation")
-            prior_weight = gr.Number(label="prior weight (blank: the preset's)")
-            lora = gr.Number(label="LoRA rank (0 = full fine-tune; blank: the preset's)", precision=0, minimum=0)
-            noise_aug = gr.Textbox(label="stage II noise augmentation MIN[:MAX] (blank: the preset's)")
-            level = gr.Number(label="stage II sampling level (blank: the preset's)", precision=0)
+            d = preset_defaults(ctx.preset)
+            with gr.Row():
+                steps = gr.Textbox(label="steps", placeholder=d.get("max_steps", ""), elem_id="train-steps")
+                lr = gr.Textbox(label="learning rate", placeholder=d.get("learning_rate", ""), elem_id="train-lr")
+            prior = gr.Radio(["preset", "on", "off"], value="preset", elem_id="train-prior",
+                             label=f"prior preservation (preset: {d.get('prior_preservation', '?')})")
+            with gr.Row():
+                prior_weight = gr.Textbox(label="prior weight", placeholder=d.get("prior_weight", ""))
+                lora = gr.Textbox(label="LoRA rank (0: full)", placeholder=d.get("lora_rank", ""))
+            with gr.Row():
+                noise_aug = gr.Textbox(label="stage II noise aug MIN[:MAX]", placeholder=d.get("noise_aug", ""))
+                level = gr.Textbox(label="stage II sampling level", placeholder=d.get("sample_level", ""))
+            gr.Markdown("Blank fields keep the preset's value (shown greyed).")
             extra = gr.Textbox(label="more settings: --set KEY=VALUE, one per line", lines=2, elem_id="train-extra")
             with gr.Row():
                 start = gr.Button("start", variant="primary", elem_id="train-start")
@@ -71,8 +93,8 @@ def build(ctx, subject):
                 live = gr.LinePlot(x="step", y="loss", label="loss (live)", elem_id="train-loss-live", height=220)
                 loss_png = gr.Image(label="loss.png (as the run writes it)", elem_id="train-loss", height=220,
                                     interactive=False)
-            grids = gr.Gallery(label="validation grids (samples/step-*.png)", columns=4, height=240,
-                               elem_id="train-grids")
+            grids = gr.Gallery(label="validation grids (samples/step-*.png)", columns=4, height=200,
+                               object_fit="contain", elem_id="train-grids")
             queue = gr.Dataframe(headers=["job", "kind", "what", "state", "progress"], label="jobs (one at a time)",
                                  interactive=False, elem_id="train-queue")
             log = gr.Textbox(label="output of the running command", lines=6, max_lines=6, elem_id="train-log")
