@@ -151,7 +151,7 @@ def test_cancelled_training_resumes_like_a_killed_run(tmp_path):
     for i, im in enumerate(subject_photos()):
         im.save(subject / f"{i}.png")
     run = tmp_path / "run"
-    s = commands.TrainSettings(max_steps=16, prior_preservation=False,
+    s = commands.TrainSettings(max_steps=10, prior_preservation=False,
                                extra=["stage1.train.checkpoint_every=2", "stage1.train.validation_images=0"])
     q = JobQueue(tmp_path, job_env())
     job = q.submit(Job("train", commands.train_argv(commands.Subject(str(subject), "toy", "toy"), s, 1, run),
@@ -163,10 +163,10 @@ def test_cancelled_training_resumes_like_a_killed_run(tmp_path):
     assert q.wait_idle(30) and job.state == "cancelled", job.lines
     assert not (run / "export").exists()
     done_before = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("checkpoint-*"))
-    assert 4 <= done_before < 16
+    assert 4 <= done_before < 10
     again = q.submit(Job("train", job.resume_argv(), "t (resumed)", run))
     assert q.wait_idle(300) and again.state == "done", list(again.lines)[-5:]
-    assert [r[0] for r in losses(run)] == list(range(1, 17))
+    assert [r[0] for r in losses(run)] == list(range(1, 11))
     assert f"at step {done_before}" in (run / "log.txt").read_text()  # "resumed from ... at step N"
     assert (run / "export" / "cascade.json").is_file()
 
@@ -200,6 +200,7 @@ def test_the_forms_make_commands_the_cli_parses(tmp_path):
 def test_compare_and_runs_read_folders_generically(tmp_path):
     """A study is any folder with results.csv / table.md; a run any folder with the marker, at any depth;
     the UI's own folder is never listed; text is escaped."""
+    pytest.importorskip("pandas", reason="pandas comes with the ui extra (gradio)")
     from cascade.runs.markers import MARKER
     from cascade.ui.runs_view import exports, run_folders, studies
     from cascade.ui.tab_compare import show
@@ -220,3 +221,12 @@ def test_compare_and_runs_read_folders_generically(tmp_path):
     table, results, grids, plots = show(ctx, "00001-study")
     assert table == "| &lt;i&gt;x&lt;/i&gt; |\n" and list(results.columns) == ["model", "psnr", "emblem"]
     assert show(ctx, "../..")[0] == ""
+
+
+def test_picked_identifier_is_the_clis(capsys):
+    from cascade.cli.main import main
+    from cascade.ui.tab_subject import pick_identifier
+
+    for seed in (0, 3):
+        assert main(["identifier", "--config", "toy", "--seed", str(seed), "--class-noun", "toy"]) == 0
+        assert pick_identifier("toy", "toy", seed) == capsys.readouterr().out.split("\t")[0]
