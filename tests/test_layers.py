@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # cascade's rooms, lowest first; the core is the modules at cascade/'s top plus its run folders
-LAYERS = {"core": 0, "runs": 0, "offline": 1, "evaluation": 2, "perf": 2, "toy": 3, "cli": 4}
+LAYERS = {"core": 0, "runs": 0, "offline": 1, "evaluation": 2, "perf": 2, "toy": 3, "cli": 4, "ui": 4}
 
 
 def _room(module: str) -> str | None:

@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade.cli import evaluate
 
     evaluate.add_commands(sub, _common_config)
+    from cascade.cli import ui
+
+    ui.add_commands(sub)
     return parser
 
 
@@ -215,13 +218,14 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.cli.bench import COMMANDS as BENCH_COMMANDS
     from cascade.cli.evaluate import COMMANDS as EVAL_COMMANDS
     from cascade.cli.sample import COMMANDS as SAMPLE_COMMANDS
+    from cascade.cli.ui import COMMANDS as UI_COMMANDS
 
     from cascade.runs import folders, markers
 
     markers.begin()
     failed = True
     try:
-        {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, **EVAL_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
+        {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, **EVAL_COMMANDS, **UI_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
         failed = False
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)

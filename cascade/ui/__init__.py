@@ -1,0 +1,1 @@
+"""`cascade ui`: a local Gradio app over the CLI (train, watch, sample, compare SR, browse runs)."""

@@ -1,0 +1,332 @@
+"""`cascade ui` driven as a user would, in headless Chromium: upload the toy subject, train stage I
+for a few steps, watch it finish (validation grid, loss plot), sample "a [V] toy" through the chain,
+move the noise slider (with a `<script>` prompt, which must stay text), run a small SR study, open
+the run in the Runs tab; a screenshot of each tab is saved. The served-files rule is checked on
+the same server over plain HTTP.
+
+Screenshots go to a temporary folder (printed); `CASCADE_UI_SCREENSHOTS=docs/img` also writes the
+small PNGs the docs embed (docs/img/ui-*.png)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
+                                reason="gradio is not installed (pip install -e '.[ui]' or '.[dev]')")
+
+
+def _browser() -> tuple[str, str] | None:
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    driver = shutil.which("chromedriver")
+    return (exe, driver) if exe and driver else None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def _start(base: Path, **env_extra):
+    """`cascade ui --config toy` on a free local port over base/runs; (process, url, log file)."""
+    runs = base / "runs"
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("CASCADE_UI_AUTH", None)
+    env.update(env_extra)
+    log = open(base / "ui.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "cascade", "ui", "--config", "toy", "--runs", str(runs),
+                             "--port", str(port)], cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if _get(url + "/") == 200:
+                break
+        except OSError:
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail(f"cascade ui did not start: {(base / 'ui.log').read_text()[-2000:]}")
+    return proc, url, log
+
+
+def _stop(proc, log):
+    proc.terminate()
+    proc.wait(20)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("ui")
+    proc, url, log = _start(base)
+    yield url, base / "runs", base
+    _stop(proc, log)
+
+
+def test_a_login_guards_pages_api_and_files(tmp_path):
+    """With CASCADE_UI_AUTH set, nothing but the login answers until one logs in."""
+    import http.cookiejar
+    import urllib.parse
+
+    proc, url, log = _start(tmp_path, CASCADE_UI_AUTH="ann:s3cret")
+    try:
+        (tmp_path / "runs" / "note.txt").write_text("inside")
+        for path in ("/config", "/gradio_api/info", f"/gradio_api/file={tmp_path / 'runs' / 'note.txt'}"):
+            assert _get(url + path) == 401, path
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        bad = urllib.parse.urlencode({"username": "ann", "password": "wrong"}).encode()
+        with pytest.raises(urllib.error.HTTPError):
+            opener.open(url + "/login", bad, timeout=10)
+        good = urllib.parse.urlencode({"username": "ann", "password": "s3cret"}).encode()
+        assert opener.open(url + "/login", good, timeout=10).status == 200
+        assert opener.open(url + "/config", timeout=10).status == 200
+        assert "login required (user ann)" in (tmp_path / "ui.log").read_text()
+    finally:
+        _stop(proc, log)
+
+
+def test_files_are_served_from_the_runs_folder_only(server):
+    url, runs, base = server
+    (base / "secret.txt").write_text("outside")
+    inside = runs / "note.txt"
+    inside.write_text("inside")
+    assert _get(f"{url}/gradio_api/file={inside}") == 200
+    for bad in (f"{runs}/../secret.txt", f"{runs}/%2e%2e/secret.txt", str(base / "secret.txt"), "/etc/passwd",
+                "../secret.txt", str(ROOT / "pyproject.toml")):
+        assert _get(f"{url}/gradio_api/file={bad}") in (403, 404), bad
+
+
+class Page:
+    """Small helpers over selenium for Gradio's components (found by elem_id)."""
+
+    def __init__(self, driver, shots: Path):
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        self.d, self.shots, self.Wait = driver, shots, WebDriverWait
+
+    def css(self, sel: str):
+        from selenium.webdriver.common.by import By
+
+        return self.d.find_elements(By.CSS_SELECTOR, sel)
+
+    def wait(self, cond, timeout: float = 60, what: str = ""):
+        end = time.time() + timeout
+        while time.time() < end:
+            try:
+                if v := cond():
+                    return v
+            except Exception:  # a component re-rendered between find and read
+                pass
+            time.sleep(0.3)
+        self.shot("failure")
+        raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+    def tab(self, name: str):
+        self.wait(lambda: [b for b in self.css("button[role=tab]") if b.text.strip() == name], 30, f"tab {name}")[0].click()
+        time.sleep(0.5)
+
+    def field(self, elem_id: str):
+        return self.wait(lambda: self.css(f"#{elem_id} textarea, #{elem_id} input")[0], 30, elem_id)
+
+    def type(self, elem_id: str, text: str):
+        """Replace the field's text with keystrokes (so the page sees every edit, clearing included)."""
+        from selenium.webdriver.common.keys import Keys
+
+        el = self.field(elem_id)
+        el.send_keys(Keys.CONTROL, "a")
+        el.send_keys(Keys.DELETE)
+        if text:
+            el.send_keys(text)
+
+    def value(self, elem_id: str) -> str:
+        return self.field(elem_id).get_attribute("value") or ""
+
+    def click(self, elem_id: str):
+        self.wait(lambda: self.css(f"#{elem_id}"), 30, elem_id)[0].click()
+
+    def choose(self, elem_id: str, option: str):
+        """Pick an option of a Gradio dropdown by typing it and taking the match."""
+        el = self.field(elem_id)
+        el.click()
+        self.type(elem_id, option)
+        self.wait(lambda: [li for li in self.css(f"#{elem_id} li[role=option]") if option in li.text], 20,
+                  f"option {option}")[0].click()
+        time.sleep(0.3)
+
+    def images(self, elem_id: str) -> int:
+        return len([i for i in self.css(f"#{elem_id} img") if i.get_attribute("src")])
+
+    def shot(self, name: str) -> Path:
+        self.shots.mkdir(parents=True, exist_ok=True)
+        self.d.execute_script("window.scrollTo(0, 0)")
+        time.sleep(0.3)
+        path = self.shots / f"ui-{name}.png"
+        self.d.save_screenshot(str(path))
+        return path
+
+
+FULL = bool(os.environ.get("CASCADE_UI_FULL") or os.environ.get("CASCADE_UI_SCREENSHOTS"))
+
+
+def _write_study(folder: Path):
+    """A study folder in `cascade study-sr`'s file layout (results.csv, table.md, grid-*.png, plot-*.png),
+    with a caption that must stay text."""
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    (folder / "results.csv").write_text("model,noise_level,psnr,stripes\nbase,0,17.0,0.33\nlow,0,17.1,0.87\n")
+    (folder / "table.md").write_text("| model | PSNR (dB) |\n|---|---|\n| <b>base</b> | 17.0 |\n")
+    for name, colour in (("grid-real", "red"), ("grid-stage1", "blue"), ("plot-real", "green"), ("plot-stage1", "grey")):
+        Image.new("RGB", (96, 32), colour).save(folder / f"{name}.png")
+
+
+def _small_png(src: Path, dst: Path, width: int = 960):
+    """A README copy: scaled to `width`, 64 colours (< 150 KB)."""
+    from PIL import Image
+
+    im = Image.open(src).convert("RGB")
+    im = im.resize((width, round(im.height * width / im.width)), Image.LANCZOS)
+    im.quantize(64, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+
+
+def test_toy_walkthrough_in_a_browser(server, tmp_path_factory):
+    found = _browser()
+    if found is None or importlib.util.find_spec("selenium") is None:
+        pytest.skip("no headless browser: needs Debian's chromium and chromium-driver (apt-get install chromium "
+                    "chromium-driver; .ci/run installs them) and selenium")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    from cascade.toy.world import subject_photos
+
+    url, runs, base = server
+    photos = base / "photos"
+    photos.mkdir()
+    for i, im in enumerate(subject_photos()):
+        im.save(photos / f"toy-{i}.png")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = found[0]
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1100"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(found[1]), options=opts)
+    shots = tmp_path_factory.mktemp("ui-screenshots")
+    p = Page(driver, shots)
+    t0 = time.time()
+    try:
+        driver.get(url)
+        # Subject: upload the 5 photos; the CLI's checks pass
+        upload = p.wait(lambda: p.css("#subject-upload input[type=file]")[0], 60, "the upload field")
+        upload.send_keys("\n".join(str(f) for f in sorted(photos.iterdir())))
+        folder = p.wait(lambda: p.value("subject-folder"), 60, "the uploaded subject folder")
+        assert Path(folder).parent.parent == runs / ".cascade-ui" and len(list(Path(folder).iterdir())) == 5
+        p.wait(lambda: p.images("subject-preview") == 5, 30, "the photos' preview")
+        p.type("subject-identifier", "the")  # a common word: the CLI's message, beside the field
+        p.click("subject-check")
+        p.wait(lambda: "is a common word" in p.css("#msg-identifier")[0].text, 60, "the identifier message")
+        p.type("subject-identifier", "")
+        p.click("subject-check")
+        p.wait(lambda: "passes" in p.css("#subject-verdict")[0].text, 60, "the checks to pass")
+        p.shot("subject")
+
+        # Train: stage I, a few steps, no prior preservation (fast); grids every 2 steps
+        p.tab("Train")
+        p.type("train-steps", "4")
+        p.wait(lambda: [lb for lb in p.css("label") if lb.text.strip() == "off"], 10, "radio")[0].click()
+        p.type("train-extra", "stage1.train.sample_every=2\nstage1.train.checkpoint_every=2\n"
+                              "stage1.train.validation_steps=5")
+        p.click("train-start")
+        p.wait(lambda: p.css("#train-progress-bar"), 120, "the progress bar")
+        p.wait(lambda: p.css("#train-progress-text")[0].get_attribute("data-state") == "done", 300,
+               "training to finish")
+        p.wait(lambda: p.images("train-grids") >= 2 and p.images("train-loss") == 1, 30, "validation grids and loss.png")
+        assert p.css("#train-loss-live canvas, #train-loss-live svg"), "the live loss plot"
+        train_s = time.time() - t0
+        p.shot("train")
+        run = next(runs.glob("*-stage1-toy"))
+        assert sorted(f.name for f in (run / "samples").glob("*.png")) == ["step-000002.png", "step-000004.png"]
+
+        # Sample: the fine-tuned stage I, base stage II, 2 seeds side by side
+        p.tab("Sample")
+        p.choose("sample-stage1", run.name)
+        p.type("sample-extra", "stage1.sample.steps=10\nstage2.sample.steps=5")
+        p.click("sample-go")
+        p.wait(lambda: p.images("sample-out1") == 2 and p.images("sample-out2") == 2, 180, "stage I and II samples")
+        info = p.value("sample-info")
+        assert "stage II noise level: 100" in info and "prompt: a " in info and "[V]" not in info
+        # the noise slider re-samples; a <script> prompt is shown as the text typed, never run
+        evil = 'a [V] toy <script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
+        p.type("sample-prompt", evil)
+        slider = p.css("#sample-noise input[type=range]")[0]
+        ActionChains(driver).click_and_hold(slider).move_by_offset(-slider.size["width"] // 4, 0).release().perform()
+        p.wait(lambda: "stage II noise level: 100" not in p.value("sample-info") and "<script>" in p.value("sample-info"),
+               180, "the re-sample at the new level")
+        assert driver.execute_script("return window.__xss === undefined")
+        assert not driver.execute_script("return [...document.scripts].some(s => s.text.includes('__xss'))")
+        assert p.images("sample-out2") == 2
+        p.shot("sample")
+
+        # Compare SR: a real `cascade study-sr` (one SR variant trained 1 step) when regenerating the
+        # screenshots or with CASCADE_UI_FULL=1 (~1 min more); else a study folder written here, read generically
+        p.tab("Compare SR")
+        if FULL:
+            p.type("compare-levels", "0,250")
+            p.type("compare-variants", "low=0:0")
+            p.type("compare-steps", "1")
+            p.type("compare-extra", "stage1.sample.steps=5\nstage2.sample.steps=5\nstage2.train.validation_images=0")
+            p.click("compare-go")
+            p.wait(lambda: any(w in p.css("#compare-status")[0].text for w in ("done", "failed", "cancelled")), 400,
+                   "the study")
+            assert "done" in p.css("#compare-status")[0].text, p.css("#compare-status")[0].text
+        else:
+            _write_study(runs / "00009-study-sr-toy")
+            p.tab("Runs")
+            p.tab("Compare SR")  # the list is read again when the tab opens
+        p.choose("compare-pick", "study-sr-toy")
+        p.wait(lambda: p.images("compare-grids") >= 2 and p.images("compare-plots") >= 2, 30, "the study's images")
+        assert "PSNR" in p.css("#compare-table")[0].text
+        if not FULL:  # the written study's table holds markup, which must show as text
+            assert "<b>base</b>" in p.css("#compare-table")[0].text
+        assert "stripes" in p.css("#compare-results")[0].text  # the toy readers' column
+        p.shot("compare")
+
+        # Runs: the training run with its settings, loss and grids
+        p.tab("Runs")
+        p.choose("runs-pick", run.name)
+        p.wait(lambda: p.images("runs-loss") == 1 and p.images("runs-validation") == 2, 30, "the run's loss and grids")
+        assert "stage1" in p.css("#runs-settings")[0].text
+        p.shot("runs")
+        print(f"\nwalk-through: {time.time() - t0:.0f} s (training part {train_s:.0f} s); screenshots in {shots}")
+    finally:
+        driver.quit()
+    if os.environ.get("CASCADE_UI_SCREENSHOTS"):
+        out = Path(os.environ["CASCADE_UI_SCREENSHOTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(shots.glob("ui-*.png")):
+            if f.stem != "ui-failure":
+                _small_png(f, out / f.name)
+                assert (out / f.name).stat().st_size < 150_000
