@@ -140,7 +140,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             with accelerator.accumulate(unet), accelerator.autocast():
                 out = unet(inp, t, encoder_hidden_states=text, class_labels=class_labels, return_dict=False)[0].float()
                 per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight,
-                                        scheduler.config.prediction_type)
+                                        scheduler.config.prediction_type, snr_gamma=cfg.snr_gamma)
                 loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
                 accelerator.backward(loss)
                 stop_if_diverged(accelerator, loss, task.stage, step + 1, ckpt_dir)  # all ranks, before the update
