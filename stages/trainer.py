@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from stages import activation_ckpt, checkpoint, data, engines, optim, precision, setup
+from stages.caption_dropout import drop_captions
 from stages.divergence import stop_if_diverged
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 
@@ -134,6 +135,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             inp, class_labels = task.model_input(xt, batch, gen)
             # per-image captions: the task's rows (instance, then prior) replace the one fixed prompt
             text = batch["encoder_hidden_states"].to(device) if "encoder_hidden_states" in batch else enc
+            text = drop_captions(text, embeds.negative, cfg.caption_dropout, gen)[0]  # train.caption_dropout
             inp, text = precision.cast_for_model(unet, inp, text)  # bf16/fp16 weights
             if in_dtype is not None:  # DeepSpeed bf16/fp16 casts the module itself
                 inp, text = inp.to(in_dtype), text.to(in_dtype)
