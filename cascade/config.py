@@ -354,6 +354,10 @@ def _check_features(t: Train, k: str):
            f"{t.optimizer} needs weights_dtype=float32 (the low-precision update is for AdamW)")
     _check(t.optimizer in ("adamw", "adamw8bit") or t.optimizer_states == "fp32", k + "optimizer_states",
            f"bf16 moments are for AdamW, not {t.optimizer}")
+    _check(not (t.optimizer == "prodigy" and t.optimizer_in_backward), k + "optimizer_in_backward",
+           "cannot be combined with optimizer=prodigy (it estimates one step size over all parameters)")
+    if t.optimizer == "adamw8bit" or t.use_8bit_adam:  # two spellings of one setting, kept in step
+        t.optimizer, t.use_8bit_adam = "adamw8bit", True
     _check(t.lora_type in ("lora", "dora"), k + "lora_type", "lora|dora")
     names = [n.strip() for n in t.lora_targets.split(",")] if t.lora_targets.strip() else []
     _check(all(re.fullmatch(r"[A-Za-z_][\w.]*", n) for n in names), k + "lora_targets",
