@@ -89,7 +89,8 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     if report_to:
         accelerator.init_trackers(f"cascade-stage{task.stage}", config=tracker_config or {})
     attention = setup.set_attention(unet, cfg.attention)
-    lora_config = setup.add_lora(unet, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank > 0 else None
+    lora_config = setup.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, **setup.lora_options(cfg)) \
+        if cfg.lora_rank > 0 else None
     activation_ckpt.apply(unet, cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope)
     if cfg.compile:
         unet.compile()
