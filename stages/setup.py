@@ -92,6 +92,11 @@ def early_checks(train_cfg):
     from stages.optimizers import check_available
 
     check_available(getattr(train_cfg, "optimizer", "adamw"))
+    if getattr(train_cfg, "ema", False):
+        from stages import engines
+        from stages.ema import check_engine
+
+        check_engine(engines.engine())
 
 
 def check_tracker(report_to: str):
