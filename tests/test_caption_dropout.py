@@ -28,8 +28,18 @@ def test_dropped_rows_are_the_empty_embedding_at_the_rate(p):
     assert drop_captions(text, empty, 0.0, torch.Generator())[0] is text  # off: untouched, nothing drawn
 
 
-def test_dropped_captions_reach_the_unet_in_training(tiny, subject_dir, tmp_path, one_thread):
+def test_dropped_captions_reach_the_unet_in_training(tiny, subject_dir, tmp_path, one_thread, monkeypatch):
+    """Also checks that train.snr_gamma reaches the loss the trainer computes (test_min_snr.py checks the math)."""
     from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    losses = []
+    real_loss = trainer.diffusion_loss
+
+    def recording_loss(*args, **kwargs):
+        losses.append(kwargs.get("snr_gamma"))
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "diffusion_loss", recording_loss)
 
     unet = UNet2DConditionModel.from_pretrained(tiny / "stage1", subfolder="unet")
     scheduler = DDPMScheduler.from_pretrained(tiny / "stage1", subfolder="scheduler")
@@ -39,7 +49,7 @@ def test_dropped_captions_reach_the_unet_in_training(tiny, subject_dir, tmp_path
     instance, negative, prior = _embeds()
     task = Stage1Task(data.stack(data.load_folder(subject_dir, 64)[:2], 64))
     cfg = Train(max_steps=4, batch_size=2, prior_preservation=False, validation_images=0, sample_every=100,
-                checkpoint_every=100, caption_dropout=0.5, learning_rate=1e-4)
+                checkpoint_every=100, caption_dropout=0.5, learning_rate=1e-4, snr_gamma=5.0)
     trainer.train(task, unet, scheduler, trainer.Embeddings(instance, negative, prior), cfg, tmp_path / "run",
                   {"base": "tiny"})
     rows = torch.cat(seen)
@@ -48,6 +58,7 @@ def test_dropped_captions_reach_the_unet_in_training(tiny, subject_dir, tmp_path
     is_instance = torch.tensor([torch.equal(r, instance[0]) for r in rows])
     assert bool((is_empty ^ is_instance).all())  # every row is one or the other, exactly
     assert 0 < int(is_empty.sum()) < 8  # some dropped, some kept (p = 0.5, seeded)
+    assert losses == [5.0] * 4
 
 
 def test_probability_is_checked():

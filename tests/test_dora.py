@@ -23,6 +23,7 @@ def test_dora_export_reloads_in_diffusers(make_cfg, tiny, subject_dir, tmp_path,
     weights = load_file(str(run / "export" / "pytorch_lora_weights.safetensors"))
     assert any("lora_magnitude_vector" in k for k in weights)  # DoRA's magnitude, not plain LoRA
     assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in weights} == set(TARGETS.split(","))
+    assert "- dora\n" in (run / "export" / "README.md").read_text()  # the model card's tags
 
     # the trained model as the trainer left it, rebuilt independently from its checkpoint
     trained = UNet2DConditionModel.from_pretrained(tiny / "stage1", subfolder="unet")

@@ -39,6 +39,8 @@ def test_export_takes_the_ema_weights_and_resume_keeps_them(make_cfg, tiny, subj
         assert torch.equal(exported[k], s), k  # exactly the average
     meta = json.loads((full / "export" / "cascade.json").read_text())
     assert meta["weights"] == "ema" and meta["ema"]["decay"] == 0.5 and meta["ema"]["start_step"] == 1
+    card = (full / "export" / "README.md").read_text()  # every export carries its model card
+    assert card.startswith("---\n") and "exponential moving average" in card and "| ema_decay | 0.5 |" in card
 
     killed = tmp_path / "killed"
     shutil.copytree(full, killed)

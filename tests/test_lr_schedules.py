@@ -73,3 +73,12 @@ def test_bad_schedule_is_refused_naming_the_key():
         load_config("tiny", ["stage2.train.lr_scheduler=onecycle"])
     with pytest.raises(ConfigError, match="lr_warmup_steps"):
         load_config("tiny", ["stage1.train.lr_scheduler=cosine", "stage1.train.lr_warmup_steps=20"])
+
+
+@pytest.mark.parametrize("preset", ["if-xl", "if-l", "if-m"])
+def test_paper_presets_keep_the_trainer_features_off(preset):
+    for stage in ("stage1", "stage2"):
+        t = getattr(load_config(preset), stage).train
+        assert (t.lr_scheduler, t.lr_warmup_steps, t.snr_gamma, t.caption_dropout, t.ema) == \
+            ("constant_with_warmup", 0, 0.0, 0.0, False), (preset, stage)
+        assert t.optimizer in ("adamw", "adamw8bit") and t.lora_type == "lora" and t.lora_targets == ""
