@@ -30,8 +30,9 @@ class TrainingEMA:
                               update_after_step=start_step)
 
     def _sources(self):
-        """The parameters EMAModel averages towards: the live ones, or fp32 host copies of them."""
-        if self.device == self.params[0].device:
+        """The parameters EMAModel averages towards: the live ones, or (on_cpu) fp32 host copies of
+        them, which keep requires_grad: EMAModel averages only parameters that train."""
+        if not self.on_cpu:
             return self.params
         return [p.detach().to(self.device, torch.float32).requires_grad_(p.requires_grad) for p in self.params]
 

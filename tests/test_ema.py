@@ -66,6 +66,7 @@ def test_average_follows_the_decay_and_start_step_on_device_and_host():
         expected = decay * expected + (1 - decay) * value
         assert torch.allclose(on_device.shadow[0], expected) and torch.allclose(on_host.shadow[0], expected), n
     assert on_host.shadow[0].device.type == "cpu" and on_host.shadow[0].dtype == torch.float32
+    assert on_host._sources()[0] is not p  # host copies, averaged (not copied: they keep requires_grad)
     on_device.copy_to_model()
     assert torch.allclose(p.detach(), expected) and expected[0] != 5.0
 
