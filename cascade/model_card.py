@@ -103,7 +103,9 @@ def body(meta: dict, grid_step: int | None, measures: dict, best: dict | None, r
         settings.update({f"ema_{k}": v for k, v in meta["ema"].items() if k in ("decay", "start_step")})
     if stage == 2 and meta.get("noise_aug") is not None:
         settings["noise_aug"] = meta["noise_aug"]
-    lines += [f"| {k} | {v} |" for k, v in settings.items() if v is not None]
+    if not meta.get("lora_rank"):
+        settings = {k: v for k, v in settings.items() if not k.startswith("lora_")}
+    lines += [f"| {k} | {v if v != '' else '(default)'} |" for k, v in settings.items() if v is not None]
     if grid_step is not None:
         lines += ["", "## Validation", "", f"The last validation grid (step {grid_step}):", "",
                   f"![validation grid at step {grid_step}]({GRID})"]
