@@ -91,6 +91,19 @@ class Train:
     ddp_bucket_view: bool = True  # DDP gradient_as_bucket_view: gradients live in the all-reduce buckets
     compile: bool = False  # torch.compile the UNet (first steps slower; GPU)
     export_variant: str = "none"  # fp16|bf16: export weights as IF's variant files (half the size); none: fp32
+    # trainer features (issue 20; docs/training-options.md): all off / as before by default
+    lr_scheduler: str = "constant_with_warmup"  # constant|constant_with_warmup|linear|cosine|cosine_with_restarts|polynomial
+    lr_num_cycles: int = 1  # cosine_with_restarts: hard restarts
+    lr_power: float = 1.0  # polynomial: decay power (1 = linear to 1e-7)
+    snr_gamma: float = 0.0  # min-SNR-gamma weighting of the epsilon/v MSE (Hang et al. 2023: 5); 0 = off
+    caption_dropout: float = 0.0  # probability a training row gets the empty prompt (classifier-free guidance)
+    optimizer: str = "adamw"  # adamw|adamw8bit|adafactor|prodigy (use_8bit_adam=true is adamw8bit)
+    lora_type: str = "lora"  # lora|dora (weight-decomposed LoRA, peft use_dora)
+    lora_targets: str = ""  # comma-separated attention module names; empty = to_q,to_k,to_v,to_out.0,add_k_proj,add_v_proj
+    ema: bool = False  # keep an exponential moving average of the trained weights; the export takes it
+    ema_decay: float = 0.9999  # the EMA's decay cap (diffusers EMAModel: warms up as (1+n)/(10+n))
+    ema_start_step: int = 0  # optimizer steps before the EMA starts averaging (it copies the weights until then)
+    ema_on_cpu: bool = False  # hold the EMA copy in host memory (device memory saved; a copy per step)
 
 
 @dataclass
@@ -305,6 +318,7 @@ def validate(cfg: Config):
         _check(t.validation_images >= 0, k + "validation_images", "must be >= 0 (0 = no validation grids)")
         _check(t.validation_steps >= 1, k + "validation_steps", "must be >= 1")
         _check(t.seed >= 0, k + "seed", "must be >= 0")
+        _check_features(t, k)
         _check(math.isfinite(s.guidance_scale) and s.guidance_scale >= 0, f"{stage}.sample.guidance_scale",
                "must be >= 0")
         _check(s.steps >= 1, f"{stage}.sample.steps", "must be >= 1")
@@ -315,6 +329,41 @@ def validate(cfg: Config):
     _check(math.isfinite(cfg.stage3.guidance_scale) and cfg.stage3.guidance_scale >= 0, "stage3.guidance_scale",
            "must be >= 0")
     _check(bool(str(cfg.models.cache_dir).strip()), "models.cache_dir", "must name a folder")
+
+
+def _check_features(t: Train, k: str):
+    """The issue-20 trainer features: schedules, min-SNR, caption dropout, optimizers, DoRA, EMA."""
+    import re
+
+    from stages.schedules import SCHEDULES
+
+    _check(t.lr_scheduler in SCHEDULES, k + "lr_scheduler", "|".join(SCHEDULES))
+    _check(t.lr_num_cycles >= 1, k + "lr_num_cycles", "must be >= 1")
+    _check(math.isfinite(t.lr_power) and t.lr_power > 0, k + "lr_power", "must be > 0")
+    _check(t.lr_scheduler != "polynomial" or t.learning_rate > 1e-7, k + "learning_rate",
+           "the polynomial schedule decays to 1e-7: learning_rate must be above it")
+    _check(t.lr_warmup_steps < t.max_steps or t.lr_scheduler in ("constant", "constant_with_warmup"),
+           k + "lr_warmup_steps", f"must be below max_steps for the {t.lr_scheduler} schedule")
+    _check(math.isfinite(t.snr_gamma) and t.snr_gamma >= 0, k + "snr_gamma", "must be >= 0 (0 = off; 5 is usual)")
+    _check(0.0 <= t.caption_dropout < 1.0, k + "caption_dropout", "must be a probability in [0, 1)")
+    _check(t.optimizer in ("adamw", "adamw8bit", "adafactor", "prodigy"), k + "optimizer",
+           "adamw|adamw8bit|adafactor|prodigy")
+    _check(not (t.use_8bit_adam and t.optimizer not in ("adamw", "adamw8bit")), k + "use_8bit_adam",
+           f"conflicts with optimizer={t.optimizer} (use_8bit_adam means optimizer=adamw8bit)")
+    _check(t.optimizer in ("adamw", "adamw8bit") or t.weights_dtype == "float32", k + "optimizer",
+           f"{t.optimizer} needs weights_dtype=float32 (the low-precision update is for AdamW)")
+    _check(t.optimizer in ("adamw", "adamw8bit") or t.optimizer_states == "fp32", k + "optimizer_states",
+           f"bf16 moments are for AdamW, not {t.optimizer}")
+    _check(not (t.optimizer == "prodigy" and t.optimizer_in_backward), k + "optimizer_in_backward",
+           "cannot be combined with optimizer=prodigy (it estimates one step size over all parameters)")
+    if t.optimizer == "adamw8bit" or t.use_8bit_adam:  # two spellings of one setting, kept in step
+        t.optimizer, t.use_8bit_adam = "adamw8bit", True
+    _check(t.lora_type in ("lora", "dora"), k + "lora_type", "lora|dora")
+    names = [n.strip() for n in t.lora_targets.split(",")] if t.lora_targets.strip() else []
+    _check(all(re.fullmatch(r"[A-Za-z_][\w.]*", n) for n in names), k + "lora_targets",
+           f"comma-separated module names such as to_q,to_v, got {t.lora_targets!r}")
+    _check(math.isfinite(t.ema_decay) and 0.0 < t.ema_decay < 1.0, k + "ema_decay", "must be in (0, 1), e.g. 0.9999")
+    _check(t.ema_start_step >= 0, k + "ema_start_step", "must be >= 0")
 
 
 def dump_config(cfg: Config, path: Path):

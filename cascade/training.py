@@ -167,6 +167,10 @@ def train(req: TrainRequest) -> trainer.TrainResult:
                     lowres_size=lowres)
     result = trainer.train(task, unet, scheduler, emb, tc, run_dir, meta, resume=req.resume,
                            tracker_config={k: str(v) for k, v in vars(tc).items()})
+    if result.export_dir is not None:  # the main process: README.md in the Hugging Face model card convention
+        from cascade import model_card
+
+        model_card.write_model_card(result.export_dir, run_dir)
     markers.release(run_dir)
     return result
 

@@ -162,12 +162,12 @@ def configure_deepspeed(accelerator, unet, cfg, micro_batch: int):
 
 
 def make_optimizer_and_scheduler(accelerator, params, cfg, make_optimizer):
-    """Our AdamW (or 8-bit AdamW) with constant-after-warmup, unless a DeepSpeed config defines its
+    """Our optimizer with the configured LR schedule (stages/schedules.py), unless a DeepSpeed config defines its
     own optimizer/scheduler: then accelerate's placeholders carry our lr/warmup into that config."""
-    from diffusers.optimization import get_scheduler
+    from stages.schedules import make_schedule
 
     def schedule(opt):
-        return get_scheduler("constant_with_warmup", opt, num_warmup_steps=cfg.lr_warmup_steps)
+        return make_schedule(opt, cfg)  # train.lr_scheduler (default constant after warmup)
 
     conf = deepspeed_config(accelerator) or {}
     if "optimizer" in conf:

@@ -107,8 +107,9 @@ def vlb_bits_per_dim(math_: DiffusionMath, x0, xt, t, eps, v) -> torch.Tensor:
 
 
 def diffusion_loss(math_: DiffusionMath, model_output, x0, xt, noise, t, loss_type: str = "hybrid",
-                   vlb_weight: float = 1.0, prediction_type: str = "epsilon") -> torch.Tensor:
-    """Per-example loss [B]: epsilon (or v) MSE, plus the learned-variance bound term for `hybrid`."""
+                   vlb_weight: float = 1.0, prediction_type: str = "epsilon", snr_gamma: float = 0.0) -> torch.Tensor:
+    """Per-example loss [B]: epsilon (or v) MSE, plus the learned-variance bound term for `hybrid`.
+    `snr_gamma` > 0 weights the MSE term by min-SNR-gamma (stages/loss_weighting.py)."""
     model_output = model_output.float()
     pred, v = split_output(model_output, x0.shape[1])
     if prediction_type == "epsilon":
@@ -118,6 +119,10 @@ def diffusion_loss(math_: DiffusionMath, model_output, x0, xt, noise, t, loss_ty
     else:
         raise ValueError(f"unsupported prediction_type {prediction_type!r} (epsilon or v_prediction)")
     loss = (pred - target).pow(2).mean(dim=(1, 2, 3))
+    if snr_gamma > 0:
+        from stages.loss_weighting import min_snr_weights
+
+        loss = loss * min_snr_weights(math_.alphas_cumprod, t, snr_gamma, prediction_type)
     if loss_type == "hybrid":
         loss = loss + vlb_weight * vlb_bits_per_dim(math_, x0.float(), xt.float(), t, eps.detach(), v)
     return loss

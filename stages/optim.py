@@ -33,6 +33,10 @@ def _fused_ok(params) -> bool:
 def make(params, cfg, seed: int = 0):
     """(optimizer, name) for the trainable `params` and a Train config section."""
     params = list(params)
+    if getattr(cfg, "optimizer", "adamw") in ("adafactor", "prodigy"):  # stages/optimizers.py
+        from stages.optimizers import make_extra
+
+        return make_extra(params, cfg)
     low_precision = params[0].dtype != torch.float32
     if low_precision:
         states = "8bit" if cfg.use_8bit_adam else cfg.optimizer_states

@@ -48,10 +48,24 @@ def set_attention(unet, attention: str):
     return "xformers"
 
 
-def add_lora(unet, rank: int, alpha: float):
+def lora_options(cfg) -> dict:
+    """add_lora's keyword arguments from a Train section: lora_type (dora: peft's use_dora) and
+    lora_targets (comma-separated module names; empty = LORA_TARGETS)."""
+    targets = [n.strip() for n in getattr(cfg, "lora_targets", "").split(",") if n.strip()]
+    return {"use_dora": getattr(cfg, "lora_type", "lora") == "dora", "targets": targets or None}
+
+
+def add_lora(unet, rank: int, alpha: float, use_dora: bool = False, targets: list[str] | None = None):
     from peft import LoraConfig
 
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+    targets = list(targets or LORA_TARGETS)
+    names = [n for n, _ in unet.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]  # peft's matching
+    if missing:
+        raise InputError(f"train.lora_targets: no module named {', '.join(missing)} in this UNet "
+                         f"(IF's attention has {', '.join(LORA_TARGETS)})")
+    config = LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian", target_modules=targets,
+                        use_dora=use_dora)
     unet.requires_grad_(False)
     unet.add_adapter(config)
     return config
@@ -75,6 +89,14 @@ def early_checks(train_cfg):
     check_tracker(train_cfg.report_to)
     if train_cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
+    from stages.optimizers import check_available
+
+    check_available(getattr(train_cfg, "optimizer", "adamw"))
+    if getattr(train_cfg, "ema", False):
+        from stages import engines
+        from stages.ema import check_engine
+
+        check_engine(engines.engine())
 
 
 def check_tracker(report_to: str):

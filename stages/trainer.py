@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from stages import activation_ckpt, checkpoint, data, engines, optim, precision, setup
+from stages.caption_dropout import drop_captions
 from stages.divergence import stop_if_diverged
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 
@@ -88,7 +89,8 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     if report_to:
         accelerator.init_trackers(f"cascade-stage{task.stage}", config=tracker_config or {})
     attention = setup.set_attention(unet, cfg.attention)
-    lora_config = setup.add_lora(unet, cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank > 0 else None
+    lora_config = setup.add_lora(unet, cfg.lora_rank, cfg.lora_alpha, **setup.lora_options(cfg)) \
+        if cfg.lora_rank > 0 else None
     activation_ckpt.apply(unet, cfg.gradient_checkpointing and cfg.gradient_checkpointing_scope)
     if cfg.compile:
         unet.compile()
@@ -99,6 +101,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     per_process_batch = cfg.batch_size * (2 if task.has_prior and cfg.prior_preservation else 1)
     engines.configure_deepspeed(accelerator, unet, cfg, per_process_batch)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
+    ema = _make_ema(accelerator, params, cfg)  # train.ema: None when off
     in_dtype = engines.input_dtype(accelerator, unet)
     math_ = DiffusionMath(scheduler.alphas_cumprod)
     n_train = scheduler.config.num_train_timesteps
@@ -134,13 +137,14 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             inp, class_labels = task.model_input(xt, batch, gen)
             # per-image captions: the task's rows (instance, then prior) replace the one fixed prompt
             text = batch["encoder_hidden_states"].to(device) if "encoder_hidden_states" in batch else enc
+            text = drop_captions(text, embeds.negative, cfg.caption_dropout, gen)[0]  # train.caption_dropout
             inp, text = precision.cast_for_model(unet, inp, text)  # bf16/fp16 weights
             if in_dtype is not None:  # DeepSpeed bf16/fp16 casts the module itself
                 inp, text = inp.to(in_dtype), text.to(in_dtype)
             with accelerator.accumulate(unet), accelerator.autocast():
                 out = unet(inp, t, encoder_hidden_states=text, class_labels=class_labels, return_dict=False)[0].float()
                 per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight,
-                                        scheduler.config.prediction_type)
+                                        scheduler.config.prediction_type, snr_gamma=cfg.snr_gamma)
                 loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
                 accelerator.backward(loss)
                 stop_if_diverged(accelerator, loss, task.stage, step + 1, ckpt_dir)  # all ranks, before the update
@@ -148,6 +152,8 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
                     engines.clip_gradients(accelerator, unet, cfg.max_grad_norm)
                 optimizer.step()
                 engines.step_lr(accelerator, lr_sched)
+                if ema is not None and accelerator.sync_gradients and not accelerator.optimizer_step_was_skipped:
+                    ema.step()
                 optimizer.zero_grad(set_to_none=True)
             inst_acc += inst.item() / cfg.gradient_accumulation_steps
             prior_acc += (prior.item() if prior is not None else 0.0) / cfg.gradient_accumulation_steps
@@ -167,7 +173,10 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
                 _write_losses(run_dir, rows)
     seconds = time.time() - t0
     meta = {**export_meta, "stage": task.stage, "steps": cfg.max_steps, "loss": cfg.loss,
-            "lora_rank": cfg.lora_rank}
+            "lora_rank": cfg.lora_rank, **training_options(cfg)}
+    if ema is not None:  # the export holds the average, not the last step's weights
+        ema.copy_to_model()
+        meta.update(weights="ema", ema=ema.metadata())
     out = checkpoint.export(unet, accelerator, scheduler, run_dir / "export", meta, lora_config,
                             save_fixed_small=cfg.loss == "epsilon", variant=cfg.export_variant)
     accelerator.wait_for_everyone()
@@ -181,6 +190,28 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         accelerator.end_training()
     log.info("stage %d: %d steps in %.1f s; export %s", task.stage, cfg.max_steps - start, seconds, out)
     return TrainResult(run_dir, out, cfg.max_steps, rows, seconds)
+
+
+def _make_ema(accelerator, params, cfg):
+    """The EMA of the trainable parameters, registered so checkpoints carry it (resume-exact)."""
+    if not getattr(cfg, "ema", False):
+        return None
+    from stages.ema import TrainingEMA, check_engine
+
+    check_engine(engines.engine())
+    ema = TrainingEMA(params, cfg.ema_decay, cfg.ema_start_step, cfg.ema_on_cpu)
+    accelerator.register_for_checkpointing(ema)
+    log.info("EMA of %d trainable tensors: decay %g from step %d, %.1f MB on %s", len(params), cfg.ema_decay,
+             cfg.ema_start_step, ema.bytes() / 1e6, ema.device)
+    return ema
+
+
+def training_options(cfg) -> dict:
+    """The issue-20 settings an export records in cascade.json (and its model card shows)."""
+    keys = ("learning_rate", "lr_scheduler", "lr_warmup_steps", "optimizer", "snr_gamma", "caption_dropout",
+            "lora_type", "lora_targets", "batch_size", "gradient_accumulation_steps", "prior_preservation",
+            "prior_weight", "weights_dtype", "mixed_precision", "ema")
+    return {"training": {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}, "weights": "trained"}
 
 
 def _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir: Path, step: int):

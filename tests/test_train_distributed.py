@@ -1,5 +1,6 @@
 """Two CPU processes (torchrun, gloo): stage I trains with DDP, ranks stay in sync, one export; the
-LR schedule, the class images and the process-group timeout match what one process would have."""
+LR schedule (cosine with warmup), the class images and the process-group timeout match what one
+process would have; the EMA of the weights is the same on both ranks and is what is exported."""
 from __future__ import annotations
 
 import csv
@@ -15,12 +16,12 @@ import torch
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_stage1.py"
 
 
-def one_process_lrs(lr: float, warmup: int, steps: int) -> list[float]:
+def one_process_lrs(lr: float, warmup: int, steps: int, name: str = "constant_with_warmup") -> list[float]:
     """What the trainer's schedule gives in a single process: one step per optimizer step."""
     from diffusers.optimization import get_scheduler
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
-    sched = get_scheduler("constant_with_warmup", opt, num_warmup_steps=warmup)
+    sched = get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=steps)
     out = []
     for _ in range(steps):
         opt.step()
@@ -40,7 +41,8 @@ def test_two_process_training(make_cfg, subject_dir, tmp_path):
          "--set", "stage1.sample.steps=2",
          "--set", "stage1.train.num_class_images=2", "--set", "stage1.train.validation_images=1",
          "--set", "stage1.train.validation_steps=2", "--set", "stage1.train.learning_rate=1e-3",
-         "--set", "stage1.train.lr_warmup_steps=4", "--set", "distributed_timeout_minutes=77"],
+         "--set", "stage1.train.lr_warmup_steps=2", "--set", "stage1.train.lr_scheduler=cosine",
+         "--set", "stage1.train.ema=true", "--set", "distributed_timeout_minutes=77"],
         env=env, capture_output=True, text=True, timeout=900)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
@@ -54,8 +56,11 @@ def test_two_process_training(make_cfg, subject_dir, tmp_path):
     assert len(rows) == 4
     assert text.count("export") >= 1 and "Traceback" not in text
     assert (out / ".cascade-run").is_file() and not (out / ".cascade-lock").exists()  # main process locked, released
-    # warmup counts optimizer steps, as on one process (accelerate would step it twice per call)
-    assert np.allclose([float(r["lr"]) for r in rows], one_process_lrs(1e-3, 4, 4), rtol=1e-9, atol=0)
+    # the schedule counts optimizer steps, as on one process (accelerate would step it twice per call)
+    assert np.allclose([float(r["lr"]) for r in rows], one_process_lrs(1e-3, 2, 4, "cosine"), rtol=1e-9, atol=0)
+    assert [float(r["lr"]) for r in rows][-1] == 0.0  # the cosine really ran to its end
+    # the EMA (train.ema) is averaged identically on both ranks (equal checksums above) and exported
+    assert '"weights": "ema"' in (out / "export" / "cascade.json").read_text()
     # the configured timeout is the live process group's
     assert "process-group timeout 1:17:00" in text
     # class images were split between the ranks (file equality: test_engines_distributed.py)

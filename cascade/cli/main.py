@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     from cascade.cli import ui
 
     ui.add_commands(sub)
+    from cascade.cli import push
+
+    push.add_commands(sub)
     return parser
 
 
@@ -217,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     console_logging()
     from cascade.cli.bench import COMMANDS as BENCH_COMMANDS
     from cascade.cli.evaluate import COMMANDS as EVAL_COMMANDS
+    from cascade.cli.push import COMMANDS as PUSH_COMMANDS
     from cascade.cli.sample import COMMANDS as SAMPLE_COMMANDS
     from cascade.cli.ui import COMMANDS as UI_COMMANDS
 
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     markers.begin()
     failed = True
     try:
-        {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, **EVAL_COMMANDS, **UI_COMMANDS, "toy": lambda a: a.func(a)}[args.command](args)
+        {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, **EVAL_COMMANDS, **PUSH_COMMANDS, **UI_COMMANDS,
+         "toy": lambda a: a.func(a)}[args.command](args)
         failed = False
     except (InputError, FileNotFoundError) as e:
         print(f"cascade {args.command}: error: {e}", file=sys.stderr)

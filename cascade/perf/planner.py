@@ -334,3 +334,13 @@ def parse_size(text: str) -> float:
     value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     power = " KMGT".index(unit) if unit else 0
     return value * (1024 if binary else 1000) ** power
+
+
+def with_ema(phases: dict, step: dict, on_cpu: bool) -> tuple[dict, int]:
+    """(phases, host bytes) with the EMA copy of train.ema counted: one fp32 tensor per trainable
+    parameter (stages/ema.py), resident from the first training step to the export, on the device or
+    (ema_on_cpu) in host memory."""
+    ema = step["params_trainable"] * 4
+    if on_cpu:
+        return dict(phases), ema
+    return {k: v + ema if k in ("train_step", "validation", "export") else v for k, v in phases.items()}, 0

@@ -80,12 +80,18 @@ def run(cfg, args) -> dict:
                       f"resolution {plan.resolution or 'native'}, CPU: training step peak {_gb(step['bytes']['peak'])} GB")
         return report
     phases = planner.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images)
+    ema_host = 0
+    if sec.train.ema:  # the EMA copy (issue 20) on the device, or in host memory with ema_on_cpu
+        phases, ema_host = planner.with_ema(phases, step, sec.train.ema_on_cpu)
     peak_phase = max(phases, key=phases.get)
     report.update(plan=step, phases=phases, peak_phase=peak_phase, command_peak=phases[peak_phase])
     lines = [f"{plan.model}, batch {plan.batch}{' + ' + str(plan.batch) + ' prior' if plan.prior else ''}, "
              f"{plan.label()}: training step peak {_gb(step['bytes']['peak'])} GB "
              f"(params {_gb(step['bytes']['params'])}, grads {_gb(step['bytes']['grads'])}, optimizer "
              f"{_gb(step['bytes']['optimizer'])}, activations {_gb(step['bytes']['activations_at_peak'])})",
+             *([f"EMA copy {_gb(step['params_trainable'] * 4)} GB "
+                f"{'in host RAM' if sec.train.ema_on_cpu else 'on the device, in every phase from training on'}"]
+               if sec.train.ema else []),
              "phases (GB): " + ", ".join(f"{k} {_gb(v)}" for k, v in phases.items()) +
              f"; command peak {_gb(phases[peak_phase])} GB in {peak_phase}"]
     if args.gpu_memory:
@@ -109,6 +115,7 @@ def run(cfg, args) -> dict:
     host = (step["params_total"] * planner.DTYPE_BYTES[plan.weights_dtype] if full else 0) + \
         (step["params_total"] * 2 if full and sec.train.export_variant != "none" else 0)
     report["host_export_bytes"] = host
+    report["host_ema_bytes"] = ema_host
     if host:
         variant = sec.train.export_variant
         lines.append(f"host RAM for the export: up to {_gb(host)} GB (the state dict is written from memory"

@@ -1,0 +1,69 @@
+"""train.optimizer: AdamW, 8-bit AdamW, Adafactor (transformers), Prodigy (prodigyopt) are built from
+the config key and train; a missing package is refused in one line, early and where it is built."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from cascade.config import ConfigError, load_config
+from stages import optim, setup
+from stages.errors import InputError
+
+
+def _train(opt, params, steps=30):
+    target = torch.linspace(-1, 1, params[0].numel()).view_as(params[0])
+    losses = []
+    for _ in range(steps):
+        loss = (params[0] - target).pow(2).sum()
+        losses.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return losses
+
+
+@pytest.mark.parametrize("name,cls,lr", [("adamw", "torch.optim.adamw.AdamW", 1e-2),
+                                         ("adafactor", "transformers.optimization.Adafactor", 1e-2),
+                                         ("prodigy", "prodigyopt.prodigy.Prodigy", 1.0)])
+def test_each_optimizer_is_built_from_the_key_and_trains(name, cls, lr):
+    cfg = load_config("tiny", [f"stage1.train.optimizer={name}", f"stage1.train.learning_rate={lr}",
+                               "stage1.train.fused_optimizer=false"]).stage1.train
+    params = [torch.nn.Parameter(torch.zeros(4, 8))]
+    opt, label = optim.build(params, cfg)
+    assert f"{type(opt).__module__}.{type(opt).__name__}" == cls and label == name
+    assert opt.param_groups[0]["lr"] == lr  # the LR schedule drives this value
+    losses = _train(opt, params)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_8bit_spellings_agree():
+    a = load_config("tiny", ["stage1.train.optimizer=adamw8bit"]).stage1.train
+    b = load_config("tiny", ["stage1.train.use_8bit_adam=true"]).stage1.train
+    assert (a.optimizer, a.use_8bit_adam) == (b.optimizer, b.use_8bit_adam) == ("adamw8bit", True)
+
+
+@pytest.mark.parametrize("name,package", [("prodigy", "prodigyopt"), ("adafactor", "transformers"),
+                                          ("adamw8bit", "bitsandbytes")])
+def test_missing_package_is_refused_in_one_line(monkeypatch, name, package):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] == package else real(n, *a))
+    cfg = load_config("tiny", [f"stage1.train.optimizer={name}"]).stage1.train
+    with pytest.raises(InputError, match=f"{package}") as e:
+        setup.early_checks(cfg)  # before any model loads
+    assert "\n" not in str(e.value)
+    if name != "adamw8bit":
+        with pytest.raises(InputError, match=f"needs the {package} package"):
+            optim.build([torch.nn.Parameter(torch.zeros(2))], cfg)
+
+
+def test_bad_combinations_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="stage1.train.optimizer"):
+        load_config("tiny", ["stage1.train.optimizer=sgd"])
+    with pytest.raises(ConfigError, match="use_8bit_adam"):
+        load_config("tiny", ["stage1.train.optimizer=prodigy", "stage1.train.use_8bit_adam=true"])
+    with pytest.raises(ConfigError, match="weights_dtype=float32"):
+        load_config("tiny", ["stage1.train.optimizer=adafactor", "stage1.train.weights_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="optimizer_in_backward"):
+        load_config("tiny", ["stage1.train.optimizer=prodigy", "stage1.train.optimizer_in_backward=true"])
