@@ -124,7 +124,8 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     run_dir = folders.prepare_on_main(state, lambda: folders.prepare_output(
         req.output, f"stage{req.stage}-{req.class_noun}", req.resume, req.overwrite,
         _run_identity(req, token, paths, model_path),
-        {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir)}))
+        {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir),
+         **folders.model_inputs(paths, "stage1", "stage2", "text_encoder")}))
     folders.start_logging(run_dir, cfg, state.is_main_process)
     early_log.replay_since(log_mark)
     if paths.uses_tiny:

@@ -145,7 +145,10 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
 
         dino = metrics.DinoScorer(resolve_metric_model(req.dino, cfg.models.cache_dir, "dino"), str(runner.device()))
     lpips = Lpips(req.lpips_net)
-    out = folders.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite)
+    inputs = {"subject": req.subject, "base SR model": base, "stage I model": s1, "text encoder": paths.text_encoder,
+              **{f"--sr {label}": p for label, p in given}}
+    out = folders.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite,
+                                 identity={"command": "study-sr"}, protected=inputs)
     folders.start_logging(out, cfg)
     trained = _train_variants(req, base, token, out) if req.variants else []
     folders.start_logging(out, cfg)  # training runs log into their own folders; back to the study's log
