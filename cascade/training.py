@@ -64,7 +64,9 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
     """Existing class images (validated), topped up with generations of the frozen model(s)."""
     from cascade import class_images, runner
 
-    class_images.check_manifest(class_dir, prompts["class"], req.stage)
+    bases = [components.describe_source(getattr(paths, f"stage{s}")).base for s in range(1, req.stage + 1)]
+    made_by = {"model": class_images.model_name(*bases), "size": size}
+    class_images.check_manifest(class_dir, prompts["class"], req.stage, **made_by)
     n = train_cfg.num_class_images
     have = class_images.existing(class_dir)
     if have:  # validated before any generation
@@ -82,7 +84,7 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
         return runner.class_pair_sampler(cfg, paths, embeds[prompts["class"]], embeds[""])
 
     files = class_images.generate(class_dir, n, factory, 8 * cfg.stage1.sample.batch_size,
-                                  train_cfg.seed, prompts["class"], req.stage, state)  # split between processes
+                                  train_cfg.seed, prompts["class"], req.stage, state, **made_by)  # split between processes
     return data.stack(data.load_folder(class_dir, size, "class", allow_upscale=True)[:len(files)], size)
 
 
@@ -94,6 +96,9 @@ def _check_request(req: TrainRequest, sec):
     if req.stage == 2 and level >= 0 and not tc.noise_aug_min <= level <= tc.noise_aug_max:
         log.warning("stage II samples at noise level %d, outside the training range %d..%d: the fine-tuned model "
                     "never saw that level", level, tc.noise_aug_min, tc.noise_aug_max)
+    if req.class_dir and markers.inside(req.class_dir, req.subject) and markers.inside(req.subject, req.class_dir):
+        raise InputError(f"--class-dir {req.class_dir} is the subject folder: the photos would be taken as prior "
+                         f"(class) images and generated images would land among them; give another folder")
     if tc.prior_preservation and req.class_dir:
         class_images.check_manifest(Path(req.class_dir), ident.class_prompt(req.class_noun), req.stage)
 

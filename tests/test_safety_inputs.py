@@ -79,3 +79,104 @@ def test_train_resume_refuses_a_checkpoint_that_runs_code(make_cfg, write_subjec
     line = error_line(capsys.readouterr().err)
     assert code == 2 and "checkpoint-000001" in line and "refused" in line, line
     assert not flag.exists()
+
+
+def test_captions_stay_inside_the_folder_and_small(tmp_path, write_subject):
+    """Item 7: a sidecar symlinked out of the folder is never read; an oversized caption is one line."""
+    from cascade.captions import MAX_CAPTION_BYTES, CaptionError, read_captions
+
+    subject = write_subject(tmp_path / "subject", 3, 80)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0:the secret")
+    for i in range(3):
+        (subject / f"{i:02d}.txt").write_text("a [V] dog")
+    (subject / "02.txt").unlink()
+    os.symlink(secret, subject / "02.txt")
+    with pytest.raises(CaptionError, match="points outside the folder") as e:
+        read_captions(subject, "sidecar", "jaw")
+    assert "the secret" not in str(e.value) and "\n" not in str(e.value)
+    (subject / "02.txt").unlink()
+    (subject / "02.txt").write_text("a dog " * (MAX_CAPTION_BYTES // 6 + 10))
+    with pytest.raises(CaptionError, match="larger than 4096 bytes"):
+        read_captions(subject, "sidecar", "jaw")
+    (subject / "inside.txt").write_text("a [V] dog in the park")
+    (subject / "02.txt").unlink()
+    os.symlink(subject / "inside.txt", subject / "02.txt")  # a link within the folder is fine
+    assert read_captions(subject, "sidecar", "jaw")[2] == "a jaw dog in the park"
+    os.symlink(secret, subject / "metadata.jsonl")
+    with pytest.raises(CaptionError, match="points outside"):
+        read_captions(subject, "metadata", "jaw")
+
+
+@pytest.mark.parametrize("name", ["../../escape", "..", "a/b", "", ".hidden", "x\\y", "big" * 40])
+def test_variant_names_are_safe_folder_names(name, tmp_path):
+    """Item 8: study-sr --variant names become folders under --output: refused unless plain names."""
+    from cascade.config import load_config
+    from cascade.evaluation import sr_study
+    from cascade.runs.folders import safe_name
+    from stages.errors import InputError
+
+    with pytest.raises(InputError, match="--variant"):
+        safe_name(name, "--variant")
+    req = sr_study.StudyRequest(load_config("tiny"), str(tmp_path / "nowhere"), "dog", variants=[(name, 0, 0)],
+                                output=str(tmp_path / "out"))
+    with pytest.raises(InputError, match="--variant"):
+        sr_study.run_study(req)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "escape").exists()
+    assert safe_name("low-aug_2.5", "--variant") == "low-aug_2.5"
+
+
+def test_cli_refuses_an_escaping_variant(capsys):
+    code = main(["study-sr", "--subject", "x", "--class-noun", "dog", "--train", "--variant", "../../escape=0:0"])
+    assert code == 2 and "--variant '../../escape'" in error_line(capsys.readouterr().err)
+
+
+def test_temporary_files_are_never_images_and_debris_is_cleaned(tmp_path):
+    """Item 15: a killed run's class-000003.tmp.png is neither counted nor read; generate removes it."""
+    import json
+
+    from PIL import Image
+
+    from cascade import class_images
+    from stages import data
+
+    folder = tmp_path / "cls"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (16, 16), (i, 0, 0)).save(folder / f"class-{i:06d}.png")
+    (folder / "class-000003.tmp.png").write_bytes(b"\x89PNG truncated")  # killed mid-write
+    (folder / "cascade-class.json").write_text(json.dumps({"prompt": "a dog", "stage": 1}))
+    assert [p.name for p in data.list_images(folder)] == [f"class-{i:06d}.png" for i in range(3)]
+    assert len(data.load_folder(folder, 16, "class")) == 3  # was: "class-000003.tmp.png cannot be read"
+    made = []
+
+    def factory():
+        return lambda seeds: made.extend(seeds) or torch.zeros(len(seeds), 3, 16, 16)
+
+    files = class_images.generate(folder, 4, factory, 8, 0, "a dog")
+    assert len(files) == 4 and made == [3] and not (folder / "class-000003.tmp.png").exists()
+
+
+def test_class_folder_is_not_the_photos_and_not_another_models(make_cfg, write_subject, tmp_path, capsys):
+    """Item 10: --class-dir = the subject folder and class-images --output <photos> are refused; a class
+    folder made by another model or at another size is refused."""
+    cache = make_cfg().models.cache_dir
+    photos = write_subject(tmp_path / "photos", 3, 80)
+    before = sorted(p.name for p in photos.iterdir())
+    common = ["--set", f"models.cache_dir={cache}", "--set", "stage1.sample.steps=1"]
+    code = main(["train", "stage1", "--subject", str(photos), "--class-noun", "dog", "--class-dir", str(photos),
+                 "--output", str(tmp_path / "run"), *common])
+    assert code == 2 and "is the subject folder" in error_line(capsys.readouterr().err)
+    code = main(["class-images", "--class-noun", "dog", "--num", "4", "--output", str(photos), *common])
+    assert code == 2 and "cascade did not make" in error_line(capsys.readouterr().err)
+    assert sorted(p.name for p in photos.iterdir()) == before and not (tmp_path / "run").exists()
+    cls = tmp_path / "cls"
+    assert main(["class-images", "--class-noun", "dog", "--num", "1", "--output", str(cls), *common]) == 0
+    rec = __import__("json").loads((cls / "cascade-class.json").read_text())
+    assert rec["model"] == "tiny-v1/stage1" and rec["size"] == 64, rec
+    capsys.readouterr()
+    code = main(["class-images", "--class-noun", "dog", "--num", "2", "--output", str(cls), "--config", "toy",
+                 *common])
+    line = error_line(capsys.readouterr().err)
+    assert code == 2 and "'tiny-v1/stage1' at 64 px" in line and "at 16 px" in line, line
+    assert len(list(cls.glob("class-*.png"))) == 1

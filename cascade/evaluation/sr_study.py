@@ -125,6 +125,8 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     cfg = req.cfg
     if not req.class_noun.strip():
         raise InputError("--class-noun must name the subject's class, e.g. dog")
+    for name, _, _ in req.variants:  # each becomes a folder under the output
+        folders.safe_name(name, "--variant")
     paths = models.resolve(cfg)
     base = models.resolve_name(cfg, req.base, "stage2") if req.base else components.describe_source(paths.stage2).base
     components.check_stage(base, 2, f"base SR model ({base})")

@@ -20,6 +20,17 @@ class OutputExistsError(InputError, FileExistsError):
     pass
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def safe_name(name: str, what: str) -> str:
+    """A user-given name that becomes a folder: plain letters, digits, . _ - (no path, no dotfile)."""
+    if not _SAFE_NAME.match(name or "") or ".." in name:
+        raise InputError(f"{what} {name!r}: a name becomes a folder, so it must be 1-64 letters, digits, '.', '_' "
+                         f"or '-', starting with a letter or digit (no '/', no '..')")
+    return name
+
+
 def next_run_dir(root: Path, tag: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"^(\d{5})-", p.name))]
