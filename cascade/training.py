@@ -183,7 +183,8 @@ def _run_identity(req: TrainRequest, token: str, paths: models.ModelPaths, model
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
     sec = req.cfg.stage1 if req.stage == 1 else req.cfg.stage2
-    run = {"stage": req.stage, "subject": where(req.subject), "class_noun": req.class_noun, "identifier": token,
+    run = {"stage": req.stage, "subject": where(req.subject), "subject_sha256": markers.folder_digest(req.subject),
+           "class_noun": req.class_noun, "identifier": token,
            "model": where(model_path), "text_encoder": where(paths.text_encoder),
            "class_dir": str(Path(req.class_dir).resolve()) if req.class_dir else None,
            "variant": req.cfg.models.variant, "max_text_length": req.cfg.max_text_length,

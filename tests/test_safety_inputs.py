@@ -180,3 +180,23 @@ def test_class_folder_is_not_the_photos_and_not_another_models(make_cfg, write_s
     line = error_line(capsys.readouterr().err)
     assert code == 2 and "'tiny-v1/stage1' at 64 px" in line and "at 16 px" in line, line
     assert len(list(cls.glob("class-*.png"))) == 1
+
+
+def test_resume_refuses_photos_replaced_at_the_same_path(make_cfg, write_subject, tmp_path, capsys, one_thread):
+    """Item 12: the run identity holds the sha256 of the subject's files, not only their folder's path."""
+    from cascade.runs import markers
+
+    cache = make_cfg().models.cache_dir
+    photos, out = write_subject(tmp_path / "photos", 3, 80, seed=1), tmp_path / "run"
+    argv = ["train", "stage1", "--subject", str(photos), "--class-noun", "dog", "--output", str(out),
+            "--set", f"models.cache_dir={cache}", "--set", "stage1.train.prior_preservation=false",
+            "--set", "stage1.train.validation_images=0", "--set", "stage1.train.checkpoint_every=1"]
+    assert main([*argv, "--max-steps", "1"]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    first = markers.read_marker(out)["run"]["subject_sha256"]
+    write_subject(photos, 3, 80, seed=2)  # other photos, same names, same folder
+    code = main([*argv, "--max-steps", "2", "--resume"])
+    line = error_line(capsys.readouterr().err)
+    assert code == 2 and "subject photos (content) changed" in line and first[:12] in line, line
+    write_subject(photos, 3, 80, seed=1)  # the original photos back: the same run, resumed
+    assert main([*argv, "--max-steps", "2", "--resume"]) == 0, capsys.readouterr().err

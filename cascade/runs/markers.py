@@ -6,8 +6,9 @@
   input of the command, and deletes only what the run wrote: the marker lists the entries that were
   not the run's (`kept`) and, once a command ends, the ones it wrote (`wrote`); anything else a user
   put there since is kept and named.
-- `--resume` continues only a run that matches: same stage, subject, class, model, identifier and
-  training settings (a larger `max_steps` and bookkeeping settings may change).
+- `--resume` continues only a run that matches: same stage, subject (its path and the sha256 of its
+  files: photos replaced at the same path are another run), class, model, identifier and training
+  settings (a larger `max_steps` and bookkeeping settings may change).
 - One writer at a time: the main process holds `.cascade-lock` (pid, host, process start time)
   until it exits; a lock whose process is gone on this host is stale and taken over.
 - A command that fails before writing results removes the folder it created (never one it did not).
@@ -230,6 +231,29 @@ def record_written():
 
 
 # ---------------------------------------------------------------- --resume
+def folder_digest(folder) -> str | None:
+    """sha256 over the names and bytes of a folder's regular files (not subfolders, not dotfiles): the
+    photos and their caption files, so `--resume` knows when the photos at the same path changed."""
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        h.update(f.name.encode("utf-8", "surrogateescape") + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+CONTENT_KEYS = {"subject_sha256": "subject photos (content)"}  # not in markers of older runs: not compared then
+
+
 def resume_mismatch(old: dict, new: dict) -> list[str]:
     """Describe what differs between the run recorded in the marker and the one asked for."""
     diffs = []
@@ -237,6 +261,10 @@ def resume_mismatch(old: dict, new: dict) -> list[str]:
                 "max_text_length", "sample_noise_level"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key.replace('_', ' ')} {old.get(key)!r} -> {new.get(key)!r}")
+    for key, what in CONTENT_KEYS.items():
+        if key in old and old[key] != new.get(key):
+            diffs.append(f"{what} changed since the run started (sha256 {str(old[key])[:12]} -> "
+                         f"{str(new.get(key))[:12]})")
     ot, nt = old.get("train", {}), new.get("train", {})
     prefix = f"stage{new.get('stage')}.train."
     for key in sorted(set(ot) | set(nt)):
