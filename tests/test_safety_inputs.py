@@ -200,3 +200,12 @@ def test_resume_refuses_photos_replaced_at_the_same_path(make_cfg, write_subject
     assert code == 2 and "subject photos (content) changed" in line and first[:12] in line, line
     write_subject(photos, 3, 80, seed=1)  # the original photos back: the same run, resumed
     assert main([*argv, "--max-steps", "2", "--resume"]) == 0, capsys.readouterr().err
+
+
+def test_below_bars_names_each_measure_under_its_bar():
+    from cascade.toy import check
+
+    assert check.below_bars({"colour_acc": 1.0, "shape_acc": 0.875}, {"pattern_acc": 0.8, "consistency_psnr": 29.0}) \
+        == ["shape_acc 0.875 < 0.9", "consistency_psnr 29 < 30"]
+    assert check.below_bars({"colour_acc": float("nan"), "shape_acc": 1.0}, None) == ["colour_acc nan < 0.95"]
+    assert check.below_bars({"colour_acc": 0.95, "shape_acc": 0.9}, {"pattern_acc": 1.0, "consistency_psnr": 31}) == []
