@@ -86,6 +86,7 @@ def test_overwrite_replaces_only_a_run_of_the_same_command(cli, tiny, tmp_path):
     code, err = cli(*SAMPLE, "--output", str(run), "--overwrite")
     line = error_line(err)
     assert code == 2 and "'train stage1' run" in line and "export/" in line and "checkpoints/" in line, line
+    assert "cannot write to output folder" not in line  # the refusal itself, not wrapped as a write error
     code, err = main(["demo", "--fast", "--output", str(run), "--overwrite"]), None
     assert code == 2
     assert snapshot(run) == before

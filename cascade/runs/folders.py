@@ -93,6 +93,8 @@ def prepare_output(output: str | None, tag: str, resume: bool = False, overwrite
             logging.getLogger(__name__).warning("--resume: %s has no run yet; starting fresh", path)
         markers.acquire(path)
         markers.begin_run(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except OutputExistsError:
+        raise  # an OSError too, but already the one line to show
     except OSError as e:
         raise InputError(f"cannot write to output folder {path}: {e.strerror or e}") from None
     return path
@@ -122,10 +124,10 @@ def model_inputs(paths, *stages: str) -> dict:
 def _reuse(path: Path, identity: dict, resume: bool, overwrite: bool, resumable: bool) -> Path:
     if not markers.is_run_folder(path):
         what = "nothing to resume there; " if resume else ""
-        bad = " holds no cascade record" if (path / markers.MARKER).exists() else ""
-        raise OutputExistsError(f"output folder {path} exists and is not a cascade run folder (no valid "
-                                f"{markers.MARKER}{bad}); {what}choose a new --output (cascade only replaces "
-                                f"folders it created)")
+        why = f"its {markers.MARKER} is not a cascade record" if (path / markers.MARKER).exists() else \
+            f"no {markers.MARKER}"
+        raise OutputExistsError(f"output folder {path} exists and is not a cascade run folder ({why}); "
+                                f"{what}choose a new --output (cascade only replaces folders it created)")
     if not (resume and resumable) and not overwrite:
         hint = "pass --resume to continue it or --overwrite to replace it" if resumable else \
             "pass --overwrite to replace it"
