@@ -64,7 +64,9 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
     """Existing class images (validated), topped up with generations of the frozen model(s)."""
     from cascade import class_images, runner
 
-    class_images.check_manifest(class_dir, prompts["class"], req.stage)
+    bases = [components.describe_source(getattr(paths, f"stage{s}")).base for s in range(1, req.stage + 1)]
+    made_by = {"model": class_images.model_name(*bases), "size": size}
+    class_images.check_manifest(class_dir, prompts["class"], req.stage, **made_by)
     n = train_cfg.num_class_images
     have = class_images.existing(class_dir)
     if have:  # validated before any generation
@@ -82,7 +84,7 @@ def _class_images(req, train_cfg, paths: models.ModelPaths, class_dir: Path, emb
         return runner.class_pair_sampler(cfg, paths, embeds[prompts["class"]], embeds[""])
 
     files = class_images.generate(class_dir, n, factory, 8 * cfg.stage1.sample.batch_size,
-                                  train_cfg.seed, prompts["class"], req.stage, state)  # split between processes
+                                  train_cfg.seed, prompts["class"], req.stage, state, **made_by)  # split between processes
     return data.stack(data.load_folder(class_dir, size, "class", allow_upscale=True)[:len(files)], size)
 
 
@@ -94,6 +96,9 @@ def _check_request(req: TrainRequest, sec):
     if req.stage == 2 and level >= 0 and not tc.noise_aug_min <= level <= tc.noise_aug_max:
         log.warning("stage II samples at noise level %d, outside the training range %d..%d: the fine-tuned model "
                     "never saw that level", level, tc.noise_aug_min, tc.noise_aug_max)
+    if req.class_dir and markers.inside(req.class_dir, req.subject) and markers.inside(req.subject, req.class_dir):
+        raise InputError(f"--class-dir {req.class_dir} is the subject folder: the photos would be taken as prior "
+                         f"(class) images and generated images would land among them; give another folder")
     if tc.prior_preservation and req.class_dir:
         class_images.check_manifest(Path(req.class_dir), ident.class_prompt(req.class_noun), req.stage)
 
@@ -124,7 +129,8 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     run_dir = folders.prepare_on_main(state, lambda: folders.prepare_output(
         req.output, f"stage{req.stage}-{req.class_noun}", req.resume, req.overwrite,
         _run_identity(req, token, paths, model_path),
-        {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir)}))
+        {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir),
+         **folders.model_inputs(paths, "stage1", "stage2", "text_encoder")}))
     folders.start_logging(run_dir, cfg, state.is_main_process)
     early_log.replay_since(log_mark)
     if paths.uses_tiny:
@@ -181,7 +187,8 @@ def _run_identity(req: TrainRequest, token: str, paths: models.ModelPaths, model
         return str(Path(p).resolve()) if p and Path(p).exists() else p
 
     sec = req.cfg.stage1 if req.stage == 1 else req.cfg.stage2
-    run = {"stage": req.stage, "subject": where(req.subject), "class_noun": req.class_noun, "identifier": token,
+    run = {"stage": req.stage, "subject": where(req.subject), "subject_sha256": markers.folder_digest(req.subject),
+           "class_noun": req.class_noun, "identifier": token,
            "model": where(model_path), "text_encoder": where(paths.text_encoder),
            "class_dir": str(Path(req.class_dir).resolve()) if req.class_dir else None,
            "variant": req.cfg.models.variant, "max_text_length": req.cfg.max_text_length,

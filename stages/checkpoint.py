@@ -14,6 +14,7 @@ from pathlib import Path
 
 from stages import engines
 from stages.components import EXPORT_META, LORA_WEIGHTS
+from stages.errors import InputError
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -52,8 +53,41 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict, keep: int
     return final
 
 
+def _unpickle_refusal(e: Exception) -> str:
+    """What torch's weights-only loader refused, in a few words (its message is a paragraph)."""
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    if m:
+        return f"it calls {m.group(1)}"
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else e.__class__.__name__
+
+
+def safe_load(path: Path, what: str = "checkpoint"):
+    """`torch.load` that never runs code from the file: weights_only (tensors, numbers, strings and
+    containers of them). A file that needs more is refused in one line, before anything of it runs."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(f"{what} {path} holds more than tensors and numbers and is refused (loading it would run "
+                         f"code from the file: {_unpickle_refusal(e)})") from None
+    except (OSError, EOFError, RuntimeError, ValueError) as e:
+        raise InputError(f"{what} {path} cannot be read ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         ) from None
+
+
 def load_checkpoint(accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path))
+    """accelerate's loader reads with weights_only (never unpickles code); a refused file is one line."""
+    import pickle
+
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as e:
+        raise InputError(f"--resume: checkpoint {path} holds more than tensors and numbers and is refused (loading "
+                         f"it would run code from the file: {_unpickle_refusal(e)})") from None
     return json.loads((path / STATE_FILE).read_text())
 
 

@@ -1,7 +1,8 @@
 """Reading real-world photos: which files of a folder are images, and how one becomes plain 8-bit RGB.
 
 Any format PIL reads counts (tif, gif, webp, heif plugins...), not a suffix list. Hidden files
-(dotfiles, macOS `._x.jpg` AppleDouble forks) are skipped with a note; FIFOs, sockets and devices
+(dotfiles, macOS `._x.jpg` AppleDouble forks) and the temporary files of an interrupted atomic
+write (`name.tmp.png`, `name.tmp`) are skipped with a note; FIFOs, sockets and devices
 are skipped without being opened (opening a FIFO blocks forever). A photo is turned upright by its
 EXIF orientation, 16-bit data is scaled (not clipped) to 8 bits, and transparency is composited on
 white, as a cut-out product photo would be shown.
@@ -30,6 +31,7 @@ class FolderScan:
     hidden: list[Path] = field(default_factory=list)
     not_regular: list[Path] = field(default_factory=list)
     not_images: list[Path] = field(default_factory=list)
+    temporary: list[Path] = field(default_factory=list)
 
     def log_skipped(self, what: str):
         def names(ps):
@@ -37,12 +39,21 @@ class FolderScan:
 
         if self.hidden:
             log.info("%s folder: skipped %d hidden file(s): %s", what, len(self.hidden), names(self.hidden))
+        if self.temporary:
+            log.info("%s folder: skipped %d temporary file(s) of an interrupted write: %s", what,
+                     len(self.temporary), names(self.temporary))
         if self.not_regular:
             log.warning("%s folder: skipped %d entr(ies) that are not regular files (FIFO, socket, device): %s",
                         what, len(self.not_regular), names(self.not_regular))
         if self.not_images:
             log.info("%s folder: skipped %d file(s) PIL does not recognise as images: %s", what,
                      len(self.not_images), names(self.not_images))
+
+
+def is_temporary(path: Path) -> bool:
+    """A file an atomic write (temp + rename) left behind when it was killed: never an image."""
+    parts = path.name.lower().split(".")
+    return len(parts) > 1 and "tmp" in parts[1:]
 
 
 def _known_suffixes() -> set[str]:
@@ -66,6 +77,9 @@ def scan_folder(folder: Path) -> FolderScan:
     for p in sorted(Path(folder).iterdir()):
         if p.name.startswith("."):
             scan.hidden.append(p)
+            continue
+        if is_temporary(p):
+            scan.temporary.append(p)
             continue
         try:
             mode = p.stat().st_mode

@@ -76,10 +76,11 @@ def test_overwrite_replaces_a_run_folder_but_not_class_images_inside_it(run, wri
     kept = _snapshot(classes)
     code, err = run("--subject", str(photos), "--output", str(out), "--class-dir", str(classes), "--overwrite")
     assert code == 2 and "contains the class folder" in err and _snapshot(classes) == kept
-    (out / "stale.txt").write_text("from the old run")
+    (out / "notes.txt").write_text("the user's, put there after the run")
     code, err = run("--subject", str(photos), "--output", str(out), "--overwrite")
     assert code == 0, err
-    assert not (out / "stale.txt").exists() and (out / "export" / "cascade.json").is_file()
+    assert (out / "export" / "cascade.json").is_file()
+    assert (out / "notes.txt").is_file() and "kept 1 entry that the run did not write: notes.txt" in err  # issue 17
     assert not (out / markers.LOCK).exists()  # released on exit
 
 

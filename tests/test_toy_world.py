@@ -109,7 +109,7 @@ def _pretrain_twice(tmp_path, cfg, prepare, pretrain, PretrainConfig):
     pretrain(tmp_path / "b", PretrainConfig(**{**cfg.__dict__, "steps": 8}), progress=False)
     rest = pretrain(tmp_path / "b", cfg, resume=True, progress=False)
     assert len(rest) == 8 and rest == pytest.approx(losses[8:], rel=1e-5)
-    a, b = (torch.load(d / "ckpt-stage1.pt", weights_only=False)["ema"] for d in (tmp_path / "a", tmp_path / "b"))
+    a, b = (torch.load(d / "ckpt-stage1.pt", weights_only=True)["ema"] for d in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.allclose(a[k], b[k]) for k in a)
 
 

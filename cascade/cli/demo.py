@@ -72,7 +72,8 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     t0 = time.time()
     paths = _check_inputs(cfg, subject, class_noun, with_stage3)  # all stages' inputs, before any folder exists
     build_seconds = round(time.time() - t0, 2)
-    root = folders.prepare_output(output, "demo", overwrite=overwrite, protected={"subject": subject and Path(subject)})
+    root = folders.prepare_output(output, "demo", overwrite=overwrite,
+                                  protected={"subject": subject and Path(subject), **folders.model_inputs(paths)})
     folders.start_logging(root, cfg)
     timings = {"build or locate components": build_seconds}
 

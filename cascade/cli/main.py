@@ -192,7 +192,14 @@ def cmd_class_images(args):
     if state.is_main_process:
         markers.track(output, created=not output.exists())  # removed again if the command fails before any image
     prompt = class_prompt(args.class_noun)
-    class_images.check_manifest(output, prompt, args.stage)
+    from cascade import resolutions
+
+    size = resolutions.stage1_size(paths.stage1) if args.stage == 1 else \
+        resolutions.stage2_sizes(paths.stage2, paths.stage1)[0]
+    made_by = {"model": class_images.model_name(*[describe_source(getattr(paths, f"stage{s}")).base
+                                                  for s in range(1, args.stage + 1)]), "size": size}
+    class_images.check_manifest(output, prompt, args.stage, **made_by)
+    class_images.check_target(output)
     encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length, models.weights_dtype(cfg),
                           cfg.models.variant)
     embeds = engines.main_first(state, lambda: encoder.encode([prompt, ""]))  # T5 once; the others read its cache
@@ -204,7 +211,7 @@ def cmd_class_images(args):
         return lambda seeds: runner.run_stage1(base1, cfg, embeds[prompt].expand(len(seeds), -1, -1), embeds[""], seeds)
 
     files = class_images.generate(output, args.num, factory, 8 * cfg.stage1.sample.batch_size, args.seed,
-                                  prompt, args.stage, state)
+                                  prompt, args.stage, state, **made_by)
     if state.is_main_process:
         print(f"{len(files)} class images in {args.output}")
 

@@ -70,7 +70,9 @@ def cmd_sample(args):
     for prompt in prompts:
         fill_identifier(prompt, paths.stage1)
     state = process_state(cfg.distributed_timeout_minutes)
-    output = folders.prepare_on_main(state, lambda: folders.prepare_output(args.output, "sample", overwrite=args.overwrite))
+    inputs = {**folders.model_inputs(paths), "prompts file": args.prompts_file}
+    output = folders.prepare_on_main(state, lambda: folders.prepare_output(args.output, "sample", overwrite=args.overwrite,
+                                                                           protected=inputs))
     folders.start_logging(output, cfg, state.is_main_process)
     result = run_cascade(cfg, paths, prompts, args.num_images, args.seed, output, args.negative_prompt)
     if state.is_main_process:

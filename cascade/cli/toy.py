@@ -109,15 +109,23 @@ def cmd_check(args):
 
 
 def add_install(toy):
-    p = toy.add_parser("install", help="copy a pretraining's model/ into the package's weights (maintainers)")
+    p = toy.add_parser("install", help="install a pretraining's model/ as toy weights, after the toy check bars")
     p.add_argument("--model", required=True, help="the pretraining's model/ folder (stage1/, stage2/)")
+    p.add_argument("--dest", default=None, help="new folder to install into (default runs/NNNNN-toy-weights); use "
+                                                "it as --model of toy check or models.stage1: DEST/stage1")
+    p.add_argument("--replace-packaged", action="store_true",
+                   help="replace the committed weights (cascade/toy/weights) and their SHA256SUMS (maintainers)")
+    p.add_argument("--num", type=int, default=128, help="samples per stage the bars are measured on (default 128)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the bar check (default 50)")
+    p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")
     p.set_defaults(func=cmd_install)
 
 
 def cmd_install(args):
     import json
 
-    from cascade.toy import weights
+    from cascade.runs import folders, markers
+    from cascade.toy import check, weights
     from stages.errors import InputError
 
     model = Path(args.model)
@@ -127,13 +135,34 @@ def cmd_install(args):
             raise InputError(f"--model {model}: no {s}/model_index.json there")
         info = model.parent / f"{s}.json"
         prov[s] = json.loads(info.read_text()) if info.is_file() else {}
-    digest = weights.install(model, prov)
-    print(f"installed {model} into {weights.WEIGHTS}; sha256 of SHA256SUMS: {digest}")
+    if args.num < 1 or args.steps < 1:
+        raise InputError("--num and --steps must be >= 1")
+    if args.replace_packaged and args.dest:
+        raise InputError("--dest and --replace-packaged exclude each other")
+    dest = weights.WEIGHTS if args.replace_packaged else Path(args.dest) if args.dest else \
+        folders.next_run_dir(folders.RUNS_DIR, "toy-weights")
+    if not args.replace_packaged:
+        if markers.inside(dest, weights.WEIGHTS) or markers.inside(weights.WEIGHTS, dest):
+            raise InputError(f"--dest {dest} is (or holds) the committed toy weights; pass --replace-packaged to "
+                             f"replace them")
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise InputError(f"--dest {dest} exists and is not empty; choose a new folder")
+    if markers.inside(model, dest) or markers.inside(dest, model):
+        raise InputError(f"--dest {dest} and --model {model} overlap; choose a folder outside the model")
+    kw = dict(n=args.num, steps=args.steps, cache_dir=args.cache_dir)
+    r1, r2 = check.check_stage1(model, **kw), check.check_stage2(model, **kw)
+    print(check.report(r1, r2))
+    below = check.below_bars(r1, r2)
+    if below:
+        raise InputError(f"--model {model} is below the toy check bars ({'; '.join(below)}); not installed")
+    digest = weights.install(model, prov, dest)
+    print(f"installed {model} into {dest}; sha256 of SHA256SUMS: {digest}")
 
 
 def add_study(toy):
     p = toy.add_parser("study", help="the paper's three claims on the toy cascade, several seeds, read exactly")
     p.add_argument("--output", required=True, help="run folder: results.csv, table.md, plots.png, grids")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing toy study folder")
     p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds, comma-separated (>= 3 for a spread)")
     p.add_argument("--samples", type=int, default=16, help="stage I samples per prompt and model")
     p.add_argument("--stage1-steps", type=int, default=100, help="stage I fine-tuning steps per run (default 100)")
@@ -159,9 +188,11 @@ def cmd_study(args):
         raise InputError("--seeds needs one seed or more, --samples/--sr-inputs >= 1, --levels in 0..999")
     from cascade.toy.study import StudyConfig, run_study
 
+    from cascade.runs import folders
+
     torch.set_num_threads(args.threads)
     sc = StudyConfig(seeds, args.samples, args.stage1_steps, args.stage2_steps, levels=levels, sr_inputs=args.sr_inputs)
-    out = Path(args.output)
+    out = folders.prepare_output(args.output, "toy study", overwrite=args.overwrite)  # the run-folder rules
     run_study(out, sc, args.cache_dir)
     print((out / "table.md").read_text())
     print(f"results: {out / 'results.csv'}, plots: {out / 'plots.png'}; the SR sweep of each seed (tables, plots, "

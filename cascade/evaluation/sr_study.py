@@ -125,6 +125,8 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     cfg = req.cfg
     if not req.class_noun.strip():
         raise InputError("--class-noun must name the subject's class, e.g. dog")
+    for name, _, _ in req.variants:  # each becomes a folder under the output
+        folders.safe_name(name, "--variant")
     paths = models.resolve(cfg)
     base = models.resolve_name(cfg, req.base, "stage2") if req.base else components.describe_source(paths.stage2).base
     components.check_stage(base, 2, f"base SR model ({base})")
@@ -145,7 +147,10 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
 
         dino = metrics.DinoScorer(resolve_metric_model(req.dino, cfg.models.cache_dir, "dino"), str(runner.device()))
     lpips = Lpips(req.lpips_net)
-    out = folders.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite)
+    inputs = {"subject": req.subject, "base SR model": base, "stage I model": s1, "text encoder": paths.text_encoder,
+              **{f"--sr {label}": p for label, p in given}}
+    out = folders.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite,
+                                 identity={"command": "study-sr"}, protected=inputs)
     folders.start_logging(out, cfg)
     trained = _train_variants(req, base, token, out) if req.variants else []
     folders.start_logging(out, cfg)  # training runs log into their own folders; back to the study's log

@@ -20,6 +20,17 @@ class OutputExistsError(InputError, FileExistsError):
     pass
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def safe_name(name: str, what: str) -> str:
+    """A user-given name that becomes a folder: plain letters, digits, . _ - (no path, no dotfile)."""
+    if not _SAFE_NAME.match(name or "") or ".." in name:
+        raise InputError(f"{what} {name!r}: a name becomes a folder, so it must be 1-64 letters, digits, '.', '_' "
+                         f"or '-', starting with a letter or digit (no '/', no '..')")
+    return name
+
+
 def next_run_dir(root: Path, tag: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"^(\d{5})-", p.name))]
@@ -50,9 +61,11 @@ def prepare_on_main(state, make) -> Path:
 def prepare_output(output: str | None, tag: str, resume: bool = False, overwrite: bool = False,
                    identity: dict | None = None, protected: dict | None = None) -> Path:
     """The run folder: `output` if given, else the next numbered folder under runs/, marked as a run
-    folder and locked for this process (see cascade.run_folder). An existing non-empty folder is an
+    folder and locked for this process (see cascade.runs.markers). An existing non-empty folder is an
     error unless it is a cascade run folder and we resume it (the run must match `identity`) or
-    overwrite it (emptied). `protected` ({what: path}) names input folders the output must not hold."""
+    overwrite it (a run of the same command: what that run wrote is deleted, anything else is kept).
+    `protected` ({what: path}) names every input of the command (models, exports, photos, class
+    folder, prompts file): the output may never be one, nor hold one it would delete."""
     identity = identity or {"command": tag}
     resumable = "run" in identity
     if resume and overwrite:
@@ -79,46 +92,71 @@ def prepare_output(output: str | None, tag: str, resume: bool = False, overwrite
         if resume:
             logging.getLogger(__name__).warning("--resume: %s has no run yet; starting fresh", path)
         markers.acquire(path)
-        markers.write_marker(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        markers.begin_run(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    except OutputExistsError:
+        raise  # an OSError too, but already the one line to show
     except OSError as e:
         raise InputError(f"cannot write to output folder {path}: {e.strerror or e}") from None
     return path
 
 
 def _check_protected(path: Path, protected: dict, overwrite: bool):
-    for what, folder in protected.items():
-        if folder is None:
-            continue
+    """The output is none of the inputs, and holds none when it would be replaced (the subject never)."""
+    for what, given in protected.items():
+        if given is None or str(given) in ("", "none") or not Path(given).exists():
+            continue  # not a local path (a hub id, stage none): nothing of it can be deleted here
+        folder = Path(given)
         same = markers.inside(path, folder) and markers.inside(folder, path)
         if same or (markers.inside(folder, path) and (overwrite or what == "subject")):
-            raise InputError(f"--output {path} {'is' if same else 'contains'} the {what} folder {folder}; "
+            kind = "" if what.endswith(("file", "folder")) else " folder" if folder.is_dir() else " file"
+            raise InputError(f"--output {path} {'is' if same else 'contains'} the {what}{kind} {folder}"
+                             f"{' (an input of this command)' if what not in ('subject', 'class') else ''}; "
                              f"choose an output folder outside it")
+
+
+def model_inputs(paths, *stages: str) -> dict:
+    """{what: path} of a command's models (a ModelPaths), for `protected`."""
+    names = {"stage1": "stage I model", "stage2": "stage II model", "stage3": "stage III model",
+             "text_encoder": "text encoder"}
+    return {names[s]: getattr(paths, s, None) for s in stages or names}
 
 
 def _reuse(path: Path, identity: dict, resume: bool, overwrite: bool, resumable: bool) -> Path:
     if not markers.is_run_folder(path):
         what = "nothing to resume there; " if resume else ""
-        raise OutputExistsError(f"output folder {path} exists and is not a cascade run folder (no "
-                                f"{markers.MARKER}); {what}choose a new --output (cascade only replaces "
-                                f"folders it created)")
+        why = f"its {markers.MARKER} is not a cascade record" if (path / markers.MARKER).exists() else \
+            f"no {markers.MARKER}"
+        raise OutputExistsError(f"output folder {path} exists and is not a cascade run folder ({why}); "
+                                f"{what}choose a new --output (cascade only replaces folders it created)")
     if not (resume and resumable) and not overwrite:
         hint = "pass --resume to continue it or --overwrite to replace it" if resumable else \
             "pass --overwrite to replace it"
         raise OutputExistsError(f"output folder {path} exists (a cascade run folder); {hint}")
+    rec = markers.read_marker(path)
+    ours = markers.written_by_run(path)
+    if overwrite and rec["command"] != identity["command"]:
+        shown = ", ".join(sorted(n + ("/" if (path / n).is_dir() else "") for n in ours)[:6]) or "no files"
+        raise OutputExistsError(f"output folder {path} holds a cascade {rec['command']!r} run ({shown}); "
+                                f"--overwrite replaces only a {identity['command']!r} run: choose another "
+                                f"--output (or delete that folder yourself)")
     markers.acquire(path)
     if resume:
         markers.check_resume(path, identity)
-        markers.write_marker(path, {**markers.read_marker(path), **identity})
+        markers.begin_run(path, {**rec, **identity})
         return path
-    for child in path.iterdir():
-        if child.name == markers.LOCK:
-            continue
+    for name in ours:
+        child = path / name
         if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child)
         else:
             child.unlink()
+    kept = sorted(markers.entries(path))
+    if kept:
+        logging.getLogger(__name__).warning(
+            "--overwrite: %s: kept %d entr%s that the run did not write: %s", path, len(kept),
+            "y" if len(kept) == 1 else "ies", ", ".join(kept[:8]) + (" ..." if len(kept) > 8 else ""))
     markers.track(path, created=False)
-    markers.write_marker(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    markers.begin_run(path, {**identity, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     return path
 
 

@@ -1,10 +1,14 @@
 """What makes a folder a cascade run folder, and the guarantees around it.
 
-- A run folder carries a marker file (`.cascade-run`, JSON: which command made it and, for a
-  training run, what it trains on). `--overwrite` replaces only marked folders, and never one that
-  is or contains the subject or class images.
-- `--resume` continues only a run that matches: same stage, subject, class, model, identifier and
-  training settings (a larger `max_steps` and bookkeeping settings may change).
+- A run folder carries a marker file (`.cascade-run`, a JSON object: which command made it and, for
+  a training run, what it trains on); a marker that is not such a record does not make a run folder.
+  `--overwrite` replaces only a run folder of the same command, never one that is or contains an
+  input of the command, and deletes only what the run wrote: the marker lists the entries that were
+  not the run's (`kept`) and, once a command ends, the ones it wrote (`wrote`); anything else a user
+  put there since is kept and named.
+- `--resume` continues only a run that matches: same stage, subject (its path and the sha256 of its
+  files: photos replaced at the same path are another run), class, model, identifier and training
+  settings (a larger `max_steps` and bookkeeping settings may change).
 - One writer at a time: the main process holds `.cascade-lock` (pid, host, process start time)
   until it exits; a lock whose process is gone on this host is stale and taken over.
 - A command that fails before writing results removes the folder it created (never one it did not).
@@ -37,15 +41,24 @@ class RunLockedError(InputError):
     """Another live process writes into this run folder."""
 
 
+def valid_marker(rec) -> bool:
+    """A marker cascade wrote: a JSON object naming the command (a garbage file is not one)."""
+    return isinstance(rec, dict) and isinstance(rec.get("command"), str) and bool(rec["command"].strip()) and \
+        all(isinstance(rec.get(k, []), list) for k in ("kept", "wrote"))
+
+
 def is_run_folder(path: Path) -> bool:
-    return (path / MARKER).is_file()
+    return (path / MARKER).is_file() and valid_marker(read_marker(path))
 
 
 def read_marker(path: Path) -> dict:
     try:
-        return json.loads((path / MARKER).read_text())
+        if (path / MARKER).stat().st_size > 1 << 22:  # no marker of ours is that large
+            return {}
+        rec = json.loads((path / MARKER).read_text())
     except (OSError, ValueError):
         return {}
+    return rec if isinstance(rec, dict) else {}
 
 
 def write_marker(path: Path, record: dict):
@@ -155,6 +168,7 @@ def track(folder: Path, created: bool):
 
 def begin():
     _made.clear()
+    _runs.clear()
 
 
 def _has_results(folder: Path) -> bool:
@@ -165,6 +179,10 @@ def finish(failed: bool):
     """End of a command: release locks; after a failure, remove what this command made in folders
     that hold no results yet (a folder it created is removed whole; a pre-existing empty folder it
     used gets its bookkeeping files removed)."""
+    try:
+        record_written()  # while the lock is still held
+    except OSError:  # a folder gone read-only: its marker keeps the `kept` list
+        _runs.clear()
     release_all()
     if failed:
         for folder, created in reversed(_made):
@@ -178,7 +196,64 @@ def finish(failed: bool):
     _made.clear()
 
 
+# ---------------------------------------------------------------- what a run wrote
+_runs: list[Path] = []  # run folders prepared by this command: their `wrote` list is recorded at its end
+
+
+def entries(folder: Path) -> set[str]:
+    return {p.name for p in folder.iterdir()} - {LOCK, MARKER, MARKER + ".tmp"}
+
+
+def written_by_run(folder: Path) -> set[str]:
+    """The top-level entries of a run folder that its runs wrote: the `wrote` list of a command that
+    ended; for one that never ended (killed), everything but what was there before it (`kept`)."""
+    rec, now = read_marker(folder), entries(folder)
+    if rec.get("finished") and "wrote" in rec:
+        return now & set(rec["wrote"])
+    return now - set(rec.get("kept", []))
+
+
+def begin_run(folder: Path, record: dict):
+    """Write the marker of a run starting in `folder`: what is there now and not the run's is `kept`."""
+    kept = sorted(entries(folder) - (written_by_run(folder) if is_run_folder(folder) else set()))
+    write_marker(folder, {**record, "kept": kept, "finished": False})
+    _runs.append(Path(folder))
+
+
+def record_written():
+    """End of a command: each run folder's marker lists what its runs wrote."""
+    for folder in _runs:
+        rec = read_marker(folder)
+        if folder.is_dir() and valid_marker(rec):
+            write_marker(folder, {**rec, "wrote": sorted(entries(folder) - set(rec.get("kept", []))),
+                                  "finished": True})
+    _runs.clear()
+
+
 # ---------------------------------------------------------------- --resume
+def folder_digest(folder) -> str | None:
+    """sha256 over the names and bytes of a folder's regular files (not subfolders, not dotfiles): the
+    photos and their caption files, so `--resume` knows when the photos at the same path changed."""
+    import hashlib
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.iterdir()):
+        if f.name.startswith(".") or not f.is_file():
+            continue
+        h.update(f.name.encode("utf-8", "surrogateescape") + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+CONTENT_KEYS = {"subject_sha256": "subject photos (content)"}  # not in markers of older runs: not compared then
+
+
 def resume_mismatch(old: dict, new: dict) -> list[str]:
     """Describe what differs between the run recorded in the marker and the one asked for."""
     diffs = []
@@ -186,6 +261,10 @@ def resume_mismatch(old: dict, new: dict) -> list[str]:
                 "max_text_length", "sample_noise_level"):
         if old.get(key) != new.get(key):
             diffs.append(f"{key.replace('_', ' ')} {old.get(key)!r} -> {new.get(key)!r}")
+    for key, what in CONTENT_KEYS.items():
+        if key in old and old[key] != new.get(key):
+            diffs.append(f"{what} changed since the run started (sha256 {str(old[key])[:12]} -> "
+                         f"{str(new.get(key))[:12]})")
     ot, nt = old.get("train", {}), new.get("train", {})
     prefix = f"stage{new.get('stage')}.train."
     for key in sorted(set(ot) | set(nt)):

@@ -86,6 +86,15 @@ def check_stage2(root: Path, n: int = 128, steps: int = 50, guidance: float = 4.
             "psnr_vs_truth": float(psnr(out, hi).mean()), "images": out, "inputs": lo}
 
 
+BARS = {"colour_acc": 0.95, "shape_acc": 0.90, "pattern_acc": 0.80, "consistency_psnr": 30.0}
+
+
+def below_bars(r1: dict | None, r2: dict | None) -> list[str]:
+    """The measures under their bar (the ones `report` prints), e.g. ["colour_acc 0.12 < 0.95"]."""
+    got = {**(r1 or {}), **(r2 or {})}
+    return [f"{k} {got[k]:.3g} < {bar:g}" for k, bar in BARS.items() if k in got and not got[k] >= bar]
+
+
 def report(r1: dict | None, r2: dict | None) -> str:
     lines = []
     if r1:

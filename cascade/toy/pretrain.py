@@ -24,6 +24,7 @@ import torch
 
 from cascade.toy import build, world
 from stages import noise_aug
+from stages.checkpoint import safe_load
 from stages.errors import InputError
 from stages.losses import DiffusionMath, diffusion_loss
 from stages.trainer import step_generator
@@ -57,7 +58,7 @@ def prepare(out: Path, seed: int) -> dict[str, torch.Tensor]:
 
     emb_file = out / "embeds.pt"
     if emb_file.is_file():
-        return torch.load(emb_file)
+        return safe_load(emb_file, "embedding cache")
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
     try:
@@ -143,7 +144,7 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     start, losses_all = 0, []
     if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = safe_load(ckpt, "--resume: checkpoint")
         if state["config"] != asdict(cfg):
             changed = {k for k in asdict(cfg) if state["config"].get(k) != asdict(cfg)[k]} - {"steps", "threads",
                                                                                             "ckpt_every"}

@@ -54,23 +54,36 @@ def toy_root() -> Path:
     return verify(WEIGHTS)
 
 
-def install(model_dir: Path, provenance: dict, dest: Path = WEIGHTS) -> str:
+def install(model_dir: Path, provenance: dict, dest: Path) -> str:
     """Copy a pretraining's model/ (stage1/, stage2/) into `dest` with the UNets in fp16, write
-    PROVENANCE.json and SHA256SUMS; returns the digest of the sums list."""
+    PROVENANCE.json and SHA256SUMS; returns the digest of the sums list. Built beside `dest` and
+    renamed into place, so a failure leaves `dest` as it was (`cascade toy install` decides whether
+    `dest` may be replaced: the packaged weights only with --replace-packaged)."""
     import json
+    import os
     import shutil
 
     import torch
     from safetensors.torch import load_file, save_file
 
-    if dest.exists():
-        shutil.rmtree(dest)
-    for stage in ("stage1", "stage2"):
-        shutil.copytree(Path(model_dir) / stage, dest / stage)
-        f = dest / stage / "unet" / "diffusion_pytorch_model.safetensors"
-        save_file({k: v.to(torch.float16) for k, v in load_file(f).items()}, str(f), metadata={"format": "pt"})
-    (dest / "PROVENANCE.json").write_text(json.dumps(provenance, indent=1) + "\n")
-    return write_sums(dest)
+    dest = Path(dest)
+    tmp, old = dest.with_name(dest.name + ".tmp"), dest.with_name(dest.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for stage in ("stage1", "stage2"):
+            shutil.copytree(Path(model_dir) / stage, tmp / stage)
+            f = tmp / stage / "unet" / "diffusion_pytorch_model.safetensors"
+            save_file({k: v.to(torch.float16) for k, v in load_file(f).items()}, str(f), metadata={"format": "pt"})
+        (tmp / "PROVENANCE.json").write_text(json.dumps(provenance, indent=1) + "\n")
+        digest = write_sums(tmp)
+        if dest.exists():
+            os.replace(dest, old)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return digest
 
 
 def _source():
