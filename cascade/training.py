@@ -37,7 +37,7 @@ def _pick_identifier(req: TrainRequest, text_source: str) -> str:
     idc = req.cfg.identifier
     if idc.token:
         token = ident.check_identifier(idc.token, req.class_noun)
-        log.info("identifier: %r (given)", token)
+        log.info("identifier: %r (from identifier.token / --identifier)", token)
         return token
     tok = load_tokenizer(text_source)
     token, token_id = ident.pick_identifier(tok, idc.seed, idc.min_id, idc.max_id, idc.max_chars,

@@ -96,9 +96,11 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     t = time.time()
     if not cfg.identifier.token:
         tok = load_tokenizer(paths.text_encoder)
-        cfg.identifier.token, _ = pick_identifier(tok, cfg.identifier.seed, cfg.identifier.min_id,
-                                                  cfg.identifier.max_id, cfg.identifier.max_chars,
-                                                  avoid=(class_noun,))
+        cfg.identifier.token, token_id = pick_identifier(tok, cfg.identifier.seed, cfg.identifier.min_id,
+                                                         cfg.identifier.max_id, cfg.identifier.max_chars,
+                                                         avoid=(class_noun,))
+        log.info("identifier: %r (T5 token id %d, seed %d, picked by the demo for both stages)",
+                 cfg.identifier.token, token_id, cfg.identifier.seed)
     lap("pick identifier", t)
     token = cfg.identifier.token
 

@@ -20,8 +20,16 @@ DESCRIPTION = ("DreamBooth for the DeepFloyd IF pixel cascade: fine-tune stage I
                "Offline default: tiny random-initialised components (their images are noise).")
 
 
-def _common_config(p: argparse.ArgumentParser, example: str = "stage1.train.learning_rate=1e-5"):
-    p.add_argument("--config", default=None, help="preset name (tiny, if-m, if-l, if-xl) or YAML path; default tiny")
+def presets() -> list[str]:
+    from cascade.config import CONFIG_DIR
+
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _common_config(p: argparse.ArgumentParser, example: str = "stage1.train.learning_rate=1e-5",
+                   default_preset: str = "tiny"):
+    p.add_argument("--config", default=None, help=f"preset name ({', '.join(presets())}) or YAML path; "
+                                                  f"default {default_preset}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override any config key, e.g. --set {example} (repeatable; the value is YAML, "
                         f"string settings keep the text as typed)")

@@ -23,7 +23,7 @@ def add_commands(sub, common_config):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     p = sub.add_parser("demo", help="the whole mission end to end: the toy world by default, offline, CPU")
-    common_config(p)
+    common_config(p, default_preset="toy")
     p.add_argument("--output", default=None, help="demo folder; default runs/NNNNN-demo")
     p.add_argument("--subject", default=None,
                    help="subject photos (default: the toy world's subject with the toy preset, else synthetic images)")

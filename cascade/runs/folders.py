@@ -154,6 +154,9 @@ def console_logging():
     for noisy in ("httpx", "urllib3", "filelock", "accelerate", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices at import
+    from cascade import quiet
+
+    quiet.no_cuda_for_deepspeed()  # DeepSpeed's "Setting accelerator to CPU" notice (cascade.quiet)
 
 
 def start_logging(run_dir: Path, cfg: Config | None = None, is_main: bool = True):
