@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -266,3 +267,28 @@ def test_evaluate_refuses_a_folder_it_did_not_make(tmp_path, make_cfg, metric_mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "is a cascade train stage1 folder, not an evaluation folder" in err[0]
     assert "--resume" not in err[0] and sorted(p.name for p in run.iterdir()) == [".cascade-run", "notes.txt"]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "study-sr"])
+def test_default_metric_models_without_network_fail_in_one_fast_line(tmp_path, make_cfg, write_subject, capsys,
+                                                                     monkeypatch, command):
+    """Issue 17 item 18: HF_HUB_OFFLINE unset, the hub unreachable (a closed local port), the default
+    DINO id not cached: one probe and one line, not minutes of hub retries."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    dog = write_subject(tmp_path / "dog", 3, 256)
+    argv = ["evaluate", "--identifier", "jaw"] if command == "evaluate" else \
+        ["study-sr", "--class-noun", "dog", "--sr", str(Path(make_cfg().models.cache_dir) / "tiny-v1" / "stage2"),
+         "--stage1", "none"]
+    start = time.monotonic()
+    code = main(argv + ["--subject", str(dog), "--output", str(tmp_path / "o"),
+                        "--set", f"models.cache_dir={make_cfg().models.cache_dir}"])
+    seconds = time.monotonic() - start
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if ": error: " in line]
+    assert code == 2 and len(err) == 1 and metrics.DEFAULT_DINO in err[0] and "(--dino)" in err[0], err
+    assert "cannot be reached" in err[0] and seconds < 30 and not (tmp_path / "o").exists()
