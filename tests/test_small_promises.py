@@ -76,3 +76,36 @@ def test_deepspeed_cpu_notice_is_silenced():
         pytest.skip("a CUDA machine: DeepSpeed picks cuda and prints no CPU notice anyway")
     assert r.returncode == 0 and r.stdout.strip().endswith("cpu"), r.stderr[-2000:]
     assert "Setting accelerator to CPU" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("prompts, images", [(2, 6), (3, 10), (2, 16), (25, 4), (4, 3), (1, 16), (5, 1), (3, 9)])
+def test_sample_grids_keep_each_prompt_on_its_own_rows(tmp_path, prompts, images):
+    """Issue 17 item 16: a grid row never holds part of one prompt and part of another, and the
+    demo's caption says the layout the grid has."""
+    import numpy as np
+    from PIL import Image
+
+    from cascade import runner
+
+    colours = [(40 * p % 250, 90, 200 - 30 * p % 200) for p in range(prompts)]
+    (tmp_path / "stage1").mkdir()
+    for p in range(prompts):
+        for k in range(images):
+            Image.new("RGB", (8, 8), colours[p]).save(tmp_path / "stage1" / f"{p * images + k:05d}.png")
+    cols, slots = runner.grid_slots(prompts, images)
+    runner._write_grids(tmp_path, cols, slots)
+    grid = np.asarray(Image.open(tmp_path / "grid-stage1.png"))
+    assert grid.shape[1] == cols * 8
+    rows = {}
+    for r in range(grid.shape[0] // 8):
+        cells = [tuple(grid[r * 8 + 4, c * 8 + 4]) for c in range(cols)]
+        rows[r] = [colours.index(c) for c in cells if c != (255, 255, 255)]
+    for prompt in range(prompts):  # a row shared by prompts holds all images of each of them
+        spanned = [r for r, ps in rows.items() if prompt in ps]
+        assert sum(ps.count(prompt) for ps in rows.values()) == images
+        if any(set(rows[r]) != {prompt} for r in spanned):
+            assert len(spanned) == 1
+    caption = runner.grid_caption(prompts, images)
+    if prompts > 1 and all(len(ps) == images for ps in rows.values() if ps):
+        assert caption == "one row per prompt"
+    assert runner.grid_caption(2, 6) == "one row per prompt" and runner.grid_columns(2, 6) == 6  # the toy demo's

@@ -19,7 +19,7 @@ from cascade import model_checks, models, resolutions
 from cascade.runs import folders, html_report
 from cascade.config import Config, validate
 from cascade.identifier import check_identifier, pick_identifier
-from cascade.runner import run_cascade
+from cascade.runner import grid_caption, run_cascade
 from cascade.text import load_tokenizer
 from cascade.training import TrainRequest, train
 from stages import components, data
@@ -144,7 +144,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     summary = {
         "config": cfg.name, "weights": weights, "random_weights": paths.uses_tiny, "subject": subject,
         "subject_note": subject_note, "class_noun": class_noun, "identifier": token, "prompts": prompts,
-        "images_per_prompt": n_images, "fast": fast,
+        "images_per_prompt": n_images, "fast": fast, "grid_layout": grid_caption(len(prompts), n_images),
         "stage1": {"run": "stage1", "steps": r1.steps, "final_instance_loss": r1.losses[-1]["instance_loss"],
                    "final_prior_loss": r1.losses[-1]["prior_loss"], "seconds": round(r1.seconds, 2),
                    "prior_weight": cfg.stage1.train.prior_weight, "lora_rank": cfg.stage1.train.lora_rank},

@@ -79,7 +79,8 @@ def write_report(root: Path, s: dict) -> Path:
         rel = _latest(root, f"{stage}/samples")
         if rel:
             parts.append(_img(root, rel, f"{stage} validation samples at the last step", 256))
-    parts.append("</div><h2>Cascade samples: base vs fine-tuned (same prompts and seeds; one row per prompt: "
+    layout = s.get("grid_layout", "one row per prompt")
+    parts.append(f"</div><h2>Cascade samples: base vs fine-tuned (same prompts and seeds; {html.escape(layout)}: "
                  + html.escape(" | ".join(s["prompts"])) + ")</h2>")
     for stage, label in (("stage1", "stage I"), ("stage2", "stage II"), ("stage3", "stage III")):
         before, after = f"samples-before/grid-{stage}.png", f"samples-after/grid-{stage}.png"
