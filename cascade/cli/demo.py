@@ -65,6 +65,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
              fast: bool = False, with_stage3: bool = False, overwrite: bool = False) -> dict:
     if fast:
         cfg = _fast(cfg)
+    user_photos = subject is not None
     if subject is not None:
         subject_note = f"user photos from {subject}"
         if not class_noun:
@@ -126,7 +127,12 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     run_cascade(cfg, tuned, prompts, n_images, 0, root / "samples-after", progress=False)
     lap("sample fine-tuned cascade", t)
     toy_numbers = None
-    if toy:
+    # the toy readers know the toy world's own subject only: against user photos their numbers mean nothing
+    readers_note = (f"the toy world's readers measure its own subject (a purple striped square toy); with your "
+                    f"photos ({subject}) they do not apply, so no reader numbers are shown") if toy and user_photos else None
+    if readers_note:
+        log.info("demo: %s", readers_note)
+    if toy and not user_photos:
         from cascade.text import TextEncoder
         from cascade.toy.demo_measures import measure_demo
 
@@ -152,7 +158,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
                    "seconds": round(r2.seconds, 2),
                    "noise_aug": [cfg.stage2.train.noise_aug_min, cfg.stage2.train.noise_aug_max],
                    "sample_noise_level": json.loads((r2.export_dir / "cascade.json").read_text())["sample_noise_level"]},
-        "stage3": stage3, "timings_seconds": timings, "toy": toy_numbers,
+        "stage3": stage3, "timings_seconds": timings, "toy": toy_numbers, "readers_note": readers_note,
     }
     summary["report"] = str(html_report.write_report(root, summary))
     summary["summary"] = str(root / "summary.json")

@@ -93,6 +93,8 @@ def cmd_demo(args):
                        overwrite=args.overwrite)
     print(f"report: {summary['report']}\nsummary: {summary['summary']}")
     print(f"weights: {summary['weights']}")
+    if summary.get("readers_note"):
+        print(f"note: {summary['readers_note']}")
 
 
 COMMANDS = {"sample": cmd_sample, "demo": cmd_demo}

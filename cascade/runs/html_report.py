@@ -60,6 +60,7 @@ def write_report(root: Path, s: dict) -> Path:
              "<h2>Subject</h2>", f"<p>{html.escape(s['subject_note'])}: identifier <code>{html.escape(s['identifier'])}"
              f"</code>, class <code>{html.escape(s['class_noun'])}</code></p>", _img(root, "subject.png", "subject images"),
              *_toy_section(root, s),
+             *([f'<p class="warn">{html.escape(s["readers_note"])}</p>'] if s.get("readers_note") else []),
              "<h2>Settings</h2>",
              _table([("stage I", f"{s['stage1']['steps']} steps, prior weight {s['stage1']['prior_weight']}, "
                                  f"{'LoRA r=' + str(s['stage1']['lora_rank']) if s['stage1']['lora_rank'] else 'full fine-tune'}"),
