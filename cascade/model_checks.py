@@ -131,3 +131,36 @@ def check_trainable(name: str, stage: int):
     if src.kind == "lora":
         raise InputError(f"models.stage{stage} ({name}) is a LoRA export; training on top of a LoRA adapter is "
                          f"not supported: train from its base model ({src.base}) or from a full export")
+
+
+def subject_record(subject: str) -> dict:
+    """What an export was trained on, for its cascade.json: the photo folder and a digest of its
+    files (names and sizes), so two exports of one identifier can be told apart."""
+    import hashlib
+
+    folder = Path(subject)
+    files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    digest = hashlib.sha256(repr(files).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return {"subject": str(folder.resolve()), "subject_files": digest}
+
+
+_WARNED: set = set()
+
+
+def check_same_subject(stage1: str, stage2: str) -> list[str]:
+    """Stage I and stage II exports that share an identifier but were trained on different subjects
+    or classes: a warning each (the samples would mix two subjects); the differences are returned."""
+    import logging
+
+    m1, m2 = (describe_source(p).meta or {} for p in (stage1, stage2))
+    if not (m1.get("identifier") and m1.get("identifier") == m2.get("identifier")):
+        return []
+    diffs = [f"{key.replace('_', ' ')} {m1[key]!r} vs {m2[key]!r}" for key in ("class_noun", "subject", "subject_files")
+             if m1.get(key) is not None and m2.get(key) is not None and m1[key] != m2[key]]
+    if diffs and (stage1, stage2) not in _WARNED:
+        _WARNED.add((stage1, stage2))  # once per command, though sampling checks twice
+        logging.getLogger(__name__).warning(
+            "stage I export %s and stage II export %s share the identifier %r but were trained on different "
+            "subjects (%s): the samples mix two subjects; use the stage II export of the same subject",
+            stage1, stage2, m1["identifier"], "; ".join(diffs))
+    return diffs

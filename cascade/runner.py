@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cascade import models, resolutions
+from cascade import model_checks, models, resolutions
 from cascade.config import Config
 from cascade.text import TextEncoder, shorten
 from stages import components, data, sampling, setup, stage3
@@ -209,6 +209,7 @@ def check_request(paths: models.ModelPaths, prompts: list[str]):
         raise InputError(f"stage I export {paths.stage1} was trained with identifier {id1!r} but stage II export "
                          f"{paths.stage2} with {id2!r}: one prompt cannot name both; retrain one stage with "
                          f"--identifier {id1}, or sample with the base stage II model")
+    model_checks.check_same_subject(paths.stage1, paths.stage2)
 
 
 def model_record(path: str) -> dict:

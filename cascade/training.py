@@ -161,6 +161,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     scheduler = components.load_scheduler(model_path)
     emb = trainer.Embeddings(embeds[prompts["instance"]], embeds[""], embeds[prompts["class"]])
     meta = {"base": components.describe_source(model_path).base, "identifier": token, "class_noun": req.class_noun,
+            **model_checks.subject_record(req.subject),  # which photos: sampling warns on a stage I/II mix
             "instance_prompt": prompts["instance"], "config": cfg.name, "resolution": size, "captions": tc.captions}
     if req.stage == 2:
         meta.update(noise_aug=[tc.noise_aug_min, tc.noise_aug_max], sample_noise_level=task.sample_noise_level,

@@ -71,7 +71,8 @@ def test_disk_full_or_ctrl_c_in_a_checkpoint_is_one_line_and_resumable(cli, phot
     monkeypatch.undo()
     code, err = cli(*train(photos, tmp_path / "run", "--resume"))  # and the hint is true
     assert code == 0, err
-    assert (tmp_path / "run" / "export" / "cascade.json").is_file()
+    meta = json.loads((tmp_path / "run" / "export" / "cascade.json").read_text())
+    assert meta["subject"] == str(photos.resolve()) and len(meta["subject_files"]) == 16  # item 14: what it learned
 
 
 def test_disk_full_in_the_export_names_the_file(cli, photos, tmp_path, monkeypatch, one_thread):

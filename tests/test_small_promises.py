@@ -109,3 +109,35 @@ def test_sample_grids_keep_each_prompt_on_its_own_rows(tmp_path, prompts, images
     if prompts > 1 and all(len(ps) == images for ps in rows.values() if ps):
         assert caption == "one row per prompt"
     assert runner.grid_caption(2, 6) == "one row per prompt" and runner.grid_columns(2, 6) == 6  # the toy demo's
+
+
+def test_stage_exports_of_one_identifier_but_two_subjects_warn(tiny, tmp_path, caplog):
+    """Issue 17 item 14: sampling a stage I and a stage II export that share an identifier but were
+    trained on other subjects or classes warns (the samples would mix two subjects)."""
+    import json
+
+    from cascade import model_checks, runner
+    from cascade.models import ModelPaths
+
+    def export(name, stage, **meta):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "cascade.json").write_text(json.dumps({"base": str(tiny / f"stage{stage}"), "kind": "lora",
+                                                         "stage": stage, "identifier": "zq", **meta}))
+        return str(folder)
+
+    dog, cat = tmp_path / "dog", tmp_path / "cat"
+    for f in (dog, cat):
+        f.mkdir()
+    (cat / "01.png").write_bytes(b"x")
+    s1 = export("s1", 1, class_noun="dog", **model_checks.subject_record(str(dog)))
+    same = export("s2-same", 2, class_noun="dog", **model_checks.subject_record(str(dog)))
+    other = export("s2-cat", 2, class_noun="cat", **model_checks.subject_record(str(cat)))
+    with caplog.at_level(logging.WARNING):
+        runner.check_request(ModelPaths(s1, same, "none", str(tiny / "stage1")), ["a zq dog"])
+    assert "different subjects" not in caplog.text
+    with caplog.at_level(logging.WARNING):
+        runner.check_request(ModelPaths(s1, other, "none", str(tiny / "stage1")), ["a zq dog"])
+        runner.check_request(ModelPaths(s1, other, "none", str(tiny / "stage1")), ["a zq dog"])
+    assert caplog.text.count("share the identifier 'zq' but were trained on different subjects") == 1
+    assert "class noun 'dog' vs 'cat'" in caplog.text and "subject files" in caplog.text
