@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 from stages import engines
 from stages.components import EXPORT_META, LORA_WEIGHTS
+from stages.errors import InputError
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -53,7 +55,15 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict, keep: int
 
 
 def load_checkpoint(accelerator, path: Path) -> dict:
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a file: name the checkpoint
+        while isinstance(e.__cause__ or e.__context__, pickle.UnpicklingError):
+            e = e.__cause__ or e.__context__  # the innermost says what was refused
+        reason = " ".join((str(e).strip().splitlines() or [""])[0].split())[:160]
+        raise InputError(f"checkpoint {path} was refused: a file in it holds pickled objects, not plain tensors, "
+                         f"and is never unpickled ({reason}); resume from another checkpoint or start a new "
+                         f"--output") from None
     return json.loads((path / STATE_FILE).read_text())
 
 

@@ -215,3 +215,22 @@ def test_a_pickled_unet_is_refused_in_one_line(cli, photos, tiny, tmp_path):
     line = error_line(err)
     assert code == 2 and "diffusion_pytorch_model.bin was refused" in line and "never unpickles code" in line
     assert not proof.exists() and not (tmp_path / "o").exists()
+
+
+def test_a_pickled_checkpoint_is_refused_on_resume(cli, photos, tmp_path, one_thread):
+    import torch
+
+    run = tmp_path / "run"
+    args = ["train", "stage1", "--subject", str(photos), "--class-noun", "dog", "--output", str(run),
+            "--set", "stage1.train.checkpoint_every=1", *NO_VALIDATION]
+    assert cli(*args, "--set", "stage1.train.max_steps=1")[0] == 0
+    proof = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {proof}",)
+    ckpt = next((run / "checkpoints").glob("checkpoint-*"))
+    torch.save({"state": Payload()}, ckpt / "optimizer.bin")
+    code, err = cli(*args, "--set", "stage1.train.max_steps=2", "--resume")
+    line = error_line(err)
+    assert code == 2 and f"checkpoint {ckpt} was refused" in line and "posix.system" in line and not proof.exists()
