@@ -234,3 +234,14 @@ def test_a_pickled_checkpoint_is_refused_on_resume(cli, photos, tmp_path, one_th
     code, err = cli(*args, "--set", "stage1.train.max_steps=2", "--resume")
     line = error_line(err)
     assert code == 2 and f"checkpoint {ckpt} was refused" in line and "posix.system" in line and not proof.exists()
+
+
+def test_another_os_error_is_one_line_exit_1(cli, tmp_path, monkeypatch):
+    from cascade import runner
+
+    def denied(output, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(output / "grid-stage1.png"))
+    monkeypatch.setattr(runner, "_write_grids", denied)
+    code, err = cli("sample", "--prompt", "a dog", "--stage2", "none", "--num-images", "1",
+                    "--set", "stage1.sample.steps=1", "--output", str(tmp_path / "o"))
+    assert code == 1 and f"Permission denied: '{tmp_path / 'o' / 'grid-stage1.png'}'" in error_line(err)
