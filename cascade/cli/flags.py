@@ -31,9 +31,12 @@ def number(kind=float, low: float | None = None, high: float | None = None, low_
         below = low is not None and (value <= low if low_open else value < low)
         above = high is not None and (value >= high if high_open else value > high)
         if below or above:
-            lo = "" if low is None else f"{low} {'<' if low_open else '<='} "
-            hi = "" if high is None else f" {'<' if high_open else '<='} {high}"
-            raise argparse.ArgumentTypeError(f"must satisfy {lo}value{hi}, got {text!r}")
+            if low is not None and high is not None and not (low_open or high_open) and kind is int:
+                rule = f"an integer in {low}..{high}"
+            else:
+                rule = " and ".join(r for r in (low is not None and f"{'>' if low_open else '>='} {low}",
+                                                high is not None and f"{'<' if high_open else '<='} {high}") if r)
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
         return value
 
     convert.__name__ = kind.__name__  # argparse names the type in its own messages
