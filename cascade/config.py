@@ -213,13 +213,16 @@ def _set_override(cfg: Config, item: str) -> str:
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     tp = _field_type(cfg, parts)
+    if tp is not None and str in _allowed(tp):  # never YAML: "!weird" is a name, not a YAML tag
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        nullable = type(None) in _allowed(tp) and raw.strip() in ("null", "~", "Null", "NULL")
+        value = None if nullable else raw[1:-1] if quoted else raw
+        _merge(cfg, _nested(parts, value), f"--set {key}")
+        return ".".join(parts)
     try:
         value = yaml.safe_load(raw) if raw.strip() != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if tp is not None and str in _allowed(tp) and not (value is None and type(None) in _allowed(tp)):
-        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-        value = raw[1:-1] if quoted else raw
     _merge(cfg, _nested(parts, value), f"--set {key}")
     return ".".join(parts)
 
@@ -247,9 +250,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
         _merge(cfg, data, str(p))
     source = {}
     for flag, key, value in flags or []:

@@ -16,6 +16,9 @@ any both each few more most other some such no nor not only own same so than too
 dog cat photo picture image man woman person car house tree sky sun red blue green black white big small
 new old good bad day night water fire toy bag can cup hat box sks
 """.split())
+# words YAML 1.1 reads as booleans or null: a config file would turn the identifier into true/false/None,
+# and each is an everyday word with its own meaning
+COMMON_WORDS |= {"yes", "no", "y", "n", "true", "false", "on", "off", "null", "none", "nil", "ok"}
 
 
 class IdentifierError(InputError):

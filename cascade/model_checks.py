@@ -47,7 +47,7 @@ def _cached(repo: str, sub: str, variant: str | None, config_name: str) -> bool:
 
 
 def _probe(repo: str, sub: str, config_name: str) -> str | None:
-    """None when the hub serves `repo/sub/config.json`; else why not (one clause)."""
+    """None when the hub serves `repo/sub/config.json` (`repo/config.json` for sub ""); else why not."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTTPError,
                                         RepositoryNotFoundError)
@@ -56,15 +56,16 @@ def _probe(repo: str, sub: str, config_name: str) -> str | None:
 
     endpoint = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
     try:
-        get_hf_file_metadata(hf_hub_url(repo, f"{sub}/{config_name}", endpoint=endpoint), timeout=PROBE_TIMEOUT_S,
-                             endpoint=endpoint)
+        get_hf_file_metadata(hf_hub_url(repo, f"{sub}/{config_name}".lstrip("/"), endpoint=endpoint),
+                             timeout=PROBE_TIMEOUT_S, endpoint=endpoint)
     except GatedRepoError:
         raise ModelUnavailableError(f"model {repo} is gated: accept its license on https://huggingface.co/{repo} "
                                     f"and log in (`hf auth login`)") from None
     except RepositoryNotFoundError:
         raise ModelUnavailableError(f"model {repo} is not on the Hugging Face hub (or is private)") from None
     except EntryNotFoundError:
-        raise ModelUnavailableError(f"model {repo} has no {sub}/{config_name}: not a model of this kind") from None
+        raise ModelUnavailableError(f"model {repo} has no {f'{sub}/{config_name}'.lstrip('/')}: not a model of this "
+                                    f"kind") from None
     except HfHubHTTPError:
         return None  # the hub answered; let from_pretrained report the details
     except Exception as e:  # noqa: BLE001 - connection refused, DNS failure, timeout, proxy errors
@@ -88,6 +89,11 @@ def check_source(name: str, sub: str, setting: str, variant: str | None):
     config_name = "tokenizer_config.json" if sub == "tokenizer" else "config.json"
     if _cached(repo, sub, variant, config_name):
         return
+    _reachable(repo, sub, config_name, setting)
+
+
+def _reachable(repo: str, sub: str, config_name: str, setting: str):
+    """One probe of the hub (PROBE_TIMEOUT_S), or one line saying why the model cannot be fetched."""
     reason = "HF_HUB_OFFLINE is set" if hub_offline() else _probe(repo, sub, config_name)
     if reason is None:
         return
@@ -97,6 +103,16 @@ def check_source(name: str, sub: str, setting: str, variant: str | None):
         f"model {repo} ({setting}) is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub "
         f"cannot be reached ({reason}); download it where there is network (`hf download {repo}`) into this cache, "
         f"unset HF_HUB_OFFLINE if you are online, or point {setting} at a local folder")
+
+
+def check_hub_model(repo: str, setting: str):
+    """A hub id that is not in the local cache (a model with config.json at its top, e.g. the DINO and
+    CLIP metric models): one quick probe instead of the libraries' minutes of retries."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    _reachable(repo, "", "config.json", setting)
 
 
 def check_models(paths: ModelPaths, variant: str | None, stages=(1, 2)):
@@ -115,3 +131,36 @@ def check_trainable(name: str, stage: int):
     if src.kind == "lora":
         raise InputError(f"models.stage{stage} ({name}) is a LoRA export; training on top of a LoRA adapter is "
                          f"not supported: train from its base model ({src.base}) or from a full export")
+
+
+def subject_record(subject: str) -> dict:
+    """What an export was trained on, for its cascade.json: the photo folder and a digest of its
+    files (names and sizes), so two exports of one identifier can be told apart."""
+    import hashlib
+
+    folder = Path(subject)
+    files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    digest = hashlib.sha256(repr(files).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return {"subject": str(folder.resolve()), "subject_files": digest}
+
+
+_WARNED: set = set()
+
+
+def check_same_subject(stage1: str, stage2: str) -> list[str]:
+    """Stage I and stage II exports that share an identifier but were trained on different subjects
+    or classes: a warning each (the samples would mix two subjects); the differences are returned."""
+    import logging
+
+    m1, m2 = (describe_source(p).meta or {} for p in (stage1, stage2))
+    if not (m1.get("identifier") and m1.get("identifier") == m2.get("identifier")):
+        return []
+    diffs = [f"{key.replace('_', ' ')} {m1[key]!r} vs {m2[key]!r}" for key in ("class_noun", "subject", "subject_files")
+             if m1.get(key) is not None and m2.get(key) is not None and m1[key] != m2[key]]
+    if diffs and (stage1, stage2) not in _WARNED:
+        _WARNED.add((stage1, stage2))  # once per command, though sampling checks twice
+        logging.getLogger(__name__).warning(
+            "stage I export %s and stage II export %s share the identifier %r but were trained on different "
+            "subjects (%s): the samples mix two subjects; use the stage II export of the same subject",
+            stage1, stage2, m1["identifier"], "; ".join(diffs))
+    return diffs

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cascade import models, resolutions
+from cascade import model_checks, models, resolutions
 from cascade.config import Config
 from cascade.text import TextEncoder, shorten
 from stages import components, data, sampling, setup, stage3
@@ -91,10 +91,32 @@ def image_bar(total: int, desc: str, enabled: bool):
 
 
 def grid_columns(num_prompts: int, num_images: int) -> int:
-    """Columns of a near-square grid: whole rows of one prompt's images where they fit (several
-    prompts per row when each has few images), otherwise a square of all of them."""
+    """Columns of a near-square grid: whole prompts per row where a prompt's images fit in the side
+    (several prompts per row when each has few images); otherwise one prompt per row (up to 8
+    columns, then a prompt takes several rows); a single prompt makes a square."""
     side = math.ceil(math.sqrt(num_prompts * num_images))
-    return num_images * math.ceil(side / num_images) if num_images <= side else side
+    if num_images <= side:
+        return num_images * math.ceil(side / num_images)
+    return side if num_prompts == 1 else min(num_images, max(side, 8))
+
+
+def grid_slots(num_prompts: int, num_images: int) -> tuple[int, list[int]]:
+    """(columns, grid cell of each image): every prompt starts a new row unless whole prompts share one."""
+    cols = grid_columns(num_prompts, num_images)
+    if cols % num_images == 0 or num_prompts == 1:
+        return cols, list(range(num_prompts * num_images))
+    rows = math.ceil(num_images / cols)  # rows of one prompt
+    return cols, [p * rows * cols + k for p in range(num_prompts) for k in range(num_images)]
+
+
+def grid_caption(num_prompts: int, num_images: int) -> str:
+    cols = grid_columns(num_prompts, num_images)
+    if num_prompts == 1:
+        return f"one prompt, {num_images} images in rows of {cols}"
+    if cols % num_images == 0:
+        per_row = cols // num_images
+        return "one row per prompt" if per_row == 1 else f"{per_row} prompts per row, in order"
+    return f"each prompt on its own {math.ceil(num_images / cols)} rows of {cols}"
 
 
 def _batches(n: int, size: int):
@@ -187,6 +209,7 @@ def check_request(paths: models.ModelPaths, prompts: list[str]):
         raise InputError(f"stage I export {paths.stage1} was trained with identifier {id1!r} but stage II export "
                          f"{paths.stage2} with {id2!r}: one prompt cannot name both; retrain one stage with "
                          f"--identifier {id1}, or sample with the base stage II model")
+    model_checks.check_same_subject(paths.stage1, paths.stage2)
 
 
 def model_record(path: str) -> dict:
@@ -253,7 +276,7 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
                 result.files["stage3"] = _save_pil(up, output / "stage3", idx)
     state.wait_for_everyone()
     if state.is_main_process:
-        _write_grids(output, grid_columns(len(prompts), num_images))
+        _write_grids(output, *grid_slots(len(prompts), num_images))
         _write_record(cfg, paths, output, prompts, num_images, seed, negative_prompt, result)
     return result
 
@@ -271,7 +294,7 @@ def _save_pil(images: list, folder: Path, idx: list[int]) -> list[Path]:
     return out
 
 
-def _write_grids(output: Path, cols: int):
+def _write_grids(output: Path, cols: int, slots: list[int]):
     from PIL import Image
 
     for stage in ("stage1", "stage2", "stage3"):
@@ -279,7 +302,10 @@ def _write_grids(output: Path, cols: int):
         if files:
             ims = [Image.open(f).convert("RGB") for f in files]
             size = min(ims[0].size[0], 256)  # keep 1024px grids small
-            data.grid([im.resize((size, size)) for im in ims], cols=cols).save(output / f"grid-{stage}.png")
+            cells = [None] * (max(slots[:len(ims)]) + 1)
+            for slot, im in zip(slots, ims):
+                cells[slot] = im.resize((size, size))
+            data.grid(cells, cols=cols).save(output / f"grid-{stage}.png")
 
 
 def _write_record(cfg, paths, output, prompts, num_images, seed, negative, result: SampleResult):

@@ -37,7 +37,7 @@ def _pick_identifier(req: TrainRequest, text_source: str) -> str:
     idc = req.cfg.identifier
     if idc.token:
         token = ident.check_identifier(idc.token, req.class_noun)
-        log.info("identifier: %r (given)", token)
+        log.info("identifier: %r (from identifier.token / --identifier)", token)
         return token
     tok = load_tokenizer(text_source)
     token, token_id = ident.pick_identifier(tok, idc.seed, idc.min_id, idc.max_id, idc.max_chars,
@@ -167,6 +167,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     scheduler = components.load_scheduler(model_path)
     emb = trainer.Embeddings(embeds[prompts["instance"]], embeds[""], embeds[prompts["class"]])
     meta = {"base": components.describe_source(model_path).base, "identifier": token, "class_noun": req.class_noun,
+            **model_checks.subject_record(req.subject),  # which photos: sampling warns on a stage I/II mix
             "instance_prompt": prompts["instance"], "config": cfg.name, "resolution": size, "captions": tc.captions}
     if req.stage == 2:
         meta.update(noise_aug=[tc.noise_aug_min, tc.noise_aug_max], sample_noise_level=task.sample_noise_level,

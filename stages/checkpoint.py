@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -65,8 +66,6 @@ def _unpickle_refusal(e: Exception) -> str:
 def safe_load(path: Path, what: str = "checkpoint"):
     """`torch.load` that never runs code from the file: weights_only (tensors, numbers, strings and
     containers of them). A file that needs more is refused in one line, before anything of it runs."""
-    import pickle
-
     import torch
 
     try:
@@ -81,13 +80,15 @@ def safe_load(path: Path, what: str = "checkpoint"):
 
 def load_checkpoint(accelerator, path: Path) -> dict:
     """accelerate's loader reads with weights_only (never unpickles code); a refused file is one line."""
-    import pickle
-
     try:
         accelerator.load_state(str(path))
-    except pickle.UnpicklingError as e:
-        raise InputError(f"--resume: checkpoint {path} holds more than tensors and numbers and is refused (loading "
-                         f"it would run code from the file: {_unpickle_refusal(e)})") from None
+    except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a file: name the checkpoint
+        while isinstance(e.__cause__ or e.__context__, pickle.UnpicklingError):
+            e = e.__cause__ or e.__context__  # the innermost says what was refused
+        reason = " ".join((str(e).strip().splitlines() or [""])[0].split())[:160]
+        raise InputError(f"checkpoint {path} was refused: a file in it holds pickled objects, not plain tensors, "
+                         f"and is never unpickled ({reason}); resume from another checkpoint or start a new "
+                         f"--output") from None
     return json.loads((path / STATE_FILE).read_text())
 
 

@@ -115,11 +115,13 @@ def to_pil(x: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in arr]
 
 
-def grid(images: list[Image.Image], cols: int | None = None) -> Image.Image:
+def grid(images: list[Image.Image | None], cols: int | None = None) -> Image.Image:
+    """Images in rows of `cols`; a None leaves its cell white (a prompt's row that is not full)."""
     cols = cols or len(images)
     rows = (len(images) + cols - 1) // cols
-    w, h = images[0].size
+    w, h = next(im for im in images if im is not None).size
     out = Image.new("RGB", (cols * w, rows * h), "white")
     for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
+        if im is not None:
+            out.paste(im, ((i % cols) * w, (i // cols) * h))
     return out

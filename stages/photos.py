@@ -17,12 +17,17 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stages import png16
+
 log = logging.getLogger(__name__)
 
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
 CLASS_MANIFEST = "cascade-class.json"  # written beside generated class images; never an image
 READ_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that makes the image upright
 
 
 @dataclass
@@ -131,21 +136,29 @@ def open_photo(path: Path, what: str = "subject") -> Image.Image:
         frames = getattr(im, "n_frames", 1)
         im.load()
         orientation = im.getexif().get(0x0112, 1)
-        img = ImageOps.exif_transpose(im) if orientation not in (1, None) else im.copy()
-        img.info = dict(im.info)  # transparency lives in info; keep it through the transpose
+        source_mode = im.mode
+        deep = png16.to_8bit(Path(path), im) if im.format == "PNG" else None  # by the bits the values use
+        if deep:
+            img = deep[0]
+            if orientation in _TRANSPOSE:
+                img = img.transpose(_TRANSPOSE[orientation])
+        else:
+            img = ImageOps.exif_transpose(im) if orientation not in (1, None) else im.copy()
+            img.info = dict(im.info)  # transparency lives in info; keep it through the transpose
     if frames > 1:
         log.info("%s image %s has %d frames; using the first", what, path, frames)
     if orientation not in (1, None):
         log.info("%s image %s: EXIF orientation %s applied", what, path, orientation)
-    source_mode = img.mode
-    if img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
+    if deep:
+        log.warning("%s image %s: %s", what, path, deep[1])
+    elif img.mode in _SIXTEEN_BIT or img.mode in ("I", "F"):
         img = _to_8bit(img)
         log.warning("%s image %s is %s (more than 8 bits per pixel), scaled to 8-bit", what, path, source_mode)
     img, composited = _flatten_alpha(img)
     if composited:
         log.warning("%s image %s (%s) has transparent pixels; composited on white", what, path, source_mode)
     elif img.mode != "RGB":
-        if img.mode == source_mode:  # a scaled 16-bit image was announced above
+        if img.mode == source_mode and not deep:  # a scaled 16-bit image was announced above
             log.warning("%s image %s is %s, converted to RGB", what, path, source_mode)
         img = img.convert("RGB")
     return img

@@ -31,9 +31,9 @@ def test_range_errors_name_the_flag_typed():
     with pytest.raises(ConfigError) as e:
         _cfg("--noise-aug", "30:10")
     assert str(e.value).startswith("--noise-aug:")
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(SystemExit) as e:  # a count is checked as argparse parses it (cascade.cli.flags)
         _cfg("--max-steps", "0", stage="stage1")
-    assert str(e.value).startswith("--max-steps:") and "must be >= 1" in str(e.value)
+    assert e.value.code == 2
     with pytest.raises(ConfigError) as e:  # the same key given by --set names --set
         _cfg("--set", "stage1.train.max_steps=0", stage="stage1")
     assert str(e.value).startswith("--set stage1.train.max_steps:")

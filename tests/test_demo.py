@@ -61,3 +61,18 @@ def test_demo_default_is_the_toy_world(tmp_path, capsys):
     for link in re.findall(r'(?:src|href)="([^"]+)"', page):
         assert (out / link).is_file(), f"report.html links a missing file: {link}"
     assert "toy world" in page and "--config if-xl" in page and "sr-subject.png" in page
+
+
+def test_toy_demo_with_user_photos_shows_no_reader_numbers(tmp_path, write_subject, capsys, one_thread):
+    """Issue 17 item 11: the toy readers measure the toy world's own subject; with the user's photos
+    the demo says they do not apply instead of reporting "fidelity 0% -> 100%" for another subject."""
+    photos = write_subject(tmp_path / "mine", 3, 64)
+    out = tmp_path / "demo"
+    assert main(["demo", "--fast", "--subject", str(photos), "--class-noun", "toy", "--output", str(out),
+                 "--set", f"models.cache_dir={tmp_path / 'cache'}"]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["toy"] is None and "do not apply" in summary["readers_note"] and "do not apply" in printed
+    page = (out / "report.html").read_text()
+    assert "do not apply" in page and "subject fidelity" not in page and "What the readers measure" not in page
+    assert not (out / "sr-subject.png").exists()

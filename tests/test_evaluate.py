@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,7 +121,8 @@ def test_evaluate_end_to_end_resume_and_images(tmp_path, make_cfg, metric_models
     first = capsys.readouterr().out
     assert "quoted from the paper" in first and "mean nothing" in first and "noise" in first
     folder = out / "dog" / "fine-tuned"
-    names = sorted(p.name for p in folder.iterdir())
+    names = sorted(p.name for p in folder.glob("*.png"))
+    assert (folder / "cascade-images.json").is_file()  # what made the images (reused only for the same)
     assert names == ["class-k0.png", "class-k1.png", "p00-k0.png", "p00-k1.png", "p01-k0.png", "p01-k1.png"]
     assert Image.open(folder / "p00-k0.png").size == (64, 64)  # --stage2 none: stage I images
     stamp = {n: (folder / n).stat().st_mtime_ns for n in names}
@@ -210,3 +213,82 @@ def test_div_is_the_mean_pairwise_distance_within_each_prompt(metric_models, tmp
     per_prompt = [p["div"] for p in out["prompts"]]
     assert per_prompt == pytest.approx([(2 + 0 + 2) / 3, 0.0], abs=1e-6)  # black/white pairs differ by 2
     assert out["summary"]["div"] == pytest.approx(2 / 3, abs=1e-6)
+
+
+def test_an_evaluation_folder_reuses_images_only_of_the_same_setup(tmp_path, make_cfg, metric_models, write_subject,
+                                                                  tiny, capsys, one_thread):
+    """Issue 17 item 9: another model (path or content), sampling setting, seed or --num-images into the
+    same --output is refused (the old images would be scored as the new model's); a second subject is
+    added to the same folder (the README's "once per subject with the same --output")."""
+    import shutil
+
+    dog, cat = write_subject(tmp_path / "dog", 3, 64), write_subject(tmp_path / "cat", 3, 64, seed=1)
+    out = tmp_path / "eval"
+    model = tmp_path / "model-stage1"
+    shutil.copytree(tiny / "stage1", model)
+    base = ["evaluate", "--identifier", "jaw", "--max-prompts", "1", "--num-images", "1", "--num-class-images", "1",
+            "--stage2", "none", "--dino", metric_models[0], "--clip", metric_models[1], "--output", str(out),
+            "--set", f"models.cache_dir={make_cfg().models.cache_dir}", *FAST]
+    assert main(base + ["--subject", str(dog), "--stage1", str(model)]) == 0
+    capsys.readouterr()
+    images = out / "dog" / "fine-tuned"
+    before = {p.name: p.read_bytes() for p in images.glob("*.png")}
+
+    def refused(extra, changed):
+        assert main(base + ["--subject", str(dog)] + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds images made by another setup" in err[0] and changed in err[0], err
+        assert "--resume" not in err[0]
+
+    refused(["--stage1", str(tiny / "stage1")], "stage1.path")
+    refused(["--stage1", str(model), "--set", "stage1.sample.guidance_scale=2.5"],
+            "sampling.stage1.guidance_scale 7.0 -> 2.5")
+    refused(["--stage1", str(model), "--num-images", "2"], "num_images 1 -> 2")
+    refused(["--stage1", str(model), "--seed", "5"], "seed 0 -> 5")
+    time.sleep(0.01)
+    (model / "unet" / "config.json").write_text((model / "unet" / "config.json").read_text() + " ")
+    refused(["--stage1", str(model)], "stage1.content")  # a model rewritten in place
+    assert {p.name: p.read_bytes() for p in images.glob("*.png")} == before
+    shutil.rmtree(model)
+    shutil.copytree(tiny / "stage1", model)
+    assert main(base + ["--subject", str(cat), "--class-noun", "cat", "--stage1", str(model)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert {r["subject"] for r in res["per_subject"]} == {"dog", "cat"}  # one folder, two subjects
+
+
+def test_evaluate_refuses_a_folder_it_did_not_make(tmp_path, make_cfg, metric_models, write_subject, capsys):
+    dog = write_subject(tmp_path / "dog", 3, 64)
+    run = tmp_path / "train-run"
+    run.mkdir()
+    (run / ".cascade-run").write_text(json.dumps({"command": "train stage1"}))
+    (run / "notes.txt").write_text("mine")
+    code = main(["evaluate", "--subject", str(dog), "--identifier", "jaw", "--output", str(run), "--dino",
+                 metric_models[0], "--clip", metric_models[1], "--set", f"models.cache_dir={make_cfg().models.cache_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "is a cascade train stage1 folder, not an evaluation folder" in err[0]
+    assert "--resume" not in err[0] and sorted(p.name for p in run.iterdir()) == [".cascade-run", "notes.txt"]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "study-sr"])
+def test_default_metric_models_without_network_fail_in_one_fast_line(tmp_path, make_cfg, write_subject, capsys,
+                                                                     monkeypatch, command):
+    """Issue 17 item 18: HF_HUB_OFFLINE unset, the hub unreachable (a closed local port), the default
+    DINO id not cached: one probe and one line, not minutes of hub retries."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    dog = write_subject(tmp_path / "dog", 3, 256)
+    argv = ["evaluate", "--identifier", "jaw"] if command == "evaluate" else \
+        ["study-sr", "--class-noun", "dog", "--sr", str(Path(make_cfg().models.cache_dir) / "tiny-v1" / "stage2"),
+         "--stage1", "none"]
+    start = time.monotonic()
+    code = main(argv + ["--subject", str(dog), "--output", str(tmp_path / "o"),
+                        "--set", f"models.cache_dir={make_cfg().models.cache_dir}"])
+    seconds = time.monotonic() - start
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if ": error: " in line]
+    assert code == 2 and len(err) == 1 and metrics.DEFAULT_DINO in err[0] and "(--dino)" in err[0], err
+    assert "cannot be reached" in err[0] and seconds < 30 and not (tmp_path / "o").exists()

@@ -142,3 +142,69 @@ def test_fifo_is_skipped_without_opening(tmp_path, caplog, write_subject):
         images = data.load_folder(folder, 64)
     assert len(images) == 3
     assert any("pipe.jpg" in r.message and "not regular files" in r.message for r in caplog.records)
+
+
+def _png16(path, a: np.ndarray, sbit=None, filtered: bool = True):
+    """A 16-bit PNG written by hand (Pillow cannot write 16-bit colour): greyscale [H, W] or RGB(A)
+    [H, W, C]; rows alternate the Paeth, Sub and Up filters (the decoder must undo each with 6-8
+    bytes per pixel), and an optional sBIT chunk."""
+    import struct
+    import zlib
+
+    h, w = a.shape[:2]
+    c = 1 if a.ndim == 2 else a.shape[2]
+    raw = a.reshape(h, w * c).astype(">u2").view(np.uint8).reshape(h, w * c * 2).astype(np.int32)
+    bpp = 2 * c
+    rows = []
+    for y in range(h):
+        cur, up = raw[y], raw[y - 1] if y else np.zeros_like(raw[0])
+        left = np.concatenate([np.zeros(bpp, np.int32), cur[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, np.int32), up[:-bpp]])
+        kind = (4, 1, 2)[y % 3] if filtered else 0
+        if kind == 4:
+            p = left + up - upleft
+            pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+        else:
+            pred = {0: 0, 1: left, 2: up}[kind]
+        rows.append(bytes([kind]) + ((cur - pred) % 256).astype(np.uint8).tobytes())
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
+    colour = {1: 0, 3: 2, 4: 6}[c]
+    body = chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour, 0, 0, 0))
+    if sbit:
+        body += chunk(b"sBIT", bytes(sbit))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("bits, sbit, channels", [(12, True, 3), (12, False, 3), (8, False, 3), (8, True, 1),
+                                                  (12, False, 1), (10, True, 4), (16, False, 3)])
+def test_16bit_png_scaled_by_the_bits_its_values_use(tmp_path, caplog, bits, sbit, channels):
+    """Issue 17 item 13: a 16-bit PNG holding 8- or 12-bit values loads at its real brightness (it
+    was nearly black), scaled by the sBIT chunk or the value range, with a warning saying which."""
+    rng = np.random.default_rng(bits)
+    top = 2 ** bits - 1
+    shape = (40, 48) if channels == 1 else (40, 48, channels)
+    values = rng.integers(0, top + 1, shape).astype(np.uint16)
+    values.reshape(-1, channels)[:, :3][:1] = top  # the full range is used
+    if channels == 4:
+        values[..., 3] = top  # opaque
+    path = _png16(tmp_path / "deep.png", values, [bits] * channels if sbit else None)
+    with caplog.at_level(logging.WARNING):
+        img = photos.open_photo(path)
+    got = np.asarray(img, dtype=np.float64)
+    colour = values if channels == 1 else values[..., :3]
+    expected = np.round(colour.astype(np.float64) * 255 / top)
+    expected = np.repeat(expected[..., None], 3, -1) if channels == 1 else expected
+    assert img.mode == "RGB" and np.abs(got - expected).max() <= 1  # every pixel, not only the mean
+    text = " ".join(r.message for r in caplog.records)
+    assert f"read as {bits}-bit values" in text and ("sBIT" in text) == (bits < 16) and f"255/{top}" in text
+
+
+def test_16bit_png_truly_16bit_stays_divided_by_257(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 64), (32, 1)).astype(np.uint16)
+    path = _png16(tmp_path / "ramp.png", np.stack([ramp] * 3, -1), [16, 16, 16])
+    a = np.asarray(photos.open_photo(path), dtype=np.float64)
+    assert np.abs(a[..., 0] - np.round(ramp / 257)).max() <= 1

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from cascade.cli.flags import count
+
 
 def add_commands(sub, common_config):
     p = sub.add_parser("bench", help="time training/sampling of a stage, or plan memory (--estimate-memory)")
     common_config(p)
     p.add_argument("--stage", type=int, choices=[1, 2], default=1, help="which stage's UNet to time or plan")
-    p.add_argument("--steps", type=int, default=5, help="timed training steps (median reported)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    p.add_argument("--sample-steps", type=int, default=10, help="sampler steps timed (0: skip sampling)")
-    p.add_argument("--batch", type=int, default=None, help="instance images per step (default: the config's)")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--steps", type=count(1), default=5, help="timed training steps (median reported)")
+    p.add_argument("--warmup", type=count(0), default=2, help="untimed steps first")
+    p.add_argument("--sample-steps", type=count(0), default=10, help="sampler steps timed (0: skip sampling)")
+    p.add_argument("--batch", type=count(1), default=None, help="instance images per step (default: the config's)")
+    p.add_argument("--resolution", type=count(1), default=None,
                    help="training input size (default: the stage's, 64 or 256); smaller for CPU measurements")
     p.add_argument("--compare", action="store_true", help="also run the naive path (on CPU: each in its own process)")
     p.add_argument("--estimate", action="store_true",
@@ -38,11 +40,28 @@ def _check(args):
         raise InputError("--batch must be >= 1")
 
 
+def _check_resolution(cfg, args):
+    """The UNet halves the input once per level but the last: the size must divide by that factor."""
+    from cascade.perf import arch
+    from stages.errors import InputError
+
+    if args.resolution is None:
+        return
+    model = cfg.models.stage1 if args.stage == 1 else cfg.models.stage2
+    name = arch.arch_for(model)
+    levels = len(arch.unet_config(name)["block_out_channels"]) if name else (2 if args.stage == 1 else 4)
+    factor = 2 ** (levels - 1)
+    if args.resolution % factor:
+        raise InputError(f"--resolution {args.resolution}: the stage {args.stage} UNet ({name or 'tiny'}) halves "
+                         f"the size {levels - 1} times, so the resolution must be a multiple of {factor}")
+
+
 def cmd_bench(args):
     from cascade.config import load_config
 
     _check(args)
     cfg = load_config(args.config, args.overrides)
+    _check_resolution(cfg, args)
     if args.estimate_memory:
         from cascade.perf import planner_report
 

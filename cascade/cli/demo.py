@@ -19,7 +19,7 @@ from cascade import model_checks, models, resolutions
 from cascade.runs import folders, html_report
 from cascade.config import Config, validate
 from cascade.identifier import check_identifier, pick_identifier
-from cascade.runner import run_cascade
+from cascade.runner import grid_caption, run_cascade
 from cascade.text import load_tokenizer
 from cascade.training import TrainRequest, train
 from stages import components, data
@@ -65,6 +65,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
              fast: bool = False, with_stage3: bool = False, overwrite: bool = False) -> dict:
     if fast:
         cfg = _fast(cfg)
+    user_photos = subject is not None
     if subject is not None:
         subject_note = f"user photos from {subject}"
         if not class_noun:
@@ -97,9 +98,11 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     t = time.time()
     if not cfg.identifier.token:
         tok = load_tokenizer(paths.text_encoder)
-        cfg.identifier.token, _ = pick_identifier(tok, cfg.identifier.seed, cfg.identifier.min_id,
-                                                  cfg.identifier.max_id, cfg.identifier.max_chars,
-                                                  avoid=(class_noun,))
+        cfg.identifier.token, token_id = pick_identifier(tok, cfg.identifier.seed, cfg.identifier.min_id,
+                                                         cfg.identifier.max_id, cfg.identifier.max_chars,
+                                                         avoid=(class_noun,))
+        log.info("identifier: %r (T5 token id %d, seed %d, picked by the demo for both stages)",
+                 cfg.identifier.token, token_id, cfg.identifier.seed)
     lap("pick identifier", t)
     token = cfg.identifier.token
 
@@ -125,7 +128,12 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     run_cascade(cfg, tuned, prompts, n_images, 0, root / "samples-after", progress=False)
     lap("sample fine-tuned cascade", t)
     toy_numbers = None
-    if toy:
+    # the toy readers know the toy world's own subject only: against user photos their numbers mean nothing
+    readers_note = (f"the toy world's readers measure its own subject (a purple striped square toy); with your "
+                    f"photos ({subject}) they do not apply, so no reader numbers are shown") if toy and user_photos else None
+    if readers_note:
+        log.info("demo: %s", readers_note)
+    if toy and not user_photos:
         from cascade.text import TextEncoder
         from cascade.toy.demo_measures import measure_demo
 
@@ -143,7 +151,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     summary = {
         "config": cfg.name, "weights": weights, "random_weights": paths.uses_tiny, "subject": subject,
         "subject_note": subject_note, "class_noun": class_noun, "identifier": token, "prompts": prompts,
-        "images_per_prompt": n_images, "fast": fast,
+        "images_per_prompt": n_images, "fast": fast, "grid_layout": grid_caption(len(prompts), n_images),
         "stage1": {"run": "stage1", "steps": r1.steps, "final_instance_loss": r1.losses[-1]["instance_loss"],
                    "final_prior_loss": r1.losses[-1]["prior_loss"], "seconds": round(r1.seconds, 2),
                    "prior_weight": cfg.stage1.train.prior_weight, "lora_rank": cfg.stage1.train.lora_rank},
@@ -151,7 +159,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
                    "seconds": round(r2.seconds, 2),
                    "noise_aug": [cfg.stage2.train.noise_aug_min, cfg.stage2.train.noise_aug_max],
                    "sample_noise_level": json.loads((r2.export_dir / "cascade.json").read_text())["sample_noise_level"]},
-        "stage3": stage3, "timings_seconds": timings, "toy": toy_numbers,
+        "stage3": stage3, "timings_seconds": timings, "toy": toy_numbers, "readers_note": readers_note,
     }
     summary["report"] = str(html_report.write_report(root, summary))
     summary["summary"] = str(root / "summary.json")

@@ -2,6 +2,7 @@
 argument parsing and the calls into cascade.evaluate / cascade.study."""
 from __future__ import annotations
 
+from cascade.cli import flags
 from cascade.config import ConfigError, load_config
 from cascade.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
@@ -26,11 +27,11 @@ def add_commands(sub, common_config):
     p.add_argument("--images", default=None, help="score this folder of pNN-kK.png / class-kK.png images instead")
     p.add_argument("--baseline", action="store_true", help="also the same prompts through the base cascade")
     p.add_argument("--baseline-images", default=None, help="score this folder as the baseline instead")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt (paper: 4)")
-    p.add_argument("--num-class-images", type=int, default=4, help="'a <class>' images for PRES")
-    p.add_argument("--max-prompts", type=int, default=25, help="first N of the 25 prompts (quick runs)")
-    p.add_argument("--chunk", type=int, default=5, help="prompts per runner call (resume granularity)")
-    p.add_argument("--seed", type=int, default=0, help="image k of a prompt uses seed + k")
+    p.add_argument("--num-images", type=flags.count(1), default=4, help="images per prompt (paper: 4)")
+    p.add_argument("--num-class-images", type=flags.count(1), default=4, help="'a <class>' images for PRES")
+    p.add_argument("--max-prompts", type=flags.count(1), default=25, help="first N of the 25 prompts (quick runs)")
+    p.add_argument("--chunk", type=flags.count(1), default=5, help="prompts per runner call (resume granularity)")
+    p.add_argument("--seed", type=flags.seed, default=0, help="image k of a prompt uses seed + k")
     _metric_args(p)
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"CLIP model (hub id, folder, or tiny); default {DEFAULT_CLIP}")
     p.add_argument("--lpips-net", default="alex", help="LPIPS backbone for DIV (needs the lpips package)")
@@ -46,12 +47,12 @@ def add_commands(sub, common_config):
     p.add_argument("--train", action="store_true", help="fine-tune the --variant SR models first")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=MIN:MAX",
                    help="training noise-augmentation range per variant (default low=0:0 and high=0:250)")
-    p.add_argument("--max-steps", type=int, default=None, help="training steps per variant (default: config)")
+    p.add_argument("--max-steps", type=flags.count(1), default=None, help="training steps per variant (default: config)")
     p.add_argument("--noise-levels", default=DEFAULT_LEVELS, help=f"sampling noise levels (default {DEFAULT_LEVELS})")
     p.add_argument("--stage1", default=None, help="stage I for the sample inputs (default: config), or none")
-    p.add_argument("--num-stage1", type=int, default=2, help="stage I samples of 'a [V] <class>' to upsample")
-    p.add_argument("--max-images", type=int, default=4, help="at most this many real photos")
-    p.add_argument("--seed", type=int, default=0, help="image k of a prompt uses seed + k")
+    p.add_argument("--num-stage1", type=flags.count(0), default=2, help="stage I samples of 'a [V] <class>' to upsample")
+    p.add_argument("--max-images", type=flags.count(1), default=4, help="at most this many real photos")
+    p.add_argument("--seed", type=flags.seed, default=0, help="image k of a prompt uses seed + k")
     _metric_args(p)
     p.add_argument("--lpips-net", default="alex", help="LPIPS backbone (alex|vgg|squeeze), when lpips is installed")
     p.add_argument("--output", default=None, help="study folder; default runs/NNNNN-study-sr-CLASS")

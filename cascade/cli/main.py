@@ -8,6 +8,7 @@ import re
 import sys
 from pathlib import Path
 
+from cascade.cli import flags
 from cascade.config import ConfigError, load_config
 from stages.errors import InputError, TrainingDiverged
 
@@ -19,8 +20,16 @@ DESCRIPTION = ("DreamBooth for the DeepFloyd IF pixel cascade: fine-tune stage I
                "Offline default: tiny random-initialised components (their images are noise).")
 
 
-def _common_config(p: argparse.ArgumentParser, example: str = "stage1.train.learning_rate=1e-5"):
-    p.add_argument("--config", default=None, help="preset name (tiny, if-m, if-l, if-xl) or YAML path; default tiny")
+def presets() -> list[str]:
+    from cascade.config import CONFIG_DIR
+
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _common_config(p: argparse.ArgumentParser, example: str = "stage1.train.learning_rate=1e-5",
+                   default_preset: str = "tiny"):
+    p.add_argument("--config", default=None, help=f"preset name ({', '.join(presets())}) or YAML path; "
+                                                  f"default {default_preset}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override any config key, e.g. --set {example} (repeatable; the value is YAML, "
                         f"string settings keep the text as typed)")
@@ -33,9 +42,9 @@ def _train_args(p: argparse.ArgumentParser, stage: int):
     p.add_argument("--identifier", default=None, help="identifier token; default: a rare T5 token")
     p.add_argument("--class-dir", default=None, help="class images (kept, topped up); default RUN/class_images")
     p.add_argument("--model", default=None, help=f"stage {stage} hub id or folder (overrides models.stage{stage})")
-    p.add_argument("--max-steps", type=int, default=None,
+    p.add_argument("--max-steps", type=flags.count(1), default=None,
                    help=f"training steps (overrides stage{stage}.train.max_steps)")
-    p.add_argument("--lora-rank", type=int, default=None, help="LoRA rank; 0 = full fine-tuning")
+    p.add_argument("--lora-rank", type=flags.count(0), default=None, help="LoRA rank; 0 = full fine-tuning")
     p.add_argument("--report-to", choices=["none", "tensorboard", "wandb"], default=None,
                    help="log losses and learning rate to a tracker in the run folder (needs the package)")
     p.add_argument("--captions", choices=["none", "sidecar", "metadata"], default=None,
@@ -43,7 +52,7 @@ def _train_args(p: argparse.ArgumentParser, stage: int):
     if stage == 2:
         p.add_argument("--noise-aug", default=None, metavar="MIN[:MAX]",
                        help="training noise-augmentation level(s), integers in 0..999 (default 0:0, as the paper)")
-        p.add_argument("--sample-noise-level", type=int, default=None, help="stage II sampling level (default: MAX)")
+        p.add_argument("--sample-noise-level", type=flags.noise_level, default=None, help="stage II sampling level (default: MAX)")
     p.add_argument("--output", default=None, help="run folder; default runs/NNNNN-stageN-CLASS")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
@@ -59,17 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("identifier", help="pick a rare T5 token as the subject identifier")
     _common_config(p)
-    p.add_argument("--seed", type=int, default=None, help="picks among the rare tokens (default identifier.seed)")
+    p.add_argument("--seed", type=flags.seed, default=None, help="picks among the rare tokens (default identifier.seed)")
     p.add_argument("--class-noun", default="", help="never pick this word as the identifier")
 
     p = sub.add_parser("class-images", help="generate class images with the frozen model(s)")
     _common_config(p)
     p.add_argument("--class-noun", required=True, help="the class to generate, e.g. dog (prompt \"a dog\")")
-    p.add_argument("--num", type=int, required=True, help="how many images the folder should hold")
+    p.add_argument("--num", type=flags.count(1), required=True, help="how many images the folder should hold")
     p.add_argument("--stage", type=int, choices=[1, 2], default=1,
                    help="1: stage I's size (IF: 64px); 2: stage II's (IF: 256px) via stage I -> II")
     p.add_argument("--output", required=True, help="folder (existing images are kept)")
-    p.add_argument("--seed", type=int, default=0, help="image i is made from seed + i (default 0)")
+    p.add_argument("--seed", type=flags.seed, default=0, help="image i is made from seed + i (default 0)")
 
     train = sub.add_parser("train", help="fine-tune one stage").add_subparsers(dest="stage", required=True)
     _train_args(train.add_parser("stage1", help="base model (IF: 64px) with prior preservation"), 1)
@@ -221,7 +230,13 @@ COMMANDS = {"train": cmd_train, "build-tiny": cmd_build_tiny, "identifier": cmd_
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):  # a non-UTF-8 file name in a message prints escaped, never raises
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a bad flag value (2), its one line already printed
+        return e.code if isinstance(e.code, int) else 2
     from cascade.runs.folders import console_logging
 
     console_logging()
@@ -231,20 +246,31 @@ def main(argv: list[str] | None = None) -> int:
     from cascade.cli.sample import COMMANDS as SAMPLE_COMMANDS
     from cascade.cli.ui import COMMANDS as UI_COMMANDS
 
+    from cascade.cli import failures
     from cascade.runs import folders, markers
 
     markers.begin()
-    failed = True
+    failed, name = True, failures.command_name(args)
     try:
         {**COMMANDS, **SAMPLE_COMMANDS, **BENCH_COMMANDS, **EVAL_COMMANDS, **PUSH_COMMANDS, **UI_COMMANDS,
          "toy": lambda a: a.func(a)}[args.command](args)
         failed = False
     except (InputError, FileNotFoundError) as e:
-        print(f"cascade {args.command}: error: {e}", file=sys.stderr)
+        print(f"cascade {name}: error: {e}", file=sys.stderr)
         return 2
-    except (TrainingDiverged, OSError) as e:  # OSError: e.g. a read-only folder; the message names the file
-        print(f"cascade {args.command}: error: {e}", file=sys.stderr)
+    except TrainingDiverged as e:
+        print(f"cascade {name}: error: {e}", file=sys.stderr)
         return 1
+    except BaseException as e:  # disk full, Ctrl-C, undecodable text or pickles: one line (cascade.cli.failures)
+        handled = failures.one_line(e)
+        if handled is None:
+            raise
+        folders.stop_file_logging()
+        kept = failures.run_folders(args)
+        markers.finish(True)  # first, so the hint knows which run folder is still there
+        message, code = handled
+        print(f"cascade {name}: error: {message}{failures.hint(e, args, kept)}", file=sys.stderr)
+        return code
     finally:
         folders.stop_file_logging()
         markers.finish(failed)  # locks released; a folder this command made without results removed

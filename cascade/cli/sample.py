@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from cascade.cli import flags
 from cascade.config import ConfigError, load_config
 
 
@@ -13,8 +14,8 @@ def add_commands(sub, common_config):
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable); [V] = the stage I identifier")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
-    p.add_argument("--num-images", type=int, default=4, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="image k uses seed + k (default 0)")
+    p.add_argument("--num-images", type=flags.count(1), default=4, help="images per prompt")
+    p.add_argument("--seed", type=flags.seed, default=0, help="image k uses seed + k (default 0)")
     p.add_argument("--stage1", default=None, help="stage I: hub id, folder or fine-tuned export (default: config)")
     p.add_argument("--stage2", default=None, help="stage II: hub id, folder, export, or none to stop at 64px")
     p.add_argument("--stage3", default=None, help="stage III x4 upscaler: none (default) or hub id / folder / tiny")
@@ -22,7 +23,7 @@ def add_commands(sub, common_config):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
     p = sub.add_parser("demo", help="the whole mission end to end: the toy world by default, offline, CPU")
-    common_config(p)
+    common_config(p, default_preset="toy")
     p.add_argument("--output", default=None, help="demo folder; default runs/NNNNN-demo")
     p.add_argument("--subject", default=None,
                    help="subject photos (default: the toy world's subject with the toy preset, else synthetic images)")
@@ -38,7 +39,12 @@ def _read_prompts(args) -> list[str]:
         f = Path(args.prompts_file)
         if not f.is_file():
             raise FileNotFoundError(f"--prompts-file not found: {f}")
-        prompts += [line.strip() for line in f.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        try:
+            text = f.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--prompts-file {f}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") \
+                from None
+        prompts += [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if not prompts:
         raise ConfigError("give at least one --prompt or a --prompts-file")
     for i, p in enumerate(args.prompt):
@@ -89,6 +95,8 @@ def cmd_demo(args):
                        overwrite=args.overwrite)
     print(f"report: {summary['report']}\nsummary: {summary['summary']}")
     print(f"weights: {summary['weights']}")
+    if summary.get("readers_note"):
+        print(f"note: {summary['readers_note']}")
 
 
 COMMANDS = {"sample": cmd_sample, "demo": cmd_demo}

@@ -5,6 +5,8 @@ import logging
 from dataclasses import fields
 from pathlib import Path
 
+from cascade.cli import flags
+
 
 PRETRAIN_HELP = {
     "stage": "which stage to train: 1 (16 px base) or 2 (16 -> 64 super-resolution)",
@@ -23,6 +25,15 @@ PRETRAIN_HELP = {
     "ckpt_every": "checkpoint and export every N steps",
     "threads": "torch CPU threads (1 is fastest on a shared machine)",
 }
+# each pretraining value's range, checked as the flag is parsed
+PRETRAIN_TYPES = {
+    "stage": flags.number(int, 1, 2), "steps": flags.count(1), "batch_size": flags.count(1),
+    "learning_rate": flags.finite(0, low_open=True), "warmup_steps": flags.count(0),
+    "ema_decay": flags.finite(0, 1, high_open=True), "grad_clip": flags.finite(0),
+    "caption_dropout": flags.finite(0, 1), "attribute_dropout": flags.finite(0, 1),
+    "noise_level_max": flags.noise_level, "crop": flags.count(0), "pool_size": flags.count(1),
+    "seed": flags.seed, "ckpt_every": flags.count(1), "threads": flags.count(1),
+}
 
 
 def add_commands(sub):
@@ -34,7 +45,7 @@ def add_commands(sub):
     p.add_argument("--output", required=True, help="run folder: model/ (diffusers layout), checkpoints, logs")
     p.add_argument("--resume", action="store_true", help="continue from the stage's checkpoint in --output")
     for f in fields(PretrainConfig):
-        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+        p.add_argument("--" + f.name.replace("_", "-"), type=PRETRAIN_TYPES[f.name], default=f.default,
                        help=f"{PRETRAIN_HELP[f.name]} (default {f.default})")
     p.set_defaults(func=cmd_pretrain)
     add_check(toy)
@@ -50,9 +61,14 @@ def cmd_pretrain(args):
         from stages.errors import InputError
 
         raise InputError(f"--stage must be 1 or 2, got {cfg.stage}")
+    if cfg.crop % 8:
+        from stages.errors import InputError
+
+        raise InputError(f"--crop {cfg.crop}: the stage II UNet halves the size 3 times; give 0 (whole images) or "
+                         f"a multiple of 8")
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(out / f"stage{cfg.stage}.log")
+    handler = logging.FileHandler(out / f"stage{cfg.stage}.log", encoding="utf-8", errors="backslashreplace")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("cascade").addHandler(handler)
     logging.getLogger("cascade").setLevel(logging.INFO)
@@ -66,12 +82,13 @@ def add_check(toy):
     p = toy.add_parser("check", help="measure the toy cascade's bars with the readers (stage I and II accuracy)")
     p.add_argument("--model", default=None, help="folder with stage1/ and stage2/; default: the committed weights")
     p.add_argument("--stage", type=int, choices=[0, 1, 2], default=0, help="0 (default): both stages")
-    p.add_argument("--num", type=int, default=128, help="samples per stage to read")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps of both stages")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
-    p.add_argument("--noise-level", type=int, default=100, help="stage II sampling noise-augmentation level")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generator images and the samplers")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    p.add_argument("--num", type=flags.count(1), default=128, help="samples per stage to read")
+    p.add_argument("--steps", type=flags.count(1), default=50, help="sampling steps of both stages")
+    p.add_argument("--guidance", type=flags.finite(0), default=4.0, help="classifier-free guidance scale")
+    p.add_argument("--noise-level", type=flags.noise_level, default=100,
+                   help="stage II sampling noise-augmentation level")
+    p.add_argument("--seed", type=flags.seed, default=0, help="seed of the generator images and the samplers")
+    p.add_argument("--threads", type=flags.count(1), default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")
     p.add_argument("--grid", default=None, help="write sample grids (PNG) with this path prefix")
     p.set_defaults(func=cmd_check)
@@ -164,12 +181,14 @@ def add_study(toy):
     p.add_argument("--output", required=True, help="run folder: results.csv, table.md, plots.png, grids")
     p.add_argument("--overwrite", action="store_true", help="replace an existing toy study folder")
     p.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds, comma-separated (>= 3 for a spread)")
-    p.add_argument("--samples", type=int, default=16, help="stage I samples per prompt and model")
-    p.add_argument("--stage1-steps", type=int, default=100, help="stage I fine-tuning steps per run (default 100)")
-    p.add_argument("--stage2-steps", type=int, default=100, help="stage II fine-tuning steps per run (default 100)")
+    p.add_argument("--samples", type=flags.count(1), default=16, help="stage I samples per prompt and model")
+    p.add_argument("--stage1-steps", type=flags.count(1), default=100,
+                   help="stage I fine-tuning steps per run (default 100)")
+    p.add_argument("--stage2-steps", type=flags.count(1), default=100,
+                   help="stage II fine-tuning steps per run (default 100)")
     p.add_argument("--levels", default="0,50,100,250", help="SR sampling noise levels")
-    p.add_argument("--sr-inputs", type=int, default=8, help="stage I samples upsampled per SR model and level")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
+    p.add_argument("--sr-inputs", type=flags.count(1), default=8, help="stage I samples upsampled per SR model and level")
+    p.add_argument("--threads", type=flags.count(1), default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")
     p.set_defaults(func=cmd_study)
 

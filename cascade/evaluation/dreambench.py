@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 from cascade import models, runner
-from cascade.evaluation import dreambench_report, metrics
+from cascade.evaluation import dreambench_folder, dreambench_report, metrics
 from cascade.runs import folders
 from cascade.config import Config
 from cascade.identifier import class_prompt
@@ -144,12 +144,12 @@ def generate(cfg: Config, paths: models.ModelPaths, folder: Path, jobs, chunk: i
         state.wait_for_everyone()
 
 
-def _collect(folder: Path) -> tuple[dict, list]:
+def _collect(folder: Path, keep: set[str] | None = None) -> tuple[dict, list]:
     """{prompt index: [(k, path)]} and [(k, path)] of class images, from the file names."""
     prompt_files, class_files = {}, []
     for f in sorted(folder.iterdir()):
         m = NAME.match(f.name)
-        if not m:
+        if not m or (keep is not None and f.name not in keep):
             continue
         if m.group(2) is None:
             class_files.append((int(m.group(3)), f))
@@ -167,10 +167,11 @@ def _open(paths) -> list:
 
 
 def score_folder(folder: Path, label: str, templates: list[str], class_noun: str, identifier: str | None,
-                 real: dict, scorers: tuple) -> dict:
-    """Per-image rows, per-prompt rows and the summary of one model's images of one subject."""
+                 real: dict, scorers: tuple, keep: set[str] | None = None) -> dict:
+    """Per-image rows, per-prompt rows and the summary of one model's images of one subject (of the
+    files named in `keep` when given)."""
     dino, clip, lpips = scorers
-    prompt_files, class_files = _collect(folder)
+    prompt_files, class_files = _collect(folder, keep)
     bad = [i for i in prompt_files if i >= len(templates)]
     if bad:
         raise InputError(f"{folder}: prompt index {bad[0]} is beyond the {len(templates)} prompts for '{class_noun}'")
@@ -229,6 +230,14 @@ def run_evaluate(req: EvalRequest) -> Path | None:
         components.check_stage(p.stage1, 1, "stage I model")
         if p.stage2 != "none":
             components.check_stage(p.stage2, 2, "stage II model")
+    identities = {label: dreambench_folder.images_identity(req.cfg, p, identifier, class_noun,
+                                                           bench.templates(class_noun), req)
+                  for label, p in generating}
+    out_dir = Path(req.output) if req.output else None
+    dreambench_folder.check_folder(req.output)  # read only, before any model loads
+    if out_dir is not None:
+        for label in identities:
+            dreambench_folder.check_images(out_dir / subject_name / label, identities[label])
     cache = req.cfg.models.cache_dir
     from cascade.offline.tiny_metrics import resolve_metric_model
 
@@ -239,20 +248,18 @@ def run_evaluate(req: EvalRequest) -> Path | None:
         dino = metrics.DinoScorer(resolve_metric_model(req.dino, cache, "dino"), device)
         clip = metrics.ClipScorer(resolve_metric_model(req.clip, cache, "clip"), device)
         scorers = (dino, clip, Lpips(req.lpips_net))
-    # an evaluation folder is always continued (kept images are reused by name), but only for the same
-    # subject, identifier, fine-tuned stages and seed: other images would be scored as this run's
-    fine = generating[0][1] if generating and generating[0][0] == "fine-tuned" else None
-    identity = {"command": "evaluate", "run": {
-        "subject": str(Path(req.subject).resolve()), "identifier": identifier, "seed": req.seed,
-        "stage1": fine and str(fine.stage1), "stage2": fine and str(fine.stage2), "images": req.images}}
-    out = folders.prepare_on_main(state, lambda: folders.prepare_output(req.output, f"eval-{subject_name}", resume=True,
-                                                                  identity=identity))
+    # an evaluation folder collects every subject evaluated into it; the images kept in it are reused
+    # only when the same setup made them (cascade.evaluation.dreambench_folder)
+    out = folders.prepare_on_main(state, lambda: dreambench_folder.open_folder(req.output, subject_name))
     folders.start_logging(out, req.cfg, state.is_main_process)
     prompts = [metrics.fill(t, identifier, class_noun) for t in templates] if identifier else []
+    jobs = _jobs(prompts, class_noun, req)
     for label, p in generating:
         folder = out / subject_name / label
-        folder.mkdir(parents=True, exist_ok=True)
-        generate(req.cfg, p, folder, _jobs(prompts, class_noun, req), req.chunk)
+        if state.is_main_process:
+            dreambench_folder.check_images(folder, identities[label])
+            dreambench_folder.record_images(folder, identities[label])
+        generate(req.cfg, p, folder, jobs, req.chunk)
     if not state.is_main_process:
         return None
     sources = [(label, out / subject_name / label) for label, _ in generating]
@@ -265,8 +272,10 @@ def run_evaluate(req: EvalRequest) -> Path | None:
               "metric_models": metrics.describe_models(*scorers[:2], scorers[2].reason),
               "random_weights": {"cascade": bool(generating) and paths.uses_tiny, "dino": scorers[0].random, "clip": scorers[1].random},
               "sources": {label: str(f) for label, f in sources}, "models": {}}
+    made = {f"{j[0]}-k{k}.png" for j in jobs for k in range(j[2])}  # only what this call asked for
     for label, folder in sources:
-        scored = score_folder(folder, label, templates, class_noun, identifier, real, scorers)
+        keep = made if label in identities else None
+        scored = score_folder(folder, label, templates, class_noun, identifier, real, scorers, keep)
         result["models"][label] = scored
     (out / subject_name).mkdir(parents=True, exist_ok=True)
     tmp = out / subject_name / "scores.json.tmp"

@@ -100,6 +100,9 @@ def _load(loader, name: str, what: str, **kw):
     except (OSError, ValueError) as e:
         if looks_local:
             raise _load_failed(what, name, e) from None
+    from cascade import model_checks
+
+    model_checks.check_hub_model(name, f"--{what.lower()}")  # one 3 s probe, not minutes of retries
     try:
         return loader.from_pretrained(name, **kw)
     except (OSError, ValueError) as e:

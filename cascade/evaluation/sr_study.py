@@ -136,6 +136,9 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     given = [(label, models.resolve_name(cfg, p, "stage2")) for label, p in req.sr]
     for label, p in given:
         components.check_stage(p, 2, f"--sr {label} ({p})")
+        if resolutions.check_cascade(paths.stage1, p)[1] != high:  # every SR model takes and makes the same sizes
+            raise InputError(f"--sr {label} ({p}) makes {resolutions.stage2_sizes(p, paths.stage1)[0]}px images but "
+                             f"the base SR model ({base}) {high}px ones; compare SR models of one cascade")
     s1 = "none" if req.stage1 == "none" or req.num_stage1 == 0 else (
         models.resolve_name(cfg, req.stage1, "stage1") if req.stage1 else paths.stage1)
     if s1 != "none":

@@ -175,6 +175,10 @@ class _StderrHandler(logging.StreamHandler):
     def stream(self, value):
         pass
 
+    def format(self, record) -> str:  # a non-UTF-8 file name (surrogate escapes) prints escaped, never raises
+        enc = getattr(sys.stderr, "encoding", None) or "utf-8"
+        return super().format(record).encode(enc, "backslashreplace").decode(enc)
+
 
 def console_logging():
     """INFO to the console once per process; library chatter at WARNING."""
@@ -188,6 +192,9 @@ def console_logging():
     for noisy in ("httpx", "urllib3", "filelock", "accelerate", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices at import
+    from cascade import quiet
+
+    quiet.no_cuda_for_deepspeed()  # DeepSpeed's "Setting accelerator to CPU" notice (cascade.quiet)
 
 
 def start_logging(run_dir: Path, cfg: Config | None = None, is_main: bool = True):
@@ -196,7 +203,7 @@ def start_logging(run_dir: Path, cfg: Config | None = None, is_main: bool = True
     stop_file_logging()
     root = logging.getLogger()
     if is_main:
-        h = logging.FileHandler(run_dir / "log.txt")
+        h = logging.FileHandler(run_dir / "log.txt", encoding="utf-8", errors="backslashreplace")  # odd file names
         h.setFormatter(LOG_FORMAT)
         h._cascade_file = True
         root.addHandler(h)

@@ -60,6 +60,7 @@ def write_report(root: Path, s: dict) -> Path:
              "<h2>Subject</h2>", f"<p>{html.escape(s['subject_note'])}: identifier <code>{html.escape(s['identifier'])}"
              f"</code>, class <code>{html.escape(s['class_noun'])}</code></p>", _img(root, "subject.png", "subject images"),
              *_toy_section(root, s),
+             *([f'<p class="warn">{html.escape(s["readers_note"])}</p>'] if s.get("readers_note") else []),
              "<h2>Settings</h2>",
              _table([("stage I", f"{s['stage1']['steps']} steps, prior weight {s['stage1']['prior_weight']}, "
                                  f"{'LoRA r=' + str(s['stage1']['lora_rank']) if s['stage1']['lora_rank'] else 'full fine-tune'}"),
@@ -79,7 +80,8 @@ def write_report(root: Path, s: dict) -> Path:
         rel = _latest(root, f"{stage}/samples")
         if rel:
             parts.append(_img(root, rel, f"{stage} validation samples at the last step", 256))
-    parts.append("</div><h2>Cascade samples: base vs fine-tuned (same prompts and seeds; one row per prompt: "
+    layout = s.get("grid_layout", "one row per prompt")
+    parts.append(f"</div><h2>Cascade samples: base vs fine-tuned (same prompts and seeds; {html.escape(layout)}: "
                  + html.escape(" | ".join(s["prompts"])) + ")</h2>")
     for stage, label in (("stage1", "stage I"), ("stage2", "stage II"), ("stage3", "stage III")):
         before, after = f"samples-before/grid-{stage}.png", f"samples-after/grid-{stage}.png"

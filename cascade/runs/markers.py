@@ -192,7 +192,10 @@ def finish(failed: bool):
                 shutil.rmtree(folder, ignore_errors=True)
             else:
                 for name in BOOKKEEPING:
-                    (folder / name).unlink(missing_ok=True)
+                    try:
+                        (folder / name).unlink(missing_ok=True)
+                    except OSError:  # e.g. a read-only mount: nothing of ours could be written there
+                        pass
     _made.clear()
 
 
