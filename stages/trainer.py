@@ -193,7 +193,8 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     if accelerator.is_main_process:
         _write_losses(run_dir, rows, plot=True)
         if vrows:
-            validation_log.plot(run_dir / "validation.png", rows, vrows, keeper and (keeper.record or {}).get("step"))
+            validation_log.plot(run_dir / "validation.png", rows, vrows, keeper and (keeper.record or {}).get("step"),
+                                best_rule and best_rule.budget)
     meta = {**export_meta, "stage": task.stage, "steps": cfg.max_steps, "loss": cfg.loss,
             "lora_rank": cfg.lora_rank}
     chosen = None

@@ -64,34 +64,41 @@ def write_csv(path: Path, rows: list[dict]):
     os.replace(tmp, path)
 
 
-def plot(path: Path, losses: list[dict], validation: list[dict], best_step: int | None = None):
-    """Loss on the left; each validation scalar beside it (one panel), the chosen best step marked."""
+def plot(path: Path, losses: list[dict], validation: list[dict], best_step: int | None = None,
+         budget: float | None = None, title: str = ""):
+    """Loss on the left; the validation scalars beside it, the drift budget and the chosen step marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(dict.fromkeys(k for r in validation for k in r if k != "step"))
-    fig, axes = plt.subplots(1, 1 + bool(names), figsize=(5 + 4.5 * bool(names), 3.4), squeeze=False)
+    unit = [n for n in names if all(0 <= r.get(n, 0) <= 1 for r in validation)]  # fractions, cosines
+    groups = [g for g in (unit, [n for n in names if n not in unit]) if g]
+    fig, axes = plt.subplots(1, 1 + len(groups), figsize=(4.6 * (1 + len(groups)), 3.4), squeeze=False)
     ax = axes[0][0]
     steps = [r["step"] for r in losses]
-    ax.plot(steps, [r["instance_loss"] for r in losses], label="instance loss")
+    ax.plot(steps, [r["instance_loss"] for r in losses], label="instance loss", lw=0.8)
     if any(r.get("prior_loss", "") != "" for r in losses):
-        ax.plot(steps, [r["prior_loss"] if r["prior_loss"] != "" else math.nan for r in losses], label="prior loss")
+        ax.plot(steps, [r["prior_loss"] if r["prior_loss"] != "" else math.nan for r in losses], label="prior loss",
+                lw=0.8)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
-    if names:
-        ax = axes[0][1]
-        vsteps = [r["step"] for r in validation]
-        for name in names:
+    vsteps = [r["step"] for r in validation]
+    for ax, group in zip(axes[0][1:], groups):
+        for name in group:
             ax.plot(vsteps, [r.get(name, math.nan) for r in validation], marker="o", ms=3, label=name)
+        if budget is not None and math.isfinite(budget) and group is unit:
+            ax.axhline(budget, color="grey", ls=":", lw=1, label=f"drift budget {budget:g}")
         if best_step is not None:
-            ax.axvline(best_step, color="k", ls="--", lw=1, label=f"best step {best_step}")
+            ax.axvline(best_step, color="k", ls="--", lw=1, label=f"chosen step {best_step}")
         ax.set_xlabel("step")
         ax.set_ylabel("validation measure")
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=80)

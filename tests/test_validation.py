@@ -162,3 +162,32 @@ def test_bad_validation_settings_are_one_line(make_cfg, subject_dir, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and key in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_metric_measures_known_answer_and_cache_check(tmp_path, monkeypatch):
+    """DINO measures with a (random, tiny) DINO folder: samples equal to the one subject photo give
+    fidelity 1 and PRES 1, identical class samples give diversity 0; a hub id absent from the local
+    cache is "not available" at once (no network), so no measures are built."""
+    import time
+
+    from cascade.evaluation import live_measures
+    from cascade.offline.tiny_metrics import build_dino
+    from stages import data
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    t = time.time()
+    assert not live_measures.cached("facebook/dino-vits16")
+    assert live_measures.build(tmp_path, "facebook/dino-vits16", "openai/clip-vit-base-patch32") is None
+    assert time.time() - t < 2
+    photo = tmp_path / "subject"
+    photo.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 40)).save(photo / "a.png")
+    dino = build_dino(tmp_path / "dino")
+    m = live_measures.build(photo, str(dino), "openai/clip-vit-base-patch32")
+    assert m.names[:3] == ("fidelity", "drift", "diversity") and "RANDOM" in m.source
+    x = data.stack(data.load_folder(photo, 64), 64)
+    out = m(x, torch.cat([x, x]))
+    assert out["fidelity"] == pytest.approx(1.0, abs=1e-5) and out["drift"] == pytest.approx(1.0, abs=1e-5)
+    assert out["diversity"] == pytest.approx(0.0, abs=1e-5) and out["dino"] == out["fidelity"]
+    other = data.stack([Image.new("RGB", (64, 64), (20, 200, 240))], 64)
+    assert m(other, torch.cat([x, other]))["fidelity"] < 1 - 1e-4
