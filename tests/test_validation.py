@@ -86,6 +86,16 @@ def test_toy_measures_known_answer():
     p = [2 / 8] * 4  # each pair twice
     assert out["diversity_bits"] == pytest.approx(-sum(x * math.log2(x) for x in p))
 
+    # stage II, 64 px: the subject's photos show its stripes and emblem; of 3 non-subject class toys one is
+    # striped (drift 1/3); unchained (no class samples) there is no drift to report
+    photos = world.to_tensor(world.subject_photos())
+    klass2 = world.to_tensor([world.render(world.Toy(c, s, pat, 32, 32, 34))
+                              for (c, s), pat in zip(others, ("striped", "plain", "dotted"))])
+    out2 = measures(2)(photos, klass2)
+    assert out2["fidelity"] == 1.0 and out2["emblem"] == 1.0 and out2["drift"] == pytest.approx(1 / 3)
+    unchained = measures(2, with_class=False)
+    assert "drift" not in unchained.names and "drift" not in unchained(photos, photos[:0])
+
 
 def test_best_checkpoint_rule_on_a_synthetic_series(tmp_path):
     rule = BestRule("fidelity", "drift", 0.3)

@@ -25,10 +25,11 @@ def for_training(cfg: Config, stage: int, subject: str) -> Measures | None:
     sec = cfg.stage1 if stage == 1 else cfg.stage2
     if not sec.validation.measures or sec.train.validation_images < 1:
         return None
+    with_class = stage == 1 or sec.validation.chain  # stage II sees "a <class>" samples only when chained
     if _is_toy(getattr(cfg.models, f"stage{stage}")):
         from cascade.toy import live_measures
 
-        return live_measures.measures(stage)
+        return live_measures.measures(stage, with_class)
     from cascade.evaluation import live_measures
 
-    return live_measures.build(subject)
+    return live_measures.build(subject, with_class=with_class)

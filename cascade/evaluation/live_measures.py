@@ -38,9 +38,10 @@ def _mean_pairwise(e: torch.Tensor) -> float:
 
 
 def build(subject: str | Path, dino: str = metrics.DEFAULT_DINO, clip: str = metrics.DEFAULT_CLIP,
-          device: str = "cpu") -> Measures | None:
+          device: str = "cpu", with_class: bool = True) -> Measures | None:
     """Measures against the photos in `subject`, or None when neither model is cached. The models and
-    photos load at the first validation (the cache check alone decides what will be measured)."""
+    photos load at the first validation (the cache check alone decides what will be measured).
+    `with_class`: the validation has "a <class>" samples (drift and diversity measured)."""
     kinds = {k: name for k, name in (("dino", dino), ("clip_i", clip)) if cached(name)}
     if not kinds:
         return None
@@ -69,6 +70,8 @@ def build(subject: str | Path, dino: str = metrics.DEFAULT_DINO, clip: str = met
         return out
 
     names = ["fidelity", "drift", "diversity"] + [x for k in kinds for x in (k, f"pres_{k}", f"div_{k}")]
+    if not with_class:
+        names = [n for n in names if n in ["fidelity", *kinds]]
     source = " + ".join(f"{k.upper()} {name}" + (" (RANDOM weights: meaningless)" if metrics.is_random(name) else "")
                         for k, name in kinds.items())
     return Measures(tuple(names), measure, source)

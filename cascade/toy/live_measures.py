@@ -30,15 +30,18 @@ def _striped(img) -> bool:
 
 
 def _stage2(subject: torch.Tensor, klass: torch.Tensor) -> dict:
-    out = {"fidelity": measure.detail(subject)["stripes"], "emblem": measure.detail(subject)["emblem"]}
-    others = [im for im in klass if not measure.is_subject(im)]
-    out["drift"] = sum(_striped(im) for im in others) / len(others) if others else 0.0
-    if len(klass):
+    d = measure.detail(subject)
+    out = {"fidelity": d["stripes"], "emblem": d["emblem"]}
+    if len(klass):  # stage II chained with stage I's class samples
+        others = [im for im in klass if not measure.is_subject(im)]
+        out["drift"] = sum(_striped(im) for im in others) / len(others) if others else float("nan")
         out["diversity_bits"] = measure.entropy(klass)
     return out
 
 
-def measures(stage: int) -> Measures:
+def measures(stage: int, with_class: bool = True) -> Measures:
+    """`with_class`: the validation has "a toy" samples (stage I always; stage II when chained)."""
     if stage == 1:
         return Measures(("fidelity", "drift", "diversity_bits"), _stage1, "toy readers (colour + shape)")
-    return Measures(("fidelity", "emblem", "drift", "diversity_bits"), _stage2, "toy readers (stripes, emblem)")
+    names = ("fidelity", "emblem") + (("drift", "diversity_bits") if with_class else ())
+    return Measures(names, _stage2, "toy readers (stripes, emblem)")
