@@ -201,3 +201,14 @@ def test_metric_measures_known_answer_and_cache_check(tmp_path, monkeypatch):
     assert out["diversity"] == pytest.approx(0.0, abs=1e-5) and out["dino"] == out["fidelity"]
     other = data.stack([Image.new("RGB", (64, 64), (20, 200, 240))], 64)
     assert m(other, torch.cat([x, other]))["fidelity"] < 1 - 1e-4
+
+
+def test_tensorboard_gets_validation_scalars_and_grid(make_cfg, subject_dir, tmp_path, one_thread):
+    pytest.importorskip("tensorboardX", reason="the [dev] extra installs tensorboardX")
+    cfg = _sets(make_cfg, "stage1.train.max_steps=2", "stage1.train.sample_every=1",
+                "stage1.train.report_to=tensorboard")
+    train(TrainRequest(1, cfg, str(subject_dir), "dog", output=str(tmp_path / "run"),
+                       measures=Measures(("fidelity", "drift"), lambda s, k: {"fidelity": 0.25, "drift": 0.5}, "fixed")))
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "run").rglob("events.out.tfevents*"))
+    assert b"validation/fidelity" in raw and b"validation/drift" in raw
+    assert raw.count(b"\x89PNG") >= 2  # the grid as an image summary at both validation steps
