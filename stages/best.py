@@ -1,8 +1,10 @@
 """The best checkpoint by a measured trade-off: the validation step with the highest fidelity whose
 drift stays within a budget. The rule is decided online (a step becomes the best when it is
 eligible and strictly beats the best so far; ties keep the earlier, less-trained step), which picks
-the same step as `choose` over the whole series. The chosen step's trainable weights are kept on
-disk (`best/weights.safetensors`, atomic) so the export can take them and a resumed run keeps them."""
+the same step as `choose` over the whole series. Each new best's trainable weights are written to disk
+(`best/step-NNNNNN.safetensors`, atomic) and the record of the best rides in every checkpoint, so a
+run resumed from any checkpoint finds the weights its record names; the others are removed once the
+export has taken the chosen ones."""
 from __future__ import annotations
 
 import json
@@ -13,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-WEIGHTS = "weights.safetensors"
 RECORD = "best.json"
+
+
+def weights_file(step: int) -> str:
+    return f"step-{step:06d}.safetensors"
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,7 @@ class Keeper:
         best = self.record
         if not self.rule.eligible(row) or (best is not None and row[self.rule.fidelity] <= best[self.rule.fidelity]):
             return False
-        save_trainable(model, self.folder / WEIGHTS)
+        save_trainable(model, self.folder / weights_file(row["step"]))
         self.record = {"step": row["step"], self.rule.fidelity: row[self.rule.fidelity],
                        self.rule.drift: row[self.rule.drift], "budget": self.rule.budget,
                        "reason": self.rule.describe(row)}
@@ -72,8 +77,15 @@ class Keeper:
         (None when no step was within the budget: the model keeps its final weights)."""
         if self.record is None:
             return None
-        load_trainable(model, self.folder / WEIGHTS)
+        load_trainable(model, self.folder / weights_file(self.record["step"]))
         return self.record
+
+    def prune(self):
+        """Main process, after the export: keep only the chosen step's weights."""
+        keep = weights_file(self.record["step"]) if self.record else None
+        for f in self.folder.glob("step-*.safetensors"):
+            if f.name != keep:
+                f.unlink()
 
 
 def trainable_state(model) -> dict:

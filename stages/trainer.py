@@ -211,6 +211,8 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     out = checkpoint.export(unet, accelerator, scheduler, run_dir / "export", meta, lora_config,
                             save_fixed_small=cfg.loss == "epsilon", variant=cfg.export_variant)
     accelerator.wait_for_everyone()
+    if keeper is not None and accelerator.is_main_process:
+        keeper.prune()
     # every rank reports its weights' checksum: DDP must leave them identical (sharded engines: the
     # checksum of this rank's shard)
     checksum = sum(p.detach().to_local().double().sum().item() if hasattr(p, "to_local") else

@@ -115,8 +115,13 @@ def test_best_checkpoint_rule_on_a_synthetic_series(tmp_path):
         if keeper.offer(r, model):
             picked.append(r["step"])
     assert picked == [10, 20] and keeper.record["step"] == 20 and "drift <= 0.3" in keeper.record["reason"]
+    early = json.loads(json.dumps({**keeper.record, "step": 10}))  # as a checkpoint from before step 20 holds it
+    Keeper(rule, tmp_path, early).restore(model)  # a run resumed there takes step 10's weights, not the newest file
+    assert torch.all(model.weight == 10)
     keeper.restore(model)
     assert torch.all(model.weight == 20)
+    keeper.prune()
+    assert sorted(f.name for f in tmp_path.glob("*.safetensors")) == ["step-000020.safetensors"]
 
 
 def test_best_checkpoint_exports_the_chosen_steps_weights(make_cfg, tiny, subject_dir, tmp_path, one_thread):
