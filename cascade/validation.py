@@ -21,7 +21,7 @@ import torch
 
 from cascade import models, runner
 from cascade.config import Config, ConfigError
-from stages import components, data, sampling
+from stages import components, data, engines, sampling
 from stages.validation_log import ValidationResult
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,9 @@ def check_best(key: str, vc, measures: Measures | None, validation_images: int):
     """One line naming the key when the best-checkpoint option cannot work (before any model loads)."""
     if not vc.best_checkpoint:
         return
+    if engines.engine() != "ddp":
+        raise ConfigError(f"config '{key}.best_checkpoint': needs whole weights on the main process; not available "
+                          f"with {engines.engine()} sharding")
     if validation_images < 1:
         raise ConfigError(f"config '{key}.best_checkpoint': needs validation (train.validation_images >= 1)")
     if measures is None:

@@ -17,6 +17,7 @@ from stages import activation_ckpt, checkpoint, data, engines, optim, precision,
 from stages import best as best_ckpt
 from stages import validation_log
 from stages.divergence import stop_if_diverged
+from stages.errors import InputError
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         log.info("resumed from %s at step %d", latest, start)
     keeper = best_ckpt.Keeper(best_rule, run_dir / "best", best_record) if best_rule is not None else None
     if keeper is not None and engines.is_sharded(accelerator):
-        raise ValueError("the best-checkpoint option needs whole weights on the main process; it is not "
+        raise InputError("the best-checkpoint option needs whole weights on the main process; it is not "
                          "available with FSDP/DeepSpeed sharding")
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 leaves empty placeholders
     log.info("stage %d: %s, %d trainable params, %s, precision %s, attention %s, %d process(es), engine %s, "
@@ -175,13 +176,13 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         if report_to:
             accelerator.log({k: v for k, v in rows[-1].items() if v != ""}, step=done)
         if done % cfg.sample_every == 0 or done == cfg.max_steps:
+            tv = time.time()
             vrow = _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir, done, validator)
             if vrow is not None:
                 vrows.append(vrow)
                 validation_log.write_csv(run_dir / "validation.csv", vrows)
-                if len(vrow) > 1:
-                    log.info("validation step %d: %s", done, ", ".join(f"{k} {v:.4g}" for k, v in vrow.items()
-                                                                       if k != "step"))
+                log.info("validation step %d (%.2f s)%s", done, time.time() - tv, "".join(
+                    f", {k} {v:.4g}" for k, v in vrow.items() if k != "step"))
                 if keeper is not None and keeper.offer(vrow, accelerator.unwrap_model(unet)):
                     log.info("best checkpoint so far: %s", keeper.record["reason"])
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
