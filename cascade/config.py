@@ -115,9 +115,25 @@ class Sample:
 
 
 @dataclass
+class Validation:
+    """Validation while training (docs/validation.md); the grid size and interval are train.validation_*."""
+    # stage I: through stage II at its size; stage II: also upsample stage I's "a <class>" samples. Off in
+    # the tiny/toy presets (CPU: the chain's stage II sampling costs more than the training), on in if-*
+    chain: bool = False
+    chain_model: str = ""  # the other stage for the chain: "" = the base model of models.stage2 / models.stage1
+    measures: bool = True  # live DreamBooth measures when available (toy readers; DINO/CLIP-I in the local cache)
+    holdout: int = 0  # stage II: subject photos held out of training and upsampled at validation
+    best_checkpoint: bool = False  # export the validation step with the highest best_fidelity within drift_budget
+    best_fidelity: str = "fidelity"  # measure to maximise
+    best_drift: str = "drift"  # measure that must stay <= drift_budget
+    drift_budget: float = 1.0
+
+
+@dataclass
 class Stage:
     train: Train = field(default_factory=Train)
     sample: Sample = field(default_factory=Sample)
+    validation: Validation = field(default_factory=Validation)
 
 
 def _stage2_default() -> Stage:
@@ -329,6 +345,7 @@ def validate(cfg: Config):
         _check(s.steps >= 1, f"{stage}.sample.steps", "must be >= 1")
         _check(s.batch_size >= 1, f"{stage}.sample.batch_size", "must be >= 1")
         _check(-1 <= s.noise_level <= 999, f"{stage}.sample.noise_level", "must be -1 (default) or in 0..999")
+        _check_validation(getattr(cfg, stage).validation, f"{stage}.validation.", stage == "stage2")
     _check(-1 <= cfg.stage3.noise_level <= 350, "stage3.noise_level", "x4 upscaler accepts 0..350 (-1 = default)")
     _check(cfg.stage3.steps >= 1 and cfg.stage3.batch_size >= 1, "stage3.steps", "steps and batch_size must be >= 1")
     _check(math.isfinite(cfg.stage3.guidance_scale) and cfg.stage3.guidance_scale >= 0, "stage3.guidance_scale",
@@ -369,6 +386,12 @@ def _check_features(t: Train, k: str):
            f"comma-separated module names such as to_q,to_v, got {t.lora_targets!r}")
     _check(math.isfinite(t.ema_decay) and 0.0 < t.ema_decay < 1.0, k + "ema_decay", "must be in (0, 1), e.g. 0.9999")
     _check(t.ema_start_step >= 0, k + "ema_start_step", "must be >= 0")
+def _check_validation(v: Validation, k: str, stage2: bool):
+    _check(v.holdout >= 0, k + "holdout", "must be >= 0")
+    _check(stage2 or v.holdout == 0, k + "holdout", "only stage II holds subject photos out (stage I validates on prompts)")
+    _check(math.isfinite(v.drift_budget), k + "drift_budget", "must be a finite number")
+    _check(bool(v.best_fidelity.strip()) and bool(v.best_drift.strip()), k + "best_fidelity",
+           "best_fidelity and best_drift must name measures")
 
 
 def dump_config(cfg: Config, path: Path):

@@ -11,11 +11,11 @@ import torch
 
 from cascade import captions as caps
 from cascade import identifier as ident
-from cascade import model_checks, models, resolutions
+from cascade import model_checks, models, resolutions, validation
 from cascade.runs import early_log, folders, markers
 from cascade.config import Config, ConfigError
 from cascade.text import TextEncoder, load_tokenizer
-from stages import components, data, engines, setup, stage1, stage2, trainer
+from stages import best, components, data, engines, setup, stage1, stage2, trainer
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,9 @@ class TrainRequest:
     class_dir: str | None = None
     resume: bool = False
     overwrite: bool = False
+    # live validation measures, handed in by the command layer (cascade.validation.Measures; the core
+    # never imports the toy readers or the metric models)
+    measures: object | None = None
 
 
 def _pick_identifier(req: TrainRequest, text_source: str) -> str:
@@ -119,11 +122,14 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     model_checks.check_models(paths, cfg.models.variant, (1, 2) if req.stage == 2 and tc.prior_preservation else
                               (req.stage,))
     components.check_stage(model_path, req.stage, f"models.stage{req.stage} ({model_path})")
+    validation.partner(cfg, paths, req.stage)  # a bad validation.chain_model stops here, before any folder
     size, lowres = _sizes(req, paths)
     if req.stage == 2 and tc.random_crop and tc.crop_source_size < size:
         raise ConfigError(f"stage2.train.crop_source_size: must be >= stage II's resolution {size} (random "
                           f"{size}px crops are cut from it), got {tc.crop_source_size}")
     subject_images = data.load_folder(req.subject, size, "subject", allow_upscale=tc.allow_upscale)
+    held_out, subject_images = _hold_out(subject_images, sec.validation.holdout, size)
+    validation.check_best(f"stage{req.stage}.validation", sec.validation, req.measures, tc.validation_images)
     token = _pick_identifier(req, paths.text_encoder)
     captions = caps.read_captions(req.subject, tc.captions, token)  # None unless opted in
     run_dir = folders.prepare_on_main(state, lambda: folders.prepare_output(
@@ -172,14 +178,28 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     if req.stage == 2:
         meta.update(noise_aug=[tc.noise_aug_min, tc.noise_aug_max], sample_noise_level=task.sample_noise_level,
                     lowres_size=lowres)
+    validator = validation.make(req.stage, cfg, paths, embeds, prompts, scheduler, task, held_out, req.measures)
+    vc = sec.validation
+    rule = best.BestRule(vc.best_fidelity, vc.best_drift, vc.drift_budget) if vc.best_checkpoint else None
     result = trainer.train(task, unet, scheduler, emb, tc, run_dir, meta, resume=req.resume,
-                           tracker_config={k: str(v) for k, v in vars(tc).items()})
+                           tracker_config={k: str(v) for k, v in vars(tc).items()}, validator=validator,
+                           best_rule=rule)
     if result.export_dir is not None:  # the main process: README.md in the Hugging Face model card convention
         from cascade import model_card
 
         model_card.write_model_card(result.export_dir, run_dir)
     markers.release(run_dir)
     return result
+
+
+def _hold_out(images: list, k: int, size: int):
+    """(the last k photos as a [k, 3, S, S] tensor or None, the photos left for training)."""
+    if k == 0:
+        return None, images
+    if k >= len(images):
+        raise ConfigError(f"config 'stage2.validation.holdout': {k} held-out photos leave none of the subject's "
+                          f"{len(images)} for training")
+    return data.stack(images[-k:], size), images[:-k]
 
 
 def _run_identity(req: TrainRequest, token: str, paths: models.ModelPaths, model_path: str) -> dict:

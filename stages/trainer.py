@@ -15,7 +15,10 @@ import torch
 
 from stages import activation_ckpt, checkpoint, data, engines, optim, precision, setup
 from stages.caption_dropout import drop_captions
+from stages import best as best_ckpt
+from stages import validation_log
 from stages.divergence import stop_if_diverged
+from stages.errors import InputError
 from stages.losses import DiffusionMath, diffusion_loss, prior_preservation_split
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,8 @@ class TrainResult:
     steps: int
     losses: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    validation: list[dict] = field(default_factory=list)  # per validation step: {"step", measure: value}
+    best: dict | None = None  # the best-checkpoint choice (step, reason) when that option is on
 
 
 def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
@@ -44,14 +49,16 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2**63))
 
 
-def _write_losses(run_dir: Path, rows: list[dict]):
+def _write_losses(run_dir: Path, rows: list[dict], plot: bool = False):
+    """loss.csv at every checkpoint (cheap); the plot only when asked (once, at the end)."""
     if not rows:
         return
     with open(run_dir / "loss.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    plot_losses(rows, run_dir / "loss.png")
+    if plot:
+        plot_losses(rows, run_dir / "loss.png")
 
 
 def plot_losses(rows: list[dict], path: Path):
@@ -75,8 +82,13 @@ def plot_losses(rows: list[dict], path: Path):
 
 
 def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_meta: dict,
-          resume: bool = False, tracker_config: dict | None = None) -> TrainResult:
-    """Fine-tune `unet` (fp32 master weights) on `task`; `cfg` is a cascade Train config section."""
+          resume: bool = False, tracker_config: dict | None = None, validator=None,
+          best_rule: best_ckpt.BestRule | None = None) -> TrainResult:
+    """Fine-tune `unet` (fp32 master weights) on `task`; `cfg` is a cascade Train config section.
+
+    `validator(model, step, is_main) -> ValidationResult | None`, when given, replaces the stage's own
+    validation grid (the caller may chain other stages and measure there); `best_rule`: keep and export
+    the validation step its measures pick (stages/best.py) instead of the last step."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
@@ -107,11 +119,16 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     n_train = scheduler.config.num_train_timesteps
     device = accelerator.device
 
-    start, rows = 0, []
+    start, rows, vrows, best_record = 0, [], [], None
     if resume and (latest := checkpoint.latest_checkpoint(ckpt_dir)) is not None:
         state = checkpoint.load_checkpoint(accelerator, latest)
         start, rows = state["step"], state["losses"]
+        vrows, best_record = state.get("validation", []), state.get("best")
         log.info("resumed from %s at step %d", latest, start)
+    keeper = best_ckpt.Keeper(best_rule, run_dir / "best", best_record) if best_rule is not None else None
+    if keeper is not None and engines.is_sharded(accelerator):
+        raise InputError("the best-checkpoint option needs whole weights on the main process; it is not "
+                         "available with FSDP/DeepSpeed sharding")
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 leaves empty placeholders
     log.info("stage %d: %s, %d trainable params, %s, precision %s, attention %s, %d process(es), engine %s, "
              "process-group timeout %s", task.stage, "LoRA r=%d" % cfg.lora_rank if lora_config else "full fine-tune",
@@ -165,21 +182,49 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         if report_to:
             accelerator.log({k: v for k, v in rows[-1].items() if v != ""}, step=done)
         if done % cfg.sample_every == 0 or done == cfg.max_steps:
-            _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir, done)
+            tv = time.time()
+            vrow = _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir, done, validator)
+            if vrow is not None:
+                vrows.append(vrow)
+                validation_log.write_csv(run_dir / "validation.csv", vrows)
+                log.info("validation step %d (%.2f s)%s", done, time.time() - tv, "".join(
+                    f", {k} {v:.4g}" for k, v in vrow.items() if k != "step"))
+                if keeper is not None and keeper.offer(vrow, accelerator.unwrap_model(unet)):
+                    log.info("best checkpoint so far: %s", keeper.record["reason"])
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
-            checkpoint.save_checkpoint(accelerator, ckpt_dir, done, {"step": done, "losses": rows},
-                                       cfg.keep_checkpoints)
+            checkpoint.save_checkpoint(accelerator, ckpt_dir, done, {"step": done, "losses": rows, "validation":
+                                       vrows, "best": keeper and keeper.record}, cfg.keep_checkpoints)
             if accelerator.is_main_process:
                 _write_losses(run_dir, rows)
     seconds = time.time() - t0
+    if accelerator.is_main_process:
+        _write_losses(run_dir, rows, plot=True)
+        if vrows:
+            validation_log.plot(run_dir / "validation.png", rows, vrows, keeper and (keeper.record or {}).get("step"),
+                                best_rule and best_rule.budget)
     meta = {**export_meta, "stage": task.stage, "steps": cfg.max_steps, "loss": cfg.loss,
             "lora_rank": cfg.lora_rank, **training_options(cfg)}
-    if ema is not None:  # the export holds the average, not the last step's weights
+    chosen = None
+    if keeper is not None:
+        accelerator.wait_for_everyone()
+        if accelerator.num_processes > 1:  # the main process decided; every rank loads the same weights
+            from accelerate.utils import broadcast_object_list
+
+            keeper.record = broadcast_object_list([keeper.record], from_process=0)[0]
+        chosen = keeper.restore(accelerator.unwrap_model(unet))
+        meta["best_checkpoint"] = chosen or {"step": None, "reason": f"no validation step had {best_rule.drift} <= "
+                                             f"{best_rule.budget:g}: the last step's weights are exported"}
+        log.info("best checkpoint: %s", chosen["reason"] if chosen else meta["best_checkpoint"]["reason"])
+    if ema is not None and chosen is None:  # the export holds the average, not the last step's weights
         ema.copy_to_model()
         meta.update(weights="ema", ema=ema.metadata())
+    elif chosen is not None:  # the validated step's own weights win over the average
+        meta["weights"] = "best_checkpoint"
     out = checkpoint.export(unet, accelerator, scheduler, run_dir / "export", meta, lora_config,
                             save_fixed_small=cfg.loss == "epsilon", variant=cfg.export_variant)
     accelerator.wait_for_everyone()
+    if keeper is not None and accelerator.is_main_process:
+        keeper.prune()
     # every rank reports its weights' checksum: DDP must leave them identical (sharded engines: the
     # checksum of this rank's shard)
     checksum = sum(p.detach().to_local().double().sum().item() if hasattr(p, "to_local") else
@@ -189,7 +234,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     if report_to:
         accelerator.end_training()
     log.info("stage %d: %d steps in %.1f s; export %s", task.stage, cfg.max_steps - start, seconds, out)
-    return TrainResult(run_dir, out, cfg.max_steps, rows, seconds)
+    return TrainResult(run_dir, out, cfg.max_steps, rows, seconds, vrows, meta.get("best_checkpoint"))
 
 
 def _make_ema(accelerator, params, cfg):
@@ -214,17 +259,20 @@ def training_options(cfg) -> dict:
     return {"training": {k: getattr(cfg, k) for k in keys if hasattr(cfg, k)}, "weights": "trained"}
 
 
-def _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir: Path, step: int):
+def _validate(accelerator, task, unet, scheduler, embeds, cfg, run_dir: Path, step: int, validator=None):
+    """The validation row {"step", **scalars} on the main process (None elsewhere or when off)."""
     model, run_here = engines.validation_model(accelerator, unet)  # collective under FSDP/DeepSpeed
     if not run_here or cfg.validation_images < 1:
-        return
+        return None
     model.eval()
     with accelerator.autocast():
-        images = task.validation_samples(model, scheduler, embeds, cfg.validation_images, cfg.validation_steps,
-                                         torch.Generator().manual_seed(cfg.seed))
+        if validator is not None:
+            result = validator(model, step, accelerator.is_main_process)
+        else:
+            result = validation_log.ValidationResult(task.validation_samples(
+                model, scheduler, embeds, cfg.validation_images, cfg.validation_steps,
+                torch.Generator().manual_seed(cfg.seed)))
     model.train()
-    if not accelerator.is_main_process:
-        return
-    folder = run_dir / "samples"
-    folder.mkdir(exist_ok=True)
-    data.grid(data.to_pil(images)).save(folder / f"step-{step:06d}.png")
+    if not accelerator.is_main_process or result is None:
+        return None
+    return validation_log.write(accelerator, run_dir, step, result)

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from cascade import model_checks, models, resolutions
+from cascade.cli import live_measures
 from cascade.runs import folders, html_report
 from cascade.config import Config, validate
 from cascade.identifier import check_identifier, pick_identifier
@@ -107,10 +108,12 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     token = cfg.identifier.token
 
     t = time.time()
-    r1 = train(TrainRequest(1, cfg, subject, class_noun, output=str(root / "stage1")))
+    r1 = train(TrainRequest(1, cfg, subject, class_noun, output=str(root / "stage1"),
+                         measures=live_measures.for_training(cfg, 1, subject)))
     lap("class images + train stage I", t)
     t = time.time()
-    r2 = train(TrainRequest(2, cfg, subject, class_noun, output=str(root / "stage2")))
+    r2 = train(TrainRequest(2, cfg, subject, class_noun, output=str(root / "stage2"),
+                         measures=live_measures.for_training(cfg, 2, subject)))
     lap("train stage II", t)
     folders.start_logging(root)  # back to the demo's own log
 

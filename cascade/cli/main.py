@@ -147,11 +147,13 @@ def _train_flags(args) -> list[tuple[str, str, object]]:
 
 
 def cmd_train(args):
+    from cascade.cli import live_measures
     from cascade.training import TrainRequest, train
 
     cfg = load_config(args.config, args.overrides, _train_flags(args))
-    result = train(TrainRequest(int(args.stage[-1]), cfg, args.subject, args.class_noun, args.output,
-                                args.class_dir, args.resume, args.overwrite))
+    stage = int(args.stage[-1])
+    result = train(TrainRequest(stage, cfg, args.subject, args.class_noun, args.output, args.class_dir, args.resume,
+                                args.overwrite, measures=live_measures.for_training(cfg, stage, args.subject)))
     print(f"run folder: {result.run_dir}\nexport: {result.export_dir}")
 
 

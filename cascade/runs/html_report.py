@@ -75,7 +75,10 @@ def write_report(root: Path, s: dict) -> Path:
                       f"{s['stage1']['final_instance_loss']} / {s['stage1']['final_prior_loss']}"),
                      ("stage II final loss", s["stage2"]["final_instance_loss"])]),
              '<div class="row">', _img(root, "stage1/loss.png", "stage I loss (instance and prior)", 420),
-             _img(root, "stage2/loss.png", "stage II loss", 420), "</div>", '<div class="row">']
+             _img(root, "stage2/loss.png", "stage II loss", 420), "</div>", '<div class="row">',
+             _img(root, "stage1/validation.png", "stage I: loss and live measures per validation step", 640),
+             _img(root, "stage2/validation.png", "stage II: loss and live measures per validation step", 640),
+             "</div>", '<div class="row">']
     for stage in ("stage1", "stage2"):
         rel = _latest(root, f"{stage}/samples")
         if rel:
