@@ -79,6 +79,52 @@ def write_subject():
     return _write_subject
 
 
+@pytest.fixture
+def photos(write_subject, tmp_path):
+    """Three synthetic 80 px subject photos."""
+    return write_subject(tmp_path / "photos", 3, 80)
+
+
+def sets(*items: str) -> list[str]:
+    """`--set` flags for dotted config overrides."""
+    return [x for item in items for x in ("--set", item)]
+
+
+def error_line(err: str) -> str:
+    """A command's one error line (log lines may precede it): exactly one, and no traceback."""
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1 and "Traceback" not in err and "Logging error" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def cli(cache_dir, capsys):
+    """`cascade ARGV` in-process on the session's tiny cache -> (exit code, stderr). Adds
+    `--set models.cache_dir=...` unless the arguments set it (`toy` has no settings); argparse's own exit
+    for a bad flag counts as the exit code, as the console script has it."""
+    from cascade.cli.main import main
+
+    def go(*argv):
+        argv = [str(a) for a in argv]
+        if argv[0] != "toy" and not any(a.startswith("models.cache_dir=") for a in argv):
+            argv += sets(f"models.cache_dir={cache_dir}")
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err
+    return go
+
+
+@pytest.fixture
+def train_cli(cli):
+    """`cascade train STAGE ARGV` at the fastest settings: 1 step, 2 class images, no validation."""
+    def go(*argv, stage="stage1"):
+        return cli("train", stage, *sets(f"{stage}.train.max_steps=1", f"{stage}.train.num_class_images=2",
+                                         f"{stage}.train.validation_images=0", "stage1.sample.steps=1"), *argv)
+    return go
+
+
 def torchrun(args: list, port: int, **extra_env) -> str:
     """Run `args` (a script and its arguments) in 2 CPU processes (gloo); its output; fails on an error."""
     import subprocess

@@ -8,19 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cascade.cli.main import main
 
 
 @pytest.fixture
-def run(make_cfg, capsys):
-    cache = make_cfg().models.cache_dir
-
-    def go(*argv, stage="stage1"):
-        code = main(["train", stage, "--set", f"models.cache_dir={cache}", "--set", f"{stage}.train.max_steps=1",
-                     "--set", f"{stage}.train.num_class_images=2", "--set", f"{stage}.train.validation_images=0",
-                     "--set", "stage1.sample.steps=1", *argv])
-        return code, capsys.readouterr().err
-    return go
+def run(train_cli):
+    return train_cli
 
 
 def _img(path, size=(80, 80), mode="RGB"):

@@ -11,32 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cascade.cli.main import main
+from tests.conftest import error_line
 
 NO_VALIDATION = ["--set", "stage1.train.prior_preservation=false", "--set", "stage1.train.validation_images=0"]
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1 and "Traceback" not in err and "Logging error" not in err, err
-    return lines[0]
-
-
-@pytest.fixture
-def cli(cache_dir, capsys):
-    def go(*argv):
-        argv = [*argv, "--set", f"models.cache_dir={cache_dir}"] if argv[0] not in ("toy", "bench") else list(argv)
-        try:
-            code = main(argv)
-        except SystemExit as e:  # argparse's own exit for a bad flag value, as the console script has it
-            code = e.code
-        return code, capsys.readouterr().err
-    return go
-
-
-@pytest.fixture
-def photos(write_subject, tmp_path):
-    return write_subject(tmp_path / "photos", 3, 80)
 
 
 def train(photos, out, *more):

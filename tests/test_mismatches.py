@@ -10,8 +10,16 @@ import pytest
 
 from cascade import models, runner
 from cascade.cli.main import main
-from cascade.config import ConfigError, load_config
+from tests.conftest import sets
+from cascade.config import load_config
 from stages.components import EXPORT_META
+
+
+@pytest.fixture
+def sample(cli):
+    """`cascade sample` of one image at one step per stage."""
+    return lambda *argv: cli("sample", *sets("stage1.sample.steps=1", "stage2.sample.steps=1"), "--num-images", "1",
+                             *argv)
 
 
 def _fake_export(folder, base, stage, identifier):
@@ -20,17 +28,6 @@ def _fake_export(folder, base, stage, identifier):
     (folder / EXPORT_META).write_text(json.dumps({"base": str(base), "kind": "lora", "stage": stage,
                                                  "identifier": identifier}))
     return folder
-
-
-@pytest.fixture
-def sample(make_cfg, capsys):
-    cache = make_cfg().models.cache_dir
-
-    def go(*argv):
-        code = main(["sample", "--set", f"models.cache_dir={cache}", "--set", "stage1.sample.steps=1",
-                     "--set", "stage2.sample.steps=1", "--num-images", "1", *argv])
-        return code, capsys.readouterr().err
-    return go
 
 
 def test_exports_with_different_identifiers_are_refused(sample, tiny, tmp_path):

@@ -10,36 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from cascade.runs import markers
-from cascade.cli.main import main
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-@pytest.fixture
-def cli(make_cfg, capsys):
-    cache = make_cfg().models.cache_dir
-
-    def go(*argv):
-        code = main([*argv, "--set", f"models.cache_dir={cache}"] if "--set" not in argv or
-                    not any(str(a).startswith("models.cache_dir=") for a in argv) else list(argv))
-        return code, capsys.readouterr().err
-    return go
+from tests.conftest import error_line
 
 
 def train_args(subject, out, *more):
     return ["train", "stage1", "--subject", str(subject), "--class-noun", "dog", "--output", str(out),
             "--set", "stage1.train.max_steps=1", "--set", "stage1.train.prior_preservation=false",
             "--set", "stage1.train.validation_images=0", *more]
-
-
-@pytest.fixture
-def photos(write_subject, tmp_path):
-    return write_subject(tmp_path / "photos", 3, 80)
 
 
 @pytest.fixture

@@ -9,27 +9,14 @@ import sys
 import pytest
 
 from cascade.runs import markers
-from cascade.cli.main import main
+from tests.conftest import error_line
 
 
 @pytest.fixture
-def run(make_cfg, capsys):
-    cache = make_cfg().models.cache_dir
-
-    def go(*argv, stage="stage1"):
-        code = main(["train", stage, "--class-noun", "dog", "--set", f"models.cache_dir={cache}",
-                     "--set", f"{stage}.train.max_steps=1", "--set", f"{stage}.train.num_class_images=2",
-                     "--set", f"{stage}.train.validation_images=0", "--set", "stage1.sample.steps=1",
-                     "--set", f"{stage}.train.prior_preservation=false", *argv])
-        return code, capsys.readouterr().err
-    return go
-
-
-def error_line(err: str) -> str:
-    """The command's one error line (log lines may precede it; no traceback)."""
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+def run(train_cli):
+    """Training runs without prior preservation, for a dog."""
+    return lambda *argv, stage="stage1": train_cli("--class-noun", "dog", "--set",
+                                                   f"{stage}.train.prior_preservation=false", *argv, stage=stage)
 
 
 def _snapshot(folder):

@@ -8,23 +8,15 @@ import shutil
 import pytest
 
 from cascade.cli.main import main
+from tests.conftest import error_line, sets
 from cascade.runs import markers
 
 
 @pytest.fixture
-def cli(cache_dir, capsys, one_thread):
-    def go(*argv):
-        code = main([*argv, "--set", f"models.cache_dir={cache_dir}", "--set", "stage1.sample.steps=1",
-                     "--set", "stage1.train.max_steps=1", "--set", "stage1.train.prior_preservation=false",
-                     "--set", "stage1.train.validation_images=0"])
-        return code, capsys.readouterr().err
-    return go
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
+def cli(cli, one_thread):
+    """The shared runner, at the fastest stage I training and sampling settings."""
+    return lambda *argv: cli(*argv, *sets("stage1.sample.steps=1", "stage1.train.max_steps=1",
+                                          "stage1.train.prior_preservation=false", "stage1.train.validation_images=0"))
 
 
 def snapshot(folder):

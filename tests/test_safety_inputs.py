@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from cascade.cli.main import main
+from tests.conftest import error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,12 +24,6 @@ class Evil:
 
     def __reduce__(self):
         return (open, (self.flag, "w"))
-
-
-def error_line(err: str) -> str:
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_no_load_in_the_repository_can_unpickle_code():

@@ -8,7 +8,6 @@ import logging
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from cascade import models, runner
