@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw
 from cascade import model_checks, models, resolutions
 from cascade.cli import live_measures
 from cascade.runs import folders, html_report
-from cascade.config import Config, validate
+from cascade.config import Config
+from cascade.config_checks import validate
 from cascade.identifier import check_identifier, pick_identifier
 from cascade.runner import grid_caption, run_cascade
 from cascade.text import load_tokenizer

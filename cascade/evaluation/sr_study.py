@@ -65,7 +65,7 @@ def _identifier(req: StudyRequest, sr_paths: list[str], stage1_path: str, text_s
 
 
 def _train_variants(req: StudyRequest, base: str, token: str, out: Path) -> list[tuple[str, str]]:
-    from cascade.config import validate
+    from cascade.config_checks import validate
     from cascade.training import TrainRequest, train
 
     trained = []
