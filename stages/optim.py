@@ -47,7 +47,7 @@ def make(params, cfg, seed: int = 0):
         return make_optimizer(params, cfg.learning_rate, cfg.weight_decay, True)
     if cfg.optimizer_states == "bf16":
         return LowPrecisionAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, rounding="nearest",
-                                 states="bf16"), "adamw-bf16-states"
+                                 states="bf16", seed=seed), "adamw-bf16-states"
     fused = bool(cfg.fused_optimizer) and _fused_ok(params)
     return (torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None),
             "adamw-fused" if fused else "adamw")
@@ -58,12 +58,14 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     schedulers drive it; `step()`/`zero_grad()` are no-ops (the work happened in backward)."""
 
     def __init__(self, params, factory):
+        """`factory(params, index)` builds the optimizer of the index-th parameter (its own rounding
+        stream: the same seed everywhere would round element j of every tensor the same way)."""
         params = list(params)
-        inner0 = factory(params[:1])
+        inner0 = factory(params[:1], 0)
         super().__init__(params, {k: v for k, v in inner0.param_groups[0].items() if k != "params"})
         self.inner = {params[0]: inner0}
-        for p in params[1:]:
-            self.inner[p] = factory([p])
+        for i, p in enumerate(params[1:], 1):
+            self.inner[p] = factory([p], i)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
         self.steps_in_backward = 0
 
@@ -94,6 +96,11 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             h.remove()
 
 
+def parameter_seed(seed: int, index: int) -> int:
+    """The rounding seed of the index-th parameter's own optimizer (distinct per parameter)."""
+    return (seed * 1_000_003 + (index + 1) * 7_919) % (2**63)
+
+
 def build(params, cfg, num_processes: int = 1, seed: int = 0):
     """The optimizer the trainer uses: `make`, optionally moved inside backward."""
     params = list(params)
@@ -107,7 +114,7 @@ def build(params, cfg, num_processes: int = 1, seed: int = 0):
     if cfg.max_grad_norm > 0:
         log.warning("optimizer_in_backward: gradient-norm clipping needs all gradients at once; max_grad_norm ignored")
     name = make(params[:1], cfg, seed)[1]
-    opt = InBackwardOptimizer(params, lambda ps: make(ps, cfg, seed)[0])
+    opt = InBackwardOptimizer(params, lambda ps, i: make(ps, cfg, parameter_seed(seed, i))[0])
     return opt, name + "+in-backward"
 
 
