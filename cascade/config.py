@@ -284,6 +284,9 @@ def validate(cfg: Config):
         _check(t.export_variant in ("none", "fp16", "bf16"), k + "export_variant", "none|fp16|bf16")
         _check(not (t.optimizer_in_backward and t.gradient_accumulation_steps > 1), k + "optimizer_in_backward",
                "cannot be combined with gradient_accumulation_steps > 1")
+        _check(not (t.optimizer_in_backward and t.mixed_precision == "fp16"), k + "optimizer_in_backward",
+               "cannot be combined with mixed_precision=fp16 (its gradients would step unscaled and inf steps "
+               "would not be skipped); use bf16")
         _check(t.lora_rank >= 0, k + "lora_rank", "must be >= 0 (0 = full fine-tuning)")
         _check(t.prior_weight >= 0, k + "prior_weight", "must be >= 0")
         _check(t.num_class_images >= 1, k + "num_class_images", "must be >= 1")

@@ -10,7 +10,8 @@ of gradients never exists (peak grads = the largest single tensor). Consequences
   refuse it there (the gradient_as_bucket_view option is the multi-GPU saving instead);
 - no gradient accumulation (each backward would step) and no global-norm clipping (the norm needs
   all gradients at once; per-step clipping is skipped with a warning);
-- no fp16 GradScaler (the gradients would still be scaled).
+- no fp16 mixed precision (the GradScaler's scaled gradients would step unscaled, inf steps would
+  not be skipped): refused in the config check and here.
 """
 from __future__ import annotations
 
@@ -101,11 +102,15 @@ def parameter_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + (index + 1) * 7_919) % (2**63)
 
 
-def build(params, cfg, num_processes: int = 1, seed: int = 0):
-    """The optimizer the trainer uses: `make`, optionally moved inside backward."""
+def build(params, cfg, num_processes: int = 1, seed: int = 0, mixed_precision: str = "no"):
+    """The optimizer the trainer uses: `make`, optionally moved inside backward. `mixed_precision` is
+    the resolved setting (mixed_precision=auto becomes fp16 on a GPU without bf16)."""
     params = list(params)
     if not cfg.optimizer_in_backward:
         return make(params, cfg, seed)
+    if mixed_precision == "fp16":
+        raise InputError("train.optimizer_in_backward cannot run under fp16 mixed precision (the gradients would "
+                         "step unscaled and inf steps would not be skipped); use bf16 or optimizer_in_backward=false")
     if num_processes > 1:
         raise InputError("train.optimizer_in_backward works in a single process only: under DDP the per-parameter "
                          "hook would step before the gradient all-reduce; use ddp_bucket_view instead")
