@@ -1,7 +1,7 @@
 """The real DeepFloyd IF architectures (IF-I-M/L/XL, IF-II-M/L) and the T5 v1.1 XXL encoder, built
 without weights (meta device or FakeTensorMode) for memory planning and random-weight benchmarks.
 
-The configs ship as package data in cascade/if_configs/*.json; each file's "source" says where its
+The configs ship as package data in cascade/if_configs/*.json; each file's "source" and "provenance" say where its
 numbers come from. No download is needed or attempted."""
 from __future__ import annotations
 
