@@ -187,7 +187,7 @@ def cmd_class_images(args):
     prompt = class_prompt(args.class_noun)
     class_images.check_manifest(output, prompt, args.stage)
     encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length, models.weights_dtype(cfg),
-                          cfg.models.variant)
+                          cfg.models.variant, device=models.text_encoder_device(cfg))
     embeds = engines.main_first(state, lambda: encoder.encode([prompt, ""]))  # T5 once; the others read its cache
 
     def factory():

@@ -34,6 +34,9 @@ class Models:
     text_encoder: str = ""  # folder/hub id with text_encoder/ + tokenizer/; empty = same as stage1
     variant: str | None = None  # "fp16" for the DeepFloyd hub weights
     dtype: str = "float32"  # dtype of frozen weights used for sampling: float32|float16|bfloat16
+    # auto: T5 runs on the GPU when there is one; cpu: on the CPU (bf16 there instead of fp16), once per
+    # prompt set (the embedding cache), so T5-XXL's 11.6 GB never share the GPU (minutes, not seconds)
+    text_encoder_device: str = "auto"
     cache_dir: str = "~/.cache/cascade"  # tiny components and text-embedding cache
 
 
@@ -86,6 +89,9 @@ class Train:
     bf16_update: str = "stochastic"  # stochastic|kahan|nearest: how a low-precision weight takes its fp32 update
     optimizer_states: str = "fp32"  # fp32|bf16 Adam moments (use_8bit_adam: 8-bit blockwise)
     optimizer_in_backward: bool = False  # step each parameter in backward, never hold all gradients (1 process)
+    # fp32 master weights and Adam states in host memory (DeepSpeed ZeRO-Offload: launch with
+    # configs/accelerate/deepspeed-zero2-offload.yaml); the GPU holds the bf16 module and gradient buckets
+    offload_optimizer: bool = False
     gradient_checkpointing_scope: str = "full"  # full: ResNets + attention + mid block | resnets: diffusers' own
     fused_optimizer: bool = True  # torch's fused AdamW where the device has it (fp32 weights, no 8-bit)
     ddp_bucket_view: bool = True  # DDP gradient_as_bucket_view: gradients live in the all-reduce buckets
@@ -261,6 +267,7 @@ def _check(ok: bool, key: str, msg: str):
 def validate(cfg: Config):
     _check(cfg.models.dtype in ("float32", "float16", "bfloat16"), "models.dtype", "float32|float16|bfloat16")
     _check(cfg.models.variant in (None, "fp16", "bf16"), "models.variant", "null, fp16 or bf16")
+    _check(cfg.models.text_encoder_device in ("auto", "cpu"), "models.text_encoder_device", "auto|cpu")
     _check(1 <= cfg.max_text_length <= 512, "max_text_length", "must be in 1..512")
     _check(cfg.distributed_timeout_minutes > 0, "distributed_timeout_minutes", "must be > 0")
     ident = cfg.identifier
@@ -284,6 +291,10 @@ def validate(cfg: Config):
         _check(t.export_variant in ("none", "fp16", "bf16"), k + "export_variant", "none|fp16|bf16")
         _check(not (t.optimizer_in_backward and t.gradient_accumulation_steps > 1), k + "optimizer_in_backward",
                "cannot be combined with gradient_accumulation_steps > 1")
+        _check(not t.offload_optimizer or (t.weights_dtype == "float32" and not t.use_8bit_adam
+                                            and not t.optimizer_in_backward),
+               k + "offload_optimizer", "keeps fp32 master weights in host memory: needs weights_dtype=float32, "
+               "use_8bit_adam=false and optimizer_in_backward=false")
         _check(not (t.optimizer_in_backward and t.mixed_precision == "fp16"), k + "optimizer_in_backward",
                "cannot be combined with mixed_precision=fp16 (its gradients would step unscaled and inf steps "
                "would not be skipped); use bf16")

@@ -101,7 +101,9 @@ class TextEncoder:
 
         self.calls += 1
         tok = load_tokenizer(self.source)
-        model = T5EncoderModel.from_pretrained(self.source, subfolder="text_encoder", dtype=self.dtype,
+        # fp16 on the CPU is slow and T5 is prone to fp16 overflow: bf16 there
+        dtype = torch.bfloat16 if self.device == "cpu" and self.dtype == torch.float16 else self.dtype
+        model = T5EncoderModel.from_pretrained(self.source, subfolder="text_encoder", dtype=dtype,
                                                variant=self.variant).to(self.device)
         texts = [preprocess(p) for p in prompts]
         inputs = tok(texts, padding="max_length", max_length=self.max_length, truncation=True,

@@ -156,6 +156,9 @@ def configure_deepspeed(accelerator, unet, cfg, micro_batch: int):
     hidden = max(getattr(unet.config, "block_out_channels", None) or [1024])
     fill_deepspeed_config(conf, micro_batch, cfg.gradient_accumulation_steps, accelerator.num_processes,
                           cfg.max_grad_norm, hidden, client_optimizer="optimizer" not in conf)
+    if getattr(cfg, "offload_optimizer", False):
+        # fp32 master weights + Adam states on the host; accelerate swaps torch's AdamW for DeepSpeedCPUAdam
+        _set(conf, "zero_optimization.offload_optimizer", {"device": "cpu", "pin_memory": True})
     log.info("deepspeed: zero stage %s, micro batch %d, train batch %d, gradient clipping %s",
              _get(conf, "zero_optimization.stage"), conf["train_micro_batch_size_per_gpu"],
              conf["train_batch_size"], conf["gradient_clipping"])

@@ -75,6 +75,12 @@ def early_checks(train_cfg):
     check_tracker(train_cfg.report_to)
     if train_cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
+    if getattr(train_cfg, "offload_optimizer", False):
+        from stages import engines
+
+        if engines.engine() != "deepspeed" or importlib.util.find_spec("deepspeed") is None:
+            raise InputError("train.offload_optimizer runs through DeepSpeed ZeRO-Offload: pip install deepspeed and "
+                             "launch with accelerate launch --config_file configs/accelerate/deepspeed-zero2-offload.yaml")
 
 
 def check_tracker(report_to: str):

@@ -150,3 +150,31 @@ def test_stage3_offloads_to_this_process_gpu(monkeypatch):
     assert seen["device"] == torch.device("cuda", 3)
     stage3.upscale("x", [], [], [], 1, 1.0, 20, torch.float32, 1)
     assert seen["device"] == torch.device("cuda", 3)
+
+
+def test_offload_optimizer_goes_through_deepspeed_zero_offload(monkeypatch):
+    """train.offload_optimizer: fp32 master weights + Adam states on the host via ZeRO-Offload; refused in
+    one line without a DeepSpeed launch, and with settings that would put a master copy on the GPU."""
+    from cascade.config import ConfigError
+
+    cfg = train_cfg(offload_optimizer=True)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    with pytest.raises(InputError, match="deepspeed-zero2-offload.yaml"):
+        setup.early_checks(cfg)
+    with pytest.raises(ConfigError, match="offload_optimizer"):
+        load_config("tiny", ["stage1.train.offload_optimizer=true", "stage1.train.weights_dtype=bfloat16"])
+    conf = {"zero_optimization": {"stage": 2}}
+    unet = SimpleNamespace(config=SimpleNamespace(block_out_channels=[32, 64]))
+    engines.configure_deepspeed(_fake_accelerator(conf), unet, cfg, micro_batch=4)
+    assert conf["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert conf["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_planner_offload_plan_keeps_no_optimizer_state_on_the_device():
+    from cascade import memory
+
+    plan = memory.Plan("tiny-stage1", batch=1, text_len=8, offload=True, autocast=None)
+    r = memory.trace_step(plan)
+    assert r["bytes"]["optimizer"] == 0 and r["bytes"]["params"] >= 2 * r["params_total"]
+    assert r["bytes"]["params"] < 2 * r["params_total"] + 4096  # a bf16 module (+ buffers), no fp32 copy
+    assert r["host_bytes"] == 16 * r["params_trainable"] and r["plan"]["offload"] is True
