@@ -34,7 +34,7 @@ class Models:
     text_encoder: str = ""  # folder/hub id with text_encoder/ + tokenizer/; empty = same as stage1
     variant: str | None = None  # "fp16" for the DeepFloyd hub weights
     dtype: str = "float32"  # dtype of frozen weights used for sampling: float32|float16|bfloat16
-    # auto: T5 runs on the GPU when there is one; cpu: on the CPU (bf16 there instead of fp16), once per
+    # auto: T5 runs on the GPU when there is one; cpu: on the CPU in fp32 (19 GB host RAM), once per
     # prompt set (the embedding cache), so T5-XXL's 11.6 GB never share the GPU (minutes, not seconds)
     text_encoder_device: str = "auto"
     cache_dir: str = "~/.cache/cascade"  # tiny components and text-embedding cache
