@@ -259,8 +259,8 @@ def trace_step(plan: Plan) -> dict:
             "bytes": {"params": cur["Parameter"] + cur["Buffer"],
                       "grads": bucket + (grads_max if plan.in_backward else
                                 sum(p.numel() * p.element_size() for p in params)),
-                      "optimizer": cur["Optstate"],
-                      "activations_at_peak": kinds["Activation"] + kinds["Temp"] + kinds["Other"],
+                      "optimizer": cur.get("Optstate", 0),
+                      "activations_at_peak": sum(kinds.get(k, 0) for k in ("Activation", "Temp", "Other")),
                       "peak": kinds["Total"]}}
 
 

@@ -224,6 +224,23 @@ def validation_model(accelerator, unet):
     return accelerator.unwrap_model(unet), accelerator.is_main_process
 
 
+def with_fp32_masters(accelerator, unet, state_dict: dict) -> dict:
+    """Under DeepSpeed with the optimizer offloaded, the module holds bf16/fp16 copies of the fp32
+    master weights: a fine-tune of ~1 bf16 ulp per weight lives only in the masters, so the export
+    takes them (safe_get_full_fp32_param; collective across ranks). Otherwise `state_dict` as is."""
+    conf = deepspeed_config(accelerator) or {}
+    if (_get(conf, "zero_optimization.offload_optimizer.device") or "none") == "none":
+        return state_dict
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = dict(state_dict)
+    for name, p in accelerator.unwrap_model(unet).named_parameters():
+        master = safe_get_full_fp32_param(p)
+        if master is not None and name in out:
+            out[name] = master.detach().float().cpu()
+    return out
+
+
 def save_full_unet(accelerator, unet, state_dict: dict, folder):
     """Main process only, with `state_dict` gathered collectively (accelerator.get_state_dict) by
     every rank. Sharded engines: the weights go into a fresh copy of the model built on the meta

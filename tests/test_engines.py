@@ -178,3 +178,19 @@ def test_planner_offload_plan_keeps_no_optimizer_state_on_the_device():
     assert r["bytes"]["optimizer"] == 0 and r["bytes"]["params"] >= 2 * r["params_total"]
     assert r["bytes"]["params"] < 2 * r["params_total"] + 4096  # a bf16 module (+ buffers), no fp32 copy
     assert r["host_bytes"] == 16 * r["params_trainable"] and r["plan"]["offload"] is True
+
+
+def test_offloaded_export_takes_the_fp32_masters(monkeypatch):
+    """The bf16 module under ZeRO-Offload is a rounded copy; a fine-tune below a bf16 ulp lives only in the
+    fp32 masters, so the export must take those."""
+    import deepspeed.utils
+
+    module = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    masters = {id(p): torch.full(p.shape, 0.1234567) for p in module.parameters()}
+    monkeypatch.setattr(deepspeed.utils, "safe_get_full_fp32_param", lambda p: masters[id(p)])
+    acc = _fake_accelerator({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}})
+    acc.unwrap_model = lambda m: m
+    sd = engines.with_fp32_masters(acc, module, module.state_dict())
+    assert sd["weight"].dtype == torch.float32 and float(sd["weight"][0, 0]) == pytest.approx(0.1234567, abs=1e-8)
+    plain = _fake_accelerator({"zero_optimization": {"stage": 2}})
+    assert engines.with_fp32_masters(plain, module, module.state_dict())["weight"].dtype == torch.bfloat16
