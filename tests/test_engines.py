@@ -165,7 +165,9 @@ def test_offload_optimizer_goes_through_deepspeed_zero_offload(monkeypatch):
         load_config("tiny", ["stage1.train.offload_optimizer=true", "stage1.train.weights_dtype=bfloat16"])
     conf = {"zero_optimization": {"stage": 2}}
     unet = SimpleNamespace(config=SimpleNamespace(block_out_channels=[32, 64]))
-    engines.configure_deepspeed(_fake_accelerator(conf), unet, cfg, micro_batch=4)
+    acc = _fake_accelerator(conf)
+    acc.num_processes = 1
+    engines.configure_deepspeed(acc, unet, cfg, micro_batch=4)
     assert conf["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert conf["train_micro_batch_size_per_gpu"] == 4
 
