@@ -33,6 +33,9 @@ class Models:
     text_encoder: str = ""  # folder/hub id with text_encoder/ + tokenizer/; empty = same as stage1
     variant: str | None = None  # "fp16" for the DeepFloyd hub weights
     dtype: str = "float32"  # dtype of frozen weights used for sampling: float32|float16|bfloat16
+    # auto: T5 runs on the GPU when there is one; cpu: on the CPU in fp32 (19 GB host RAM), once per
+    # prompt set (the embedding cache), so T5-XXL's 11.6 GB never share the GPU (minutes, not seconds)
+    text_encoder_device: str = "auto"
     cache_dir: str = "~/.cache/cascade"  # tiny components and text-embedding cache
 
 
@@ -85,6 +88,9 @@ class Train:
     bf16_update: str = "stochastic"  # stochastic|kahan|nearest: how a low-precision weight takes its fp32 update
     optimizer_states: str = "fp32"  # fp32|bf16 Adam moments (use_8bit_adam: 8-bit blockwise)
     optimizer_in_backward: bool = False  # step each parameter in backward, never hold all gradients (1 process)
+    # fp32 master weights and Adam states in host memory (DeepSpeed ZeRO-Offload: launch with
+    # configs/accelerate/deepspeed-zero2-offload.yaml); the GPU holds the bf16 module and gradient buckets
+    offload_optimizer: bool = False
     gradient_checkpointing_scope: str = "full"  # full: ResNets + attention + mid block | resnets: diffusers' own
     fused_optimizer: bool = True  # torch's fused AdamW where the device has it (fp32 weights, no 8-bit)
     ddp_bucket_view: bool = True  # DDP gradient_as_bucket_view: gradients live in the all-reduce buckets

@@ -15,6 +15,7 @@ def _check(ok: bool, key: str, msg: str):
 def validate(cfg: Config):
     _check(cfg.models.dtype in ("float32", "float16", "bfloat16"), "models.dtype", "float32|float16|bfloat16")
     _check(cfg.models.variant in (None, "fp16", "bf16"), "models.variant", "null, fp16 or bf16")
+    _check(cfg.models.text_encoder_device in ("auto", "cpu"), "models.text_encoder_device", "auto|cpu")
     _check(1 <= cfg.max_text_length <= 512, "max_text_length", "must be in 1..512")
     _check(cfg.distributed_timeout_minutes > 0, "distributed_timeout_minutes", "must be > 0")
     ident = cfg.identifier
@@ -38,6 +39,13 @@ def validate(cfg: Config):
         _check(t.export_variant in ("none", "fp16", "bf16"), k + "export_variant", "none|fp16|bf16")
         _check(not (t.optimizer_in_backward and t.gradient_accumulation_steps > 1), k + "optimizer_in_backward",
                "cannot be combined with gradient_accumulation_steps > 1")
+        _check(not t.offload_optimizer or (t.weights_dtype == "float32" and not t.use_8bit_adam
+                                            and not t.optimizer_in_backward),
+               k + "offload_optimizer", "keeps fp32 master weights in host memory: needs weights_dtype=float32, "
+               "use_8bit_adam=false and optimizer_in_backward=false")
+        _check(not (t.optimizer_in_backward and t.mixed_precision == "fp16"), k + "optimizer_in_backward",
+               "cannot be combined with mixed_precision=fp16 (its gradients would step unscaled and inf steps "
+               "would not be skipped); use bf16")
         _check(t.lora_rank >= 0, k + "lora_rank", "must be >= 0 (0 = full fine-tuning)")
         _check(t.prior_weight >= 0, k + "prior_weight", "must be >= 0")
         _check(t.num_class_images >= 1, k + "num_class_images", "must be >= 1")

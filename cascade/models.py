@@ -52,6 +52,11 @@ def resolve(cfg: Config) -> ModelPaths:
                       resolve_text_encoder(cfg, s1))
 
 
+def text_encoder_device(cfg: Config) -> str | None:
+    """Where T5 runs: None = the GPU when there is one (TextEncoder's default), or "cpu"."""
+    return None if cfg.models.text_encoder_device == "auto" else cfg.models.text_encoder_device
+
+
 def weights_dtype(cfg: Config) -> torch.dtype:
     """Frozen (sampling) dtype; half precision only where a GPU runs it."""
     dtype = DTYPES[cfg.models.dtype]

@@ -244,7 +244,8 @@ def run_cascade(cfg: Config, paths: models.ModelPaths, prompts: list[str], num_i
     prompts = [fill_identifier(p, paths.stage1) for p in prompts]
     items = [(i * num_images + k, p) for i, p in enumerate(prompts) for k in range(num_images)]
     encoder = encoder or TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
-                                     models.weights_dtype(cfg), cfg.models.variant)
+                                     models.weights_dtype(cfg), cfg.models.variant,
+                                     device=models.text_encoder_device(cfg))
     if state.is_main_process:
         encoder.check_lengths(prompts)
         embeds = encoder.encode(list(dict.fromkeys(prompts)) + [negative_prompt])  # T5 once, then released

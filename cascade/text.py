@@ -101,7 +101,10 @@ class TextEncoder:
 
         self.calls += 1
         tok = load_tokenizer(self.source)
-        model = T5EncoderModel.from_pretrained(self.source, subfolder="text_encoder", dtype=self.dtype,
+        # on the CPU in fp32 (19 GB of host RAM for T5-XXL): half-precision matmuls have no fast kernels
+        # on many CPUs (bf16 ran 15x slower than fp32 here) and T5 is prone to fp16 overflow
+        dtype = torch.float32 if self.device == "cpu" else self.dtype
+        model = T5EncoderModel.from_pretrained(self.source, subfolder="text_encoder", dtype=dtype,
                                                variant=self.variant).to(self.device)
         texts = [preprocess(p) for p in prompts]
         inputs = tok(texts, padding="max_length", max_length=self.max_length, truncation=True,

@@ -144,7 +144,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
 
     prompts = {"instance": ident.instance_prompt(token, req.class_noun), "class": ident.class_prompt(req.class_noun)}
     encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
-                          models.weights_dtype(cfg), cfg.models.variant)
+                          models.weights_dtype(cfg), cfg.models.variant, device=models.text_encoder_device(cfg))
     texts = [prompts["instance"], prompts["class"], ""] + (captions or [])
     if state.is_main_process:
         encoder.check_lengths(list(dict.fromkeys(texts[:2] + texts[3:])))

@@ -130,7 +130,7 @@ def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None
     diffusers `lora.down/up` names first makes diffusers 0.42 load only the add_k/add_v adapters of
     IF's attention and silently drop to_q/to_k/to_v/to_out."""
     tmp = out.with_name(out.name + ".tmp")
-    state_dict = accelerator.get_state_dict(unet)  # collective under FSDP/DeepSpeed
+    state_dict = engines.with_fp32_masters(accelerator, unet, accelerator.get_state_dict(unet))  # collective
     if not accelerator.is_main_process:
         return None
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,9 +1,10 @@
 """Stop at the first non-finite loss, on every process at the same micro-step.
 
-Each rank's loss is gathered after backward (DDP has already all-reduced the gradients there, so a
-NaN on one rank has poisoned every rank's gradients), and all ranks raise together before the
-optimizer step: no rank waits forever in a collective, and no NaN update, checkpoint or export is
-written. The last checkpoint on disk is the last good state.
+Each rank's loss is gathered before backward (a NaN on one rank would poison every rank's gradients
+in DDP's all-reduce, and optimizer-in-backward updates the weights during backward itself), and all
+ranks raise together: no rank waits forever in a collective, and no NaN update, checkpoint or export
+is written. The last checkpoint on disk is the last good state. (A finite loss whose backward
+overflows is not caught here; fp16's GradScaler skips that step.)
 """
 from __future__ import annotations
 

@@ -156,6 +156,9 @@ def configure_deepspeed(accelerator, unet, cfg, micro_batch: int):
     hidden = max(getattr(unet.config, "block_out_channels", None) or [1024])
     fill_deepspeed_config(conf, micro_batch, cfg.gradient_accumulation_steps, accelerator.num_processes,
                           cfg.max_grad_norm, hidden, client_optimizer="optimizer" not in conf)
+    if getattr(cfg, "offload_optimizer", False):
+        # fp32 master weights + Adam states on the host; accelerate swaps torch's AdamW for DeepSpeedCPUAdam
+        _set(conf, "zero_optimization.offload_optimizer", {"device": "cpu", "pin_memory": True})
     log.info("deepspeed: zero stage %s, micro batch %d, train batch %d, gradient clipping %s",
              _get(conf, "zero_optimization.stage"), conf["train_micro_batch_size_per_gpu"],
              conf["train_batch_size"], conf["gradient_clipping"])
@@ -219,6 +222,23 @@ def validation_model(accelerator, unet):
         model = unet if engine() == "fsdp" else accelerator.unwrap_model(unet)
         return model, True
     return accelerator.unwrap_model(unet), accelerator.is_main_process
+
+
+def with_fp32_masters(accelerator, unet, state_dict: dict) -> dict:
+    """Under DeepSpeed with the optimizer offloaded, the module holds bf16/fp16 copies of the fp32
+    master weights: a fine-tune of ~1 bf16 ulp per weight lives only in the masters, so the export
+    takes them (safe_get_full_fp32_param; collective across ranks). Otherwise `state_dict` as is."""
+    conf = deepspeed_config(accelerator) or {}
+    if (_get(conf, "zero_optimization.offload_optimizer.device") or "none") == "none":
+        return state_dict
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = dict(state_dict)
+    for name, p in accelerator.unwrap_model(unet).named_parameters():
+        master = safe_get_full_fp32_param(p)
+        if master is not None and name in out:
+            out[name] = master.detach().float().cpu()
+    return out
 
 
 def save_full_unet(accelerator, unet, state_dict: dict, folder):

@@ -10,7 +10,8 @@ of gradients never exists (peak grads = the largest single tensor). Consequences
   refuse it there (the gradient_as_bucket_view option is the multi-GPU saving instead);
 - no gradient accumulation (each backward would step) and no global-norm clipping (the norm needs
   all gradients at once; per-step clipping is skipped with a warning);
-- no fp16 GradScaler (the gradients would still be scaled).
+- no fp16 mixed precision (the GradScaler's scaled gradients would step unscaled, inf steps would
+  not be skipped): refused in the config check and here.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def make(params, cfg, seed: int = 0):
         return make_optimizer(params, cfg.learning_rate, cfg.weight_decay, True)
     if cfg.optimizer_states == "bf16":
         return LowPrecisionAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, rounding="nearest",
-                                 states="bf16"), "adamw-bf16-states"
+                                 states="bf16", seed=seed), "adamw-bf16-states"
     fused = bool(cfg.fused_optimizer) and _fused_ok(params)
     return (torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None),
             "adamw-fused" if fused else "adamw")
@@ -62,12 +63,14 @@ class InBackwardOptimizer(torch.optim.Optimizer):
     schedulers drive it; `step()`/`zero_grad()` are no-ops (the work happened in backward)."""
 
     def __init__(self, params, factory):
+        """`factory(params, index)` builds the optimizer of the index-th parameter (its own rounding
+        stream: the same seed everywhere would round element j of every tensor the same way)."""
         params = list(params)
-        inner0 = factory(params[:1])
+        inner0 = factory(params[:1], 0)
         super().__init__(params, {k: v for k, v in inner0.param_groups[0].items() if k != "params"})
         self.inner = {params[0]: inner0}
-        for p in params[1:]:
-            self.inner[p] = factory([p])
+        for i, p in enumerate(params[1:], 1):
+            self.inner[p] = factory([p], i)
         self.handles = [p.register_post_accumulate_grad_hook(self._hook) for p in params]
         self.steps_in_backward = 0
 
@@ -98,11 +101,20 @@ class InBackwardOptimizer(torch.optim.Optimizer):
             h.remove()
 
 
-def build(params, cfg, num_processes: int = 1, seed: int = 0):
-    """The optimizer the trainer uses: `make`, optionally moved inside backward."""
+def parameter_seed(seed: int, index: int) -> int:
+    """The rounding seed of the index-th parameter's own optimizer (distinct per parameter)."""
+    return (seed * 1_000_003 + (index + 1) * 7_919) % (2**63)
+
+
+def build(params, cfg, num_processes: int = 1, seed: int = 0, mixed_precision: str = "no"):
+    """The optimizer the trainer uses: `make`, optionally moved inside backward. `mixed_precision` is
+    the resolved setting (mixed_precision=auto becomes fp16 on a GPU without bf16)."""
     params = list(params)
     if not cfg.optimizer_in_backward:
         return make(params, cfg, seed)
+    if mixed_precision == "fp16":
+        raise InputError("train.optimizer_in_backward cannot run under fp16 mixed precision (the gradients would "
+                         "step unscaled and inf steps would not be skipped); use bf16 or optimizer_in_backward=false")
     if num_processes > 1:
         raise InputError("train.optimizer_in_backward works in a single process only: under DDP the per-parameter "
                          "hook would step before the gradient all-reduce; use ddp_bucket_view instead")
@@ -111,7 +123,7 @@ def build(params, cfg, num_processes: int = 1, seed: int = 0):
     if cfg.max_grad_norm > 0:
         log.warning("optimizer_in_backward: gradient-norm clipping needs all gradients at once; max_grad_norm ignored")
     name = make(params[:1], cfg, seed)[1]
-    opt = InBackwardOptimizer(params, lambda ps: make(ps, cfg, seed)[0])
+    opt = InBackwardOptimizer(params, lambda ps, i: make(ps, cfg, parameter_seed(seed, i))[0])
     return opt, name + "+in-backward"
 
 

@@ -6,8 +6,8 @@ entirely with round-to-nearest and fine-tuning at lr 1e-5 silently stops. Two re
 config switch (`train.bf16_update`):
 - "stochastic": round up or down with probability proportional to the distance (unbiased in
   expectation; no extra memory);
-- "kahan": keep the rounding error of each weight in a compensation tensor of the weight's dtype and
-  add it back on the next update (one extra 2-byte tensor per parameter, deterministic).
+- "kahan": keep the rounding error of each weight in an fp32 compensation tensor and add it back on
+  the next update (one extra 4-byte tensor per parameter, deterministic).
 Moment states are kept in fp32, bf16, or 8-bit blockwise-quantised form (bitsandbytes' dynamic
 quantisation maps, ~2 bytes/parameter for both moments)."""
 from __future__ import annotations
@@ -22,8 +22,9 @@ _BLOCK = 256
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> torch.Tensor:
-    """fp32 -> bf16 rounding up or down with probability equal to the fractional distance (unbiased).
-    fp16 (no shared exponent layout) falls back to adding uniform noise of one ulp before rounding."""
+    """fp32 -> bf16/fp16 rounding down or up to the neighbouring representable values, up with
+    probability equal to the fractional distance (unbiased in expectation). bf16 shares fp32's
+    exponent layout (add random low 16 bits, truncate); fp16 picks between its two neighbours."""
     x = x.float()
     if dtype == torch.bfloat16:
         where = generator.device if generator is not None else x.device  # drawn where the generator lives
@@ -31,12 +32,17 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, generator: torch.Gener
         bits = (x.view(torch.int32) + noise) & -65536  # add random low 16 bits, truncate
         return bits.view(torch.float32).to(torch.bfloat16)
     if dtype == torch.float16:
-        lo = x.to(torch.float16)
-        ulp = (torch.nextafter(lo, torch.full_like(lo, math.inf)) - lo).float()
+        # lo: the largest fp16 value <= x (round-to-nearest may land above x), hi: the next one up; round
+        # up with probability (x - lo) / (hi - lo). Starting from the nearest value instead rounds every
+        # x just below a representable value up to it: +0.05 ulp of bias per +-0.1-ulp update.
+        near = x.to(torch.float16)
+        lo = torch.where(near.float() > x, torch.nextafter(near, torch.full_like(near, -math.inf)), near)
+        hi = torch.nextafter(lo, torch.full_like(lo, math.inf))
         u = torch.rand(x.shape, generator=generator, device=generator.device if generator is not None
                        else x.device).to(x.device)
-        up = (x - lo.float()) / ulp.clamp(min=1e-30) > u
-        return torch.where(up & (x > lo.float()), torch.nextafter(lo, torch.full_like(lo, math.inf)), lo)
+        frac = (x - lo.float()) / (hi.float() - lo.float()).clamp(min=1e-30)
+        out = torch.where(frac > u, hi, lo)
+        return torch.where(torch.isfinite(lo), out, near)  # beyond fp16's range: what a cast gives
     return x.to(dtype)
 
 
@@ -63,8 +69,14 @@ class _State8bit:
 
         self.code = bnbf.create_dynamic_map(signed=signed).to(like.device)
         self.shape = tuple(like.shape)
-        self.q, self.qs = bnbf.quantize_blockwise(torch.zeros(like.numel(), device=like.device), code=self.code,
-                                                  blocksize=_BLOCK)
+        # zeros written directly (the index bitsandbytes gives a zero block, absmax 0): quantising a whole
+        # fp32 zero tensor first would hold 4 bytes a value for a moment (0.57 GB for IF-I-XL's largest weight)
+        zero = int(bnbf.quantize_blockwise(torch.zeros(_BLOCK, device=like.device), code=self.code,
+                                           blocksize=_BLOCK)[0][0])
+        n = like.numel()
+        self.q = torch.full((n,), zero, dtype=torch.uint8, device=like.device)
+        self.qs = bnbf.QuantState(absmax=torch.zeros(-(-n // _BLOCK), device=like.device), code=self.code,
+                                  blocksize=_BLOCK, dtype=torch.float32)
 
     def get(self, start: int = 0, end: int | None = None) -> torch.Tensor:
         """fp32 values of the flat range [start, end) (start a multiple of the block size)."""
@@ -110,7 +122,7 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.rounding, self.states, self.chunk = rounding, states, chunk
         self.seed, self.generator = seed, torch.Generator().manual_seed(seed)
-        self._device_generators = {}  # rounding bits drawn on the weights' device, not copied from the CPU
+        self._device_generators = {}  # "stream@device": rounding bits drawn where the tensors live
 
     def _init_state(self, p: torch.Tensor) -> dict:
         st = {"step": 0}
@@ -120,7 +132,8 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             dt = torch.float32 if self.states == "fp32" else torch.bfloat16
             st["m"], st["v"] = torch.zeros_like(p, dtype=dt), torch.zeros_like(p, dtype=dt)
         if self.rounding == "kahan" and p.dtype != torch.float32:
-            st["comp"] = torch.zeros_like(p)
+            # fp32: a compensation in the weight's dtype loses the sub-ulp remainders it exists to keep
+            st["comp"] = torch.zeros_like(p, dtype=torch.float32)
         return st
 
     def _moments(self, st, s, e, shape):
@@ -133,6 +146,11 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         if self.states == "8bit":
             st["m"].set(m, s or 0)
             st["v"].set(v, s or 0)
+        elif self.states == "bf16":
+            # stochastically rounded: v changes by (1 - beta2) = 1e-3 of itself a step, under bf16's
+            # half-ulp (2e-3), so round-to-nearest would freeze it (it never decays after a gradient drop)
+            _part(st["m"], s, e).copy_(stochastic_round(m, torch.bfloat16, self._generator(m.device, "m")))
+            _part(st["v"], s, e).copy_(stochastic_round(v, torch.bfloat16, self._generator(v.device, "v")))
         else:
             _part(st["m"], s, e).copy_(m)
             _part(st["v"], s, e).copy_(v)
@@ -174,12 +192,16 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
                     self._write(_part(p, s, e), p32, new, _part(st["comp"], s, e) if "comp" in st else None)
         return loss
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device.type == "cpu":
+    def _generator(self, device: torch.device, stream: str = "w") -> torch.Generator:
+        """One rounding stream per use (the weights, each bf16 moment) and device: separate streams keep
+        a chunked update drawing exactly the bits of the whole-tensor one."""
+        if device.type == "cpu" and stream == "w":
             return self.generator
-        if device not in self._device_generators:
-            self._device_generators[device] = torch.Generator(device).manual_seed(self.seed)
-        return self._device_generators[device]
+        key = f"{stream}@{device}"
+        if key not in self._device_generators:
+            offset = {"w": 0, "m": 1, "v": 2}[stream]
+            self._device_generators[key] = torch.Generator(device).manual_seed((self.seed + offset * 104_729) % 2**63)
+        return self._device_generators[key]
 
     def _write(self, p, old32, new32, comp):
         if p.dtype == torch.float32 or self.rounding == "nearest":
@@ -196,6 +218,9 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["state"] = {i: {k: ({"__8bit__": v.to_tensors()} if isinstance(v, _State8bit) else v)
                            for k, v in st.items()} for i, st in sd["state"].items()}
+        # the rounding generators: a resumed run draws the bits the uninterrupted one would have
+        sd["rounding_rng"] = {"cpu": self.generator.get_state(),
+                              **{key: g.get_state() for key, g in self._device_generators.items()}}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -219,6 +244,9 @@ class LowPrecisionAdamW(torch.optim.Optimizer):
             self.state[p] = new
         for g, sg in zip(self.param_groups, saved):
             g.update({k: v for k, v in sg.items() if k != "params"})
+        for key, rng in state_dict.get("rounding_rng", {}).items():
+            stream, _, where = key.rpartition("@") if "@" in key else ("w", "", key)
+            self._generator(torch.device(where), stream).set_state(rng.cpu())
 
 
 def cast_for_model(model, *tensors):

@@ -97,6 +97,12 @@ def early_checks(train_cfg):
         from stages.ema import check_engine
 
         check_engine(engines.engine())
+    if getattr(train_cfg, "offload_optimizer", False):
+        from stages import engines
+
+        if engines.engine() != "deepspeed" or importlib.util.find_spec("deepspeed") is None:
+            raise InputError("train.offload_optimizer runs through DeepSpeed ZeRO-Offload: pip install deepspeed and "
+                             "launch with accelerate launch --config_file configs/accelerate/deepspeed-zero2-offload.yaml")
 
 
 def check_tracker(report_to: str):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from stages import activation_ckpt, checkpoint, data, engines, optim, precision, setup
+from stages import activation_ckpt, checkpoint, engines, optim, precision, setup
 from stages.caption_dropout import drop_captions
 from stages import best as best_ckpt
 from stages import validation_log
@@ -109,7 +109,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer, lr_sched, opt_name = engines.make_optimizer_and_scheduler(
-        accelerator, params, cfg, lambda ps, *_: optim.build(ps, cfg, accelerator.num_processes, cfg.seed))
+        accelerator, params, cfg, lambda ps, *_: optim.build(ps, cfg, accelerator.num_processes, cfg.seed, accelerator.mixed_precision))
     per_process_batch = cfg.batch_size * (2 if task.has_prior and cfg.prior_preservation else 1)
     engines.configure_deepspeed(accelerator, unet, cfg, per_process_batch)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
@@ -158,13 +158,16 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             inp, text = precision.cast_for_model(unet, inp, text)  # bf16/fp16 weights
             if in_dtype is not None:  # DeepSpeed bf16/fp16 casts the module itself
                 inp, text = inp.to(in_dtype), text.to(in_dtype)
-            with accelerator.accumulate(unet), accelerator.autocast():
-                out = unet(inp, t, encoder_hidden_states=text, class_labels=class_labels, return_dict=False)[0].float()
-                per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight,
-                                        scheduler.config.prediction_type, snr_gamma=cfg.snr_gamma)
-                loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
+            with accelerator.accumulate(unet):
+                with accelerator.autocast():  # the forward only: autocast's weight copies die with it
+                    out = unet(inp, t, encoder_hidden_states=text, class_labels=class_labels,
+                               return_dict=False)[0].float()
+                    per_ex = diffusion_loss(math_, out, x0, xt, noise, t, cfg.loss, cfg.vlb_weight,
+                                            scheduler.config.prediction_type, snr_gamma=cfg.snr_gamma)
+                    loss, inst, prior = prior_preservation_split(per_ex, n_inst, cfg.prior_weight)
+                # all ranks, before backward: optimizer-in-backward updates the weights during it
+                stop_if_diverged(accelerator, loss, task.stage, step + 1, ckpt_dir)
                 accelerator.backward(loss)
-                stop_if_diverged(accelerator, loss, task.stage, step + 1, ckpt_dir)  # all ranks, before the update
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     engines.clip_gradients(accelerator, unet, cfg.max_grad_norm)
                 optimizer.step()

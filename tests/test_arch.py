@@ -32,3 +32,25 @@ def test_hub_ids_of_presets_resolve_to_shipped_configs():
         assert arch.arch_for(cfg.models.stage1) in arch.UNETS
         assert arch.arch_for(cfg.models.stage2) in arch.UNETS
     assert arch.arch_for("tiny") is None
+
+
+def test_if_ii_l_has_the_hub_configs_parameter_count():
+    """1,243,277,190 with the widths read from a copy of its hub config (the fitted widths gave 1.148B)."""
+    assert arch.n_params(arch.build_unet("if-ii-l")) == 1_243_277_190
+
+
+@pytest.mark.parametrize("name", ["if-i-m", "if-i-l", "if-i-xl"])
+def test_stage1_scale_settings_are_diffusers_defaults(name):
+    """convert_if.py's stage-I converter sets none of them; IF-I-XL's hub config has the defaults."""
+    cfg = arch.build_unet(name).config
+    assert (cfg.resnet_skip_time_act, cfg.resnet_out_scale_factor, cfg.mid_block_scale_factor) == (False, 1.0, 1)
+    assert not cfg.only_cross_attention
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_provenance_names_real_fields(name):
+    unet = arch.load(name)["unet"]
+    prov = arch.load(name)["provenance"]
+    named = [f for fields in prov.values() for f in fields]
+    assert len(named) == len(set(named)), "a field has two provenances"
+    assert set(named) <= set(unet) | {"sample_size"}, set(named) - set(unet)

@@ -149,3 +149,44 @@ def test_advice_switches_options_on_until_the_step_fits():
     assert switched == [t for t in order if t in switched]  # in the ladder's order
     assert switched[0] == "train.weights_dtype=bfloat16" and better.weights_dtype == "bfloat16"
     assert planner.advise(plan, context + 1e5, trace)[0] is None  # 0.1 MB: nothing fits
+
+
+def test_t5_phase_counts_wo_in_fp32():
+    """transformers keeps T5's feed-forward output projections (`wo`) in fp32 when it loads in fp16."""
+    from cascade.perf import arch
+
+    t5 = arch.build_t5()
+    n = arch.n_params(t5)
+    n_wo = sum(p.numel() for name, p in t5.named_parameters() if ".wo." in name)
+    assert 1.0e9 < n_wo < 1.02e9  # 24 layers x 4096 x 10240
+    fp16 = planner.t5_device_bytes("if-i-xl", "float16")
+    assert fp16 == 2 * n + 2 * n_wo  # 11.6 GB, not 9.5 GB
+    assert planner.t5_device_bytes("if-i-xl", "bfloat16") == 2 * n  # bf16 loads keep wo in bf16
+    assert 4 * n_wo < planner.t5_device_bytes("if-i-xl", "float16", "8bit") < fp16 - 2 * (n - n_wo) // 3
+    assert planner.t5_device_bytes("if-i-xl", "float16", "cpu") == 0
+    with torch.device("meta"):
+        from transformers import T5Config, T5EncoderModel
+
+        ref = T5EncoderModel(T5Config(**arch.load(arch.T5)["t5"]))
+    assert T5EncoderModel._keep_in_fp32_modules == ["wo"] and arch.n_params(ref) == n
+
+
+def test_ddp_plan_holds_every_gradient():
+    plan = planner.Plan("tiny-stage1", batch=1, text_len=8, weights_dtype="bfloat16", in_backward=True, autocast=None)
+    one = planner.trace_step(plan)
+    ddp = planner.trace_step(planner.ddp_plan(plan))
+    assert ddp["plan"]["in_backward"] is False
+    assert ddp["bytes"]["grads"] == 2 * ddp["params_trainable"] > 4 * one["bytes"]["grads"]
+
+
+def test_8bit_state_starts_without_an_fp32_copy(monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+
+    from stages import precision
+
+    sizes, real = [], bnbf.quantize_blockwise
+    monkeypatch.setattr(bnbf, "quantize_blockwise", lambda x, *a, **k: sizes.append(x.numel()) or real(x, *a, **k))
+    st = precision._State8bit(torch.empty(100_000), signed=True)
+    assert max(sizes) <= precision._BLOCK  # was one fp32 zero tensor of the whole size
+    assert st.q.numel() == 100_000 and float(st.get().abs().max()) == 0.0

@@ -213,3 +213,103 @@ def test_chunked_update_equals_the_whole_tensor_update(states, rounding):
         results.append((w.detach().clone(), m.float().reshape(-1).clone()))
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert not torch.equal(results[0][0], w0)  # it did update
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stochastic_rounding_unbiased_under_zero_mean_sub_ulp_updates(dtype):
+    """1000 zero-mean +-0.1-ulp updates leave the mean weight where it started (round-to-nearest as the
+    starting point of fp16's rounding drifted +50 ulp)."""
+    import math
+
+    w = torch.full((4000,), 0.3).to(dtype)
+    w0 = w.float().clone()
+    ulp = (torch.nextafter(w, torch.full_like(w, math.inf)) - w).float()
+    g, signs = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    for _ in range(1000):
+        s = torch.randint(0, 2, w.shape, generator=signs).float() * 2 - 1
+        w = stochastic_round(w.float() + 0.1 * ulp * s, dtype, g)
+    drift = ((w.float() - w0) / ulp).mean().item()
+    assert abs(drift) < 1.0, drift  # one element wanders ~10 ulp; the mean of 4000 ~0.2 ulp
+
+
+def test_stochastic_rounding_fp16_exact_and_in_between_values():
+    x = torch.tensor([0.5, 0.5 + 2 ** -12, -(0.5 + 2 ** -12)]).repeat(100_000)  # exact, a half-ulp above
+    r = stochastic_round(x, torch.float16, torch.Generator().manual_seed(0)).float()
+    assert torch.equal(r[0::3], x[0::3])  # representable values never move
+    assert set(r[1::3].unique().tolist()) == {0.5, 0.5 + 2 ** -11}
+    assert abs(r[1::3].mean().item() - x[1].item()) < 2e-6
+    assert abs(r[2::3].mean().item() - x[2].item()) < 2e-6
+
+
+def test_bf16_optimizer_states_second_moment_decays_like_torch():
+    """v moves by 1e-3 of itself a step, under bf16's half-ulp: stored with round-to-nearest it froze
+    (0.67 instead of torch's 0.094 after a 10x gradient drop)."""
+    w_ref = torch.nn.Parameter(torch.zeros(2048))
+    w_bf = torch.nn.Parameter(torch.zeros(2048))
+    ref = torch.optim.AdamW([w_ref], lr=1e-6, weight_decay=0.0, foreach=False)
+    ours = LowPrecisionAdamW([w_bf], lr=1e-6, weight_decay=0.0, rounding="nearest", states="bf16", seed=0)
+    g = torch.Generator().manual_seed(0)
+    for step in range(2500):
+        grad = torch.randn(2048, generator=g) * (1.0 if step < 300 else 0.1)
+        for w, o in ((w_ref, ref), (w_bf, ours)):
+            w.grad = grad.clone()
+            o.step()
+    v_ref = ref.state[w_ref]["exp_avg_sq"].mean().item()
+    v_ours = ours.state[w_bf]["v"].float().mean().item()
+    assert abs(v_ours - v_ref) / v_ref < 0.03, (v_ours, v_ref)
+    assert ((w_bf - w_ref).norm() / w_ref.norm()).item() < 0.05  # and so do the weights
+
+
+def _in_backward_pair(cfg):
+    """Two bf16 parameters with equal values and gradients, each stepped by its own in-backward optimizer."""
+    a = torch.nn.Parameter(torch.full((20_000,), 0.3, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.full((20_000,), 0.3, dtype=torch.bfloat16))
+    opt, _ = optim.build([a, b], cfg, seed=7)
+    grad = torch.rand(20_000, generator=torch.Generator().manual_seed(0)) + 0.5  # Adam's first step: -lr everywhere
+    ((a.float() * grad).sum() + (b.float() * grad).sum()).backward()
+    return a.detach().float(), b.detach().float()
+
+
+def test_in_backward_parameters_round_with_distinct_streams():
+    cfg = Train(optimizer_in_backward=True, weights_dtype="bfloat16", bf16_update="stochastic", learning_rate=5e-4,
+                fused_optimizer=False)
+    a, b = _in_backward_pair(cfg)
+    ra, rb = a - a.mean(), b - b.mean()  # the rounding decisions: the update is the same (1/4 ulp) everywhere
+    corr = (ra * rb).sum() / (ra.norm() * rb.norm())
+    assert (a != b).float().mean() > 0.2 and corr.abs() < 0.1, corr  # same seed everywhere: corr 1.000
+    assert len({optim.parameter_seed(7, i) for i in range(1000)}) == 1000
+
+
+def test_rounding_generator_in_the_state_dict_resumes_bit_identically(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5000, generator=g).to(torch.bfloat16)
+    grads = [torch.randn(5000, generator=g) for _ in range(4)]
+
+    def run(opt, w, gs):
+        for gr in gs:
+            w.grad = gr.to(torch.bfloat16)
+            opt.step()
+
+    whole = torch.nn.Parameter(w0.clone())
+    opt = LowPrecisionAdamW([whole], lr=1e-3, rounding="stochastic", states="bf16", seed=3)
+    run(opt, whole, grads)
+    killed = torch.nn.Parameter(w0.clone())
+    first = LowPrecisionAdamW([killed], lr=1e-3, rounding="stochastic", states="bf16", seed=3)
+    run(first, killed, grads[:2])
+    torch.save(first.state_dict(), tmp_path / "opt.pt")
+    resumed = LowPrecisionAdamW([killed], lr=1e-3, rounding="stochastic", states="bf16", seed=3)
+    resumed.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
+    run(resumed, killed, grads[2:])
+    assert torch.equal(whole, killed)
+    assert torch.equal(opt.state[whole]["v"], resumed.state[killed]["v"])
+
+
+def test_kahan_compensation_is_fp32():
+    w = torch.nn.Parameter(torch.ones(1000, dtype=torch.bfloat16))
+    opt = LowPrecisionAdamW([w], lr=1e-5, rounding="kahan", states="fp32")
+    for _ in range(50):  # 1e-5 a step: 1/780 of bf16's ulp at 1.0, 5e-4 in all
+        w.grad = torch.ones_like(w)
+        opt.step()
+    comp = opt.state[w]["comp"]
+    assert comp.dtype == torch.float32
+    torch.testing.assert_close((w.float() + comp).mean(), torch.tensor(1 - 50 * 1e-5), rtol=0, atol=3e-6)

@@ -27,6 +27,8 @@ def add_commands(sub, common_config):
                         "for a table of option combinations; default: the config's stage model")
     p.add_argument("--combos", default=None, help="with --models: naive,before,preset,lora (default: all)")
     p.add_argument("--gpu-memory", default=None, help="e.g. 40GB: say whether the config fits, and what to switch on")
+    p.add_argument("--processes", type=int, default=1,
+                   help="with --estimate-memory: plan one process of an N-process DDP run (optimizer-in-backward off)")
     p.add_argument("--cpu-run", action="store_true",
                    help="with --estimate-memory: plan a CPU run (no autocast), as `cascade bench` runs on CPU")
 
@@ -38,6 +40,8 @@ def _check(args):
         raise InputError("--steps must be >= 1, --warmup and --sample-steps >= 0")
     if args.batch is not None and args.batch < 1:
         raise InputError("--batch must be >= 1")
+    if args.processes < 1:
+        raise InputError("--processes must be >= 1")
 
 
 def _check_resolution(cfg, args):

@@ -212,7 +212,7 @@ def cmd_class_images(args):
     class_images.check_manifest(output, prompt, args.stage, **made_by)
     class_images.check_target(output)
     encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length, models.weights_dtype(cfg),
-                          cfg.models.variant)
+                          cfg.models.variant, device=models.text_encoder_device(cfg))
     embeds = engines.main_first(state, lambda: encoder.encode([prompt, ""]))  # T5 once; the others read its cache
 
     def factory():

@@ -127,7 +127,8 @@ def generate(cfg: Config, paths: models.ModelPaths, folder: Path, jobs, chunk: i
         log.info("%s: all images present", folder)
         return
     encoder = encoder or TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length,
-                                     models.weights_dtype(cfg), cfg.models.variant)
+                                     models.weights_dtype(cfg), cfg.models.variant,
+                                     device=models.text_encoder_device(cfg))
     final = "stage1" if paths.stage2 == "none" else "stage2"
     for group in _groups(todo, chunk):
         tmp = folder / f".gen-{group[0][0]}"

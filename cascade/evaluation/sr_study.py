@@ -162,7 +162,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     truth = data.stack(photos, high)
     prompt = ident.instance_prompt(token, req.class_noun)
     encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length, models.weights_dtype(cfg),
-                          cfg.models.variant)
+                          cfg.models.variant, device=models.text_encoder_device(cfg))
     embeds = encoder.encode([prompt, ""])
     inputs, kinds = [data.downsample(truth, low)], ["real"] * truth.shape[0]
     if s1 != "none":

@@ -1,7 +1,7 @@
 """The real DeepFloyd IF architectures (IF-I-M/L/XL, IF-II-M/L) and the T5 v1.1 XXL encoder, built
 without weights (meta device or FakeTensorMode) for memory planning and random-weight benchmarks.
 
-The configs ship as package data in cascade/if_configs/*.json; each file's "source" says where its
+The configs ship as package data in cascade/perf/if_configs/*.json; each file's "source" and "provenance" say where its
 numbers come from. No download is needed or attempted."""
 from __future__ import annotations
 
@@ -60,7 +60,23 @@ def build_t5(device: str | torch.device = "meta", dtype: torch.dtype = torch.flo
 
     cfg = T5Config(**load(T5)["t5"])
     with torch.device(device), default_dtype(dtype):
-        return T5EncoderModel(cfg)
+        model = T5EncoderModel(cfg)
+    return keep_in_fp32(model, dtype)
+
+
+def keep_in_fp32(model, dtype: torch.dtype):
+    """What from_pretrained does: a model's `_keep_in_fp32_modules` (T5's feed-forward output
+    projections `wo`, 1.0B of T5-XXL's 4.76B parameters) stay fp32 when it loads in fp16 (not bf16)."""
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if dtype == torch.float16 and keep:
+        for name, module in model.named_modules():
+            if keep & set(name.split(".")):
+                module.to(torch.float32)
+    return model
+
+
+def n_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def n_params(model) -> int:

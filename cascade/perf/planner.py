@@ -43,8 +43,17 @@ class Plan:
     autocast: str | None = "bfloat16"  # mixed precision of the activations (None: CPU fp32 run)
     text_len: int = 77
     resolution: int | None = None  # training input size (default: the model's sample_size)
+    offload: bool = False  # DeepSpeed ZeRO-Offload: bf16 module on the device, fp32 master + Adam on the host
+
+    def device_plan(self) -> "Plan":
+        """What the device holds under offload: the bf16 module, gradients reduced tensor by tensor
+        into buckets and copied to the host (modelled as optimizer-in-backward with a stateless step)."""
+        return replace(self, weights_dtype="bfloat16", use_8bit_adam=False, in_backward=True) if self.offload else self
 
     def label(self) -> str:
+        if self.offload:
+            return ", ".join(([f"LoRA r{self.lora_rank}"] if self.lora_rank else []) +
+                             ["fp32 master on host (ZeRO-Offload), bf16 module", f"ckpt {self.checkpointing}"])
         opt = "8-bit Adam" if self.use_8bit_adam else f"Adam ({self.optimizer_states})"
         parts = [self.weights_dtype.replace("float", "fp").replace("bfloat", "bf"),
                  f"ckpt {self.checkpointing}", opt + (" in backward" if self.in_backward else "")]
@@ -140,10 +149,22 @@ def _train_cfg(plan: Plan):
                  lora_rank=plan.lora_rank)
 
 
+class _HostStep(torch.optim.Optimizer):
+    """The device side of an offloaded step: no state here (the host updates the fp32 master)."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.0})
+
+    def step(self, closure=None):
+        return None
+
+
 def _make_optimizer(params, plan: Plan):
+    if plan.offload:
+        return optim.InBackwardOptimizer(params, lambda ps, i: _HostStep(ps))
     cfg = _train_cfg(plan)
     if plan.use_8bit_adam and params[0].dtype == torch.float32:
-        factory = lambda ps: Bnb8bitStandIn(ps)  # noqa: E731
+        factory = lambda ps, *_: Bnb8bitStandIn(ps)  # noqa: E731
         if plan.in_backward:
             return optim.InBackwardOptimizer(params, factory)
         return factory(params)
@@ -195,6 +216,7 @@ def trace_step(plan: Plan) -> dict:
     """Bytes of one steady-state training step: params, grads, optimizer state, activations, peak."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    asked, plan = plan, plan.device_plan()
     cfg = unet_config(plan.model)
     saved = precision._State8bit
     precision._State8bit = _Fake8bitState
@@ -229,12 +251,16 @@ def trace_step(plan: Plan) -> dict:
         precision._State8bit = saved
     n_all = sum(p.numel() for p in unet.parameters())
     n_train = sum(p.numel() for p in params)
-    return {"plan": asdict(plan), "label": plan.label(), "params_total": n_all, "params_trainable": n_train,
+    # DeepSpeed's gradient bucket (reduce_bucket_size, hidden^2 values as cascade fills it; two buffers)
+    bucket = 2 * 2 * max(cfg["block_out_channels"]) ** 2 if asked.offload else 0
+    kinds["Total"] += bucket
+    return {"plan": asdict(asked), "label": asked.label(), "params_total": n_all, "params_trainable": n_train,
+            "host_bytes": 16 * n_train if asked.offload else 0,  # fp32 master, 2 moments, fp32 gradient copy
             "bytes": {"params": cur["Parameter"] + cur["Buffer"],
-                      "grads": (grads_max if plan.in_backward else
+                      "grads": bucket + (grads_max if plan.in_backward else
                                 sum(p.numel() * p.element_size() for p in params)),
-                      "optimizer": cur["Optstate"],
-                      "activations_at_peak": kinds["Activation"] + kinds["Temp"] + kinds["Other"],
+                      "optimizer": cur.get("Optstate", 0),
+                      "activations_at_peak": sum(kinds.get(k, 0) for k in ("Activation", "Temp", "Other")),
                       "peak": kinds["Total"]}}
 
 
@@ -257,25 +283,46 @@ def trace_inference(model: str, batch: int, dtype: str = "float16", text_len: in
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def _t5_params(model: str) -> int:
-    """T5 v1.1 XXL for the real models; the tiny encoder beside the tiny ones."""
+def t5_device_bytes(model: str, frozen_dtype: str = "float16", placement: str = "gpu") -> int:
+    """Device bytes of the text encoder while it encodes: T5 v1.1 XXL for the real models (its `wo`
+    projections stay fp32 when it loads in fp16, as transformers keeps them), the tiny encoder beside
+    the tiny ones. placement "cpu": none (models.text_encoder_device=cpu); "8bit": bitsandbytes int8
+    Linear weights (one fp32 scale per output row), `wo` and the embedding left as they load."""
+    if placement == "cpu":
+        return 0
+    dtype = getattr(torch, frozen_dtype)
     if model.startswith("tiny-stage"):
         from cascade.offline import tiny
 
         with torch.device("meta"):
-            return arch.n_params(tiny.build_text_encoder(16000))
-    return arch.n_params(arch.build_t5())
+            return arch.n_params(tiny.build_text_encoder(16000)) * DTYPE_BYTES[frozen_dtype]
+    t5 = arch.build_t5(dtype=dtype)
+    if placement != "8bit":
+        return arch.n_bytes(t5)
+    keep = set(t5._keep_in_fp32_modules or ())
+    quantised = [m for name, m in t5.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not keep & set(name.split("."))]
+    q_ids = {id(m.weight) for m in quantised}
+    return sum(m.weight.numel() + 4 * m.out_features for m in quantised) + \
+        sum(p.numel() * p.element_size() for p in t5.parameters() if id(p) not in q_ids)
+
+
+def ddp_plan(plan: Plan) -> Plan:
+    """The plan of one DDP process: optimizer-in-backward is refused there, so a full set of
+    gradients exists (gradient_as_bucket_view: they are the all-reduce buckets, no second copy)."""
+    return replace(plan, in_backward=False)
 
 
 def command_phases(plan: Plan, step: dict, frozen_dtype: str = "float16", sample_batch: int = 4,
-                   validation_images: int = 4) -> dict:
+                   validation_images: int = 4, t5_placement: str = "gpu") -> dict:
     """Device bytes of each phase of `cascade train`, in order: T5 encoding (T5 alone, freed after),
     class images (the frozen stage model sampling), training steps, validation grids (during
     training: weights + optimizer state + a sampling forward), export (weights and optimizer state
     still resident; safetensors copies one tensor at a time to the host, and the fp16 variant is
     converted from the written files on the host, so the device holds no second copy)."""
-    t5_bytes = _t5_params(plan.model) * DTYPE_BYTES[frozen_dtype]
-    t5_act = 64 * 2**20  # encoder activations for 3 prompts of 77 tokens: a few MB, rounded up
+    plan = plan.device_plan()
+    t5_bytes = t5_device_bytes(plan.model, frozen_dtype, t5_placement)
+    t5_act = 64 * 2**20 if t5_bytes else 0  # encoder activations, 3 prompts of 77 tokens: a few MB, rounded up
     b = step["bytes"]
     weights_opt = b["params"] + b["optimizer"]
     val = weights_opt + trace_inference(plan.model, validation_images,
@@ -301,10 +348,13 @@ LADDER = (("weights_dtype", "bfloat16", "train.weights_dtype=bfloat16"),
           ("batch", None, "a smaller train.batch_size"))
 
 
-def advise(plan: Plan, gpu_bytes: float, trace=trace_step) -> tuple[Plan | None, list[str], dict | None]:
-    """Switch options on one at a time (LADDER) until the training step fits; (plan, switches, trace)."""
+def advise(plan: Plan, gpu_bytes: float, trace=trace_step, ddp: bool = False) -> tuple[Plan | None, list[str], dict | None]:
+    """Switch options on one at a time (LADDER) until the training step fits; (plan, switches, trace).
+    Under DDP optimizer-in-backward is not offered (it is refused there)."""
     current, switched = plan, []
     for field, value, text in LADDER:
+        if ddp and field == "in_backward":
+            continue
         if field == "batch":
             while current.batch > 1:
                 current = replace(current, batch=current.batch // 2)

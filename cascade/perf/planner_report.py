@@ -27,7 +27,8 @@ def plan_from_config(cfg, stage: int, batch: int | None, cpu_run: bool, resoluti
     return planner.Plan(name, batch or tc.batch_size, bool(tc.prior_preservation), tc.weights_dtype,
                        (tc.gradient_checkpointing_scope if tc.gradient_checkpointing else "none"), tc.use_8bit_adam,
                        tc.optimizer_states, tc.optimizer_in_backward, tc.lora_rank,
-                       None if cpu_run else "bfloat16", resolution=resolution)
+                       None if cpu_run else "bfloat16", resolution=resolution,
+                       offload=bool(getattr(tc, "offload_optimizer", False)))
 
 
 def _gb(x: float) -> str:
@@ -58,6 +59,7 @@ def run(cfg, args) -> dict:
                               f"--batch {args.batch}" if args.batch else "",
                               f"--gpu-memory {args.gpu_memory}" if args.gpu_memory else "",
                               f"--resolution {args.resolution}" if args.resolution else "",
+                              f"--processes {args.processes}" if getattr(args, "processes", 1) > 1 else "",
                               "--cpu-run" if args.cpu_run else "") if a),
               "versions": versions(), "git": git_revision()}
     if args.models:
@@ -73,19 +75,27 @@ def run(cfg, args) -> dict:
         report.update(rows=rows, markdown=md)
         return report
     plan = plan_from_config(cfg, args.stage, args.batch, args.cpu_run, args.resolution)
+    ddp = getattr(args, "processes", 1) > 1
+    if ddp:
+        plan = planner.ddp_plan(plan)
     step = planner.trace_step(plan)
     sec = cfg.stage1 if args.stage == 1 else cfg.stage2
     if args.cpu_run:  # the training step of a `cascade bench` CPU run (what peak RSS measures)
         report.update(plan=step, markdown=f"{plan.model}, {plan.label()}, batch {plan.batch} (+prior), "
                       f"resolution {plan.resolution or 'native'}, CPU: training step peak {_gb(step['bytes']['peak'])} GB")
         return report
-    phases = planner.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images)
+    placement = "cpu" if cfg.models.text_encoder_device == "cpu" else "gpu"
+    phases = planner.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images,
+                                   placement)
     ema_host = 0
     if sec.train.ema:  # the EMA copy (issue 20) on the device, or in host memory with ema_on_cpu
         phases, ema_host = planner.with_ema(phases, step, sec.train.ema_on_cpu)
     peak_phase = max(phases, key=phases.get)
-    report.update(plan=step, phases=phases, peak_phase=peak_phase, command_peak=phases[peak_phase])
-    lines = [f"{plan.model}, batch {plan.batch}{' + ' + str(plan.batch) + ' prior' if plan.prior else ''}, "
+    t5_options = {p: planner.t5_device_bytes(plan.model, cfg.models.dtype, p) for p in ("gpu", "8bit", "cpu")}
+    report.update(plan=step, phases=phases, peak_phase=peak_phase, command_peak=phases[peak_phase],
+                  t5_placement=placement, t5_options=t5_options, processes=getattr(args, "processes", 1))
+    lines = [f"{plan.model}, {'one of ' + str(args.processes) + ' DDP processes, ' if ddp else ''}"
+             f"batch {plan.batch}{' + ' + str(plan.batch) + ' prior' if plan.prior else ''}, "
              f"{plan.label()}: training step peak {_gb(step['bytes']['peak'])} GB "
              f"(params {_gb(step['bytes']['params'])}, grads {_gb(step['bytes']['grads'])}, optimizer "
              f"{_gb(step['bytes']['optimizer'])}, activations {_gb(step['bytes']['activations_at_peak'])})",
@@ -93,7 +103,9 @@ def run(cfg, args) -> dict:
                 f"{'in host RAM' if sec.train.ema_on_cpu else 'on the device, in every phase from training on'}"]
                if sec.train.ema else []),
              "phases (GB): " + ", ".join(f"{k} {_gb(v)}" for k, v in phases.items()) +
-             f"; command peak {_gb(phases[peak_phase])} GB in {peak_phase}"]
+             f"; command peak {_gb(phases[peak_phase])} GB in {peak_phase}",
+             f"T5 ({placement}; models.text_encoder_device): {cfg.models.dtype} on the GPU {_gb(t5_options['gpu'])} GB, "
+             f"8-bit {_gb(t5_options['8bit'])} GB, on the CPU 0 GB"]
     if args.gpu_memory:
         gpu = planner.parse_size(args.gpu_memory)
         ok, headroom = planner.fits(phases[peak_phase], gpu)
@@ -101,7 +113,7 @@ def run(cfg, args) -> dict:
         if ok:
             lines.append(f"fits {args.gpu_memory}: {_gb(headroom)} GB to spare (after 1 GiB context + 5% slack)")
         else:
-            better, switched, result = planner.advise(plan, gpu)
+            better, switched, result = planner.advise(plan, gpu, ddp=ddp)
             report["advice"] = {"switch_on": switched, "plan": result}
             if better is None:
                 lines.append(f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB), even with "
@@ -116,6 +128,9 @@ def run(cfg, args) -> dict:
         (step["params_total"] * 2 if full and sec.train.export_variant != "none" else 0)
     report["host_export_bytes"] = host
     report["host_ema_bytes"] = ema_host
+    if step.get("host_bytes"):
+        lines.append(f"host RAM for ZeRO-Offload: {_gb(step['host_bytes'])} GB (fp32 master weights, Adam moments, "
+                     "fp32 gradient copy)")
     if host:
         variant = sec.train.export_variant
         lines.append(f"host RAM for the export: up to {_gb(host)} GB (the state dict is written from memory"
