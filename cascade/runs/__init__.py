@@ -1,0 +1,1 @@
+"""Run folders: numbering and logging, markers and locks, the early log buffer, the HTML report."""
