@@ -168,7 +168,8 @@ def test_stage2_validation_upsamples_held_out_photo_and_stage1_samples(make_cfg,
 @pytest.mark.parametrize("sets, key", [
     (["stage1.validation.best_checkpoint=true", "stage1.validation.measures=false"], "stage1.validation.best_checkpoint"),
     (["stage1.validation.holdout=1"], "stage1.validation.holdout"),
-    (["stage1.validation.chain_model=/nonexistent/stage2"], "stage1.validation.chain_model"),
+    (["stage1.validation.chain=true", "stage1.validation.chain_model=/nonexistent/stage2"],
+     "stage1.validation.chain_model"),
 ])
 def test_bad_validation_settings_are_one_line(make_cfg, subject_dir, tmp_path, capsys, sets, key):
     cache = make_cfg().models.cache_dir
