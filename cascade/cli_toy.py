@@ -22,6 +22,8 @@ PRETRAIN_HELP = {
     "seed": "seed of the world, the weights and every step",
     "ckpt_every": "checkpoint and export every N steps",
     "threads": "torch CPU threads (1 is fastest on a shared machine)",
+    "specks": "stage II: fraction of pool images with freckle-like dots on the background",
+    "init": "start from this diffusers unet/ folder (e.g. cascade/toy/weights/stage2/unet); recorded in provenance",
 }
 
 
