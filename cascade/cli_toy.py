@@ -40,6 +40,7 @@ def add_commands(sub):
                        help=f"{PRETRAIN_HELP[f.name]} (default {f.default})")
     p.set_defaults(func=cmd_pretrain)
     add_check(toy)
+    add_premise(toy)
     add_install(toy)
     add_study(toy)
 
@@ -110,6 +111,43 @@ def cmd_check(args):
     print(json.dumps({k: v for r in (r1, r2) if r for k, v in r.items() if not hasattr(v, "shape")}))
 
 
+def add_premise(toy):
+    p = toy.add_parser("premise", help="can any SR model place the subject's freckles? the oracle on IF's noised "
+                                       "condition, per sampling noise level")
+    p.add_argument("--views", type=int, default=32, help="fresh subject views (default 32)")
+    p.add_argument("--seeds", type=int, default=3, help="noise draws per level (default 3)")
+    p.add_argument("--levels", default="0,5,20,50,100,250,500", help="noise levels")
+    p.set_defaults(func=cmd_premise)
+
+
+def cmd_premise(args):
+    import statistics
+
+    from diffusers import DDPMScheduler
+
+    from cascade.toy import freckles, weights, world
+    from stages.errors import InputError
+
+    try:
+        levels = [int(x) for x in args.levels.split(",")]
+    except ValueError:
+        raise InputError(f"--levels must be comma-separated integers, got {args.levels!r}") from None
+    if args.views < 1 or args.seeds < 1 or any(not 0 <= lv <= 999 for lv in levels):
+        raise InputError("--views and --seeds must be >= 1, --levels in 0..999")
+    noising = DDPMScheduler.from_pretrained(weights.WEIGHTS / "stage2" / "image_noising_scheduler")
+    toys = world.fresh_subject_toys(args.views, 0)
+    print(f"oracle freckle F1 on {args.views} fresh subject views x {args.seeds} noise draws "
+          f"(mean ± std over views and draws); noise std = sqrt(1 - alpha_bar(level))")
+    print("| noise level | noise std | oracle F1 |\n|---|---|---|")
+    for lv in levels:
+        v = [x for s in range(args.seeds) for x in freckles.oracle(toys, lv, noising, seed=s)]
+        std = float((1 - noising.alphas_cumprod[lv]).sqrt())
+        print(f"| {lv} | {std:.4f} | {statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f} |")
+    chance = [x for s in range(args.seeds) for x in freckles.chance(toys, seed=s)]
+    print(f"| chance (dots at random light-stripe positions inside the toy) | - | {statistics.mean(chance):.3f} ± "
+          f"{statistics.pstdev(chance):.3f} |")
+
+
 def add_install(toy):
     p = toy.add_parser("install", help="copy a pretraining's model/ into the package's weights (maintainers)")
     p.add_argument("--model", required=True, help="the pretraining's model/ folder (stage1/, stage2/)")
@@ -140,8 +178,12 @@ def add_study(toy):
     p.add_argument("--samples", type=int, default=16, help="stage I samples per prompt and model")
     p.add_argument("--stage1-steps", type=int, default=100, help="stage I fine-tuning steps per run (default 100)")
     p.add_argument("--stage2-steps", type=int, default=100, help="stage II fine-tuning steps per run (default 100)")
-    p.add_argument("--levels", default="0,50,100,250", help="SR sampling noise levels")
-    p.add_argument("--sr-inputs", type=int, default=8, help="stage I samples upsampled per SR model and level")
+    p.add_argument("--levels", default="0,20,250", help="SR sampling noise levels")
+    p.add_argument("--sr-inputs", type=int, default=2, help="stage I samples upsampled per SR model and level")
+    p.add_argument("--sr-steps", type=int, default=10, help="SR sampling steps in the sweep (default 10)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=MIN:MAX[:prior]",
+                   help="SR variants (default aug0=0:0 aug250=250:250 aug0-prior=0:0:prior)")
+    p.add_argument("--sr-only", action="store_true", help="claim (c) only (skips the stage I claims a and b)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")
     p.set_defaults(func=cmd_study)
@@ -157,14 +199,20 @@ def cmd_study(args):
         levels = [int(x) for x in args.levels.split(",")]
     except ValueError:
         raise InputError(f"--seeds/--levels must be comma-separated integers, got {args.seeds!r} / {args.levels!r}")
-    if not seeds or args.samples < 1 or args.sr_inputs < 1 or any(not 0 <= lv <= 999 for lv in levels):
-        raise InputError("--seeds needs one seed or more, --samples/--sr-inputs >= 1, --levels in 0..999")
+    if not seeds or args.samples < 1 or args.sr_inputs < 1 or args.sr_steps < 1 or any(not 0 <= lv <= 999
+                                                                                         for lv in levels):
+        raise InputError("--seeds needs one seed or more, --samples/--sr-inputs/--sr-steps >= 1, --levels in 0..999")
     from cascade.toy.study import StudyConfig, run_study
 
     torch.set_num_threads(args.threads)
-    sc = StudyConfig(seeds, args.samples, args.stage1_steps, args.stage2_steps, levels=levels, sr_inputs=args.sr_inputs)
+    sc = StudyConfig(seeds, args.samples, args.stage1_steps, args.stage2_steps, levels=levels, sr_inputs=args.sr_inputs,
+                     sr_steps=args.sr_steps, sr_only=args.sr_only)
+    if args.variant:
+        from cascade.cli_eval import _variants
+
+        sc.variants = _variants(args.variant)
     out = Path(args.output)
     run_study(out, sc, args.cache_dir)
     print((out / "table.md").read_text())
-    print(f"results: {out / 'results.csv'}, plots: {out / 'plots.png'}; the SR sweep of each seed (tables, plots, "
-          f"grids): {out}/seed*/study-sr")
+    print(f"results: {out / 'results.csv'}, plots: {out / 'plots.png'}; the SR sweep over all seeds (per-seed CSV, "
+          f"tables, plots, grids): {out}/study-sr")

@@ -143,3 +143,13 @@ def oracle(toys: list[world.Toy], level: int, noising, seed: int = 0) -> list[fl
         found = [_from_condition(p) for p in _peaks(m, interior(t), -np.inf, top=len(t.freckles))]
         out.append(f1(found, list(t.freckles)))
     return out
+
+
+def chance(toys: list[world.Toy], seed: int = 0) -> list[float]:
+    """Per toy, the F1 of as many dots placed at random where freckles may sit (on a light stripe's
+    centre row inside the toy, FRECKLE_GAP apart): the floor the oracle is read against."""
+    import random
+
+    rng = random.Random(f"chance-{seed}")
+    return [f1(list(world.interior_points(rng, dataclasses.replace(t, freckles=()), len(t.freckles))),
+               list(t.freckles)) for t in toys]
