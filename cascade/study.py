@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,22 +108,38 @@ def _train_variants(req: StudyRequest, base: str, token: str, subject: str, out:
 
 
 class Progress:
-    """Counts the sweep's parts (a training run weighs `train_weight` sampled images) and logs the
-    elapsed time and an ETA for the whole sweep."""
+    """Counts the sweep's parts (training runs and sampled images) and logs the elapsed time and an
+    ETA for the whole sweep: each kind's remaining count times its measured mean duration (before a
+    kind has been timed, a training run is guessed at `train_weight` images)."""
 
     def __init__(self, trainings: int, images: int, train_weight: float):
-        self.total = trainings * train_weight + images
-        self.weight, self.did, self.t0 = {"train": train_weight, "image": 1.0}, 0.0, time.time()
+        self.left = {"train": trainings, "image": images}
+        self.spent, self.count = {"train": 0.0, "image": 0.0}, {"train": 0, "image": 0}
+        self.weight, self.t0, self.last = train_weight, time.time(), time.time()
 
     def done(self, kind: str, n: int = 1):
-        self.did += self.weight[kind] * n
-        el = time.time() - self.t0
-        eta = el / self.did * (self.total - self.did) if self.did else float("nan")
-        log.info("study-sr progress %.0f%% (elapsed %s, ETA %s)", 100 * self.did / self.total, _hms(el), _hms(eta))
+        now = time.time()
+        self.spent[kind] += now - self.last
+        self.count[kind] += n
+        self.left[kind] -= n
+        self.last = now
+        per = {k: self.spent[k] / self.count[k] for k in self.count if self.count[k]}
+        if "image" not in per:
+            per["image"] = per["train"] / self.weight
+        if "train" not in per:
+            per["train"] = per["image"] * self.weight
+        eta = sum(max(0, self.left[k]) * per[k] for k in per)
+        total = sum(self.count.values()) + sum(max(0, v) for v in self.left.values())
+        log.info("study-sr progress %d/%d parts (elapsed %s, ETA %s)", sum(self.count.values()), total,
+                 _hms(now - self.t0), _hms(eta))
+
+    def skip(self):
+        """Time spent outside the counted parts (loading, stage I samples) is not charged to either kind."""
+        self.last = time.time()
 
 
 def _hms(s: float) -> str:
-    return "?" if s != s else f"{int(s) // 60}m{int(s) % 60:02d}s"
+    return "?" if math.isnan(s) else f"{int(s) // 60}m{int(s) % 60:02d}s"
 
 
 @torch.no_grad()
@@ -186,8 +203,8 @@ def _dino(req: StudyRequest):
     try:
         d = metrics.DinoScorer(resolve_metric_model(req.dino, req.cfg.models.cache_dir, "dino"), str(runner.device()))
     except Exception as e:  # not in the cache and no network, or not a DINO folder
-        return None, f"DINO: unavailable: {req.dino} could not be loaded ({e.__class__.__name__}: " \
-                     f"{str(e).splitlines()[0][:160] if str(e) else ''})"
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        return None, f"DINO: unavailable: {req.dino} could not be loaded ({e.__class__.__name__}: {first})"
     return d, metrics.describe_models(d, None, "")[0]
 
 
@@ -268,6 +285,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
             inputs.append(runner.run_stage1(paths.stage1, cfg, embeds[class_prompt].expand(n_cls, -1, -1), embeds[""],
                                             [seed * 100_000 + 20_000 + i for i in range(n_cls)]))
         lowres = torch.cat(inputs)
+        progress.skip()
         trained = _train_variants(req, base, token, subject, out, seed, progress) if req.variants else []
         runs.start_logging(out, cfg)  # training runs log into their own folders; back to the study's log
         sr_models = [("base", base, {"train_aug": "pretrained", "prior": False})] + \
@@ -290,14 +308,16 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
                     rows.append({"seed": seed, "model": label, **meta, "noise_level": level, **r})
         if not shown:  # grids of the first seed
             shown = {"lowres": lowres, "outputs": outputs, "reference": reference}
-    info = {"subject": req.subject, "class_noun": req.class_noun, "prompt": prompt, "identifier": token,
-            "models": info_models, "levels": req.levels, "seeds": seeds, "stage1": s1, "resolutions": [low, high],
-            "training_photos": train_idx, "heldout_photos": held_idx,
-            "fresh_views": 0 if req.fresh_views is None else len(req.fresh_views),
-            "random_weights": any(TINY_VERSION in components.describe_source(p).base
-                                  for p in [base, paths.text_encoder] + ([s1] if s1 != "none" else [])),
-            "dino": dino_line, "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package",
-            "readers": list(req.readers), "truth_readers": list(req.truth_readers),
-            "variants": [list(v) for v in req.variants]}
-    study_report.write(out, rows, info, shown["lowres"], gts, kinds, views, shown["outputs"], shown["reference"])
+        info = {"subject": req.subject, "class_noun": req.class_noun, "prompt": prompt, "identifier": token,
+                "models": info_models, "levels": req.levels, "seeds": seeds[:seeds.index(seed) + 1], "stage1": s1,
+                "resolutions": [low, high],
+                "training_photos": train_idx, "heldout_photos": held_idx,
+                "fresh_views": 0 if req.fresh_views is None else len(req.fresh_views),
+                "random_weights": any(TINY_VERSION in components.describe_source(p).base
+                                      for p in [base, paths.text_encoder] + ([s1] if s1 != "none" else [])),
+                "dino": dino_line, "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package",
+                "readers": list(req.readers), "truth_readers": list(req.truth_readers),
+                "variants": [list(v) for v in req.variants]}
+        # after every seed, so a cut-off sweep keeps what it measured
+        study_report.write(out, rows, info, shown["lowres"], gts, kinds, views, shown["outputs"], shown["reference"])
     return out, rows

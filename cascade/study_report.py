@@ -61,7 +61,24 @@ def per_seed(rows: list[dict], readers=(), truth_readers=()) -> list[dict]:
 
 def aggregate(rows: list[dict], readers=(), truth_readers=()) -> list[dict]:
     """Means over seeds of the per-seed means, with the std over seeds and a 95% t interval."""
-    seeds = per_seed(rows, readers, truth_readers)
+    return over_seeds(per_seed(rows, readers, truth_readers), readers, truth_readers)
+
+
+def merge(folders: list[Path]) -> tuple[list[dict], list[dict]]:
+    """(per-seed means, means over seeds) of several study folders' results.json, e.g. one sweep per
+    seed run in parallel; a seed measured twice is refused."""
+    seeds, readers, truth_readers = [], (), ()
+    for f in folders:
+        j = json.loads((Path(f) / "results.json").read_text())
+        seeds += j["per_seed"]
+        readers, truth_readers = j["readers"], j.get("truth_readers", ())
+    keys = [(s["seed"], s["view"], s["model"], s["noise_level"]) for s in seeds]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the same seed, view, model and level appear in two of the folders")
+    return seeds, over_seeds(seeds, readers, truth_readers)
+
+
+def over_seeds(seeds: list[dict], readers=(), truth_readers=()) -> list[dict]:
     keys = list(dict.fromkeys((s["view"], s["model"], s["noise_level"]) for s in seeds))
     out = []
     for key in keys:

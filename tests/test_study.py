@@ -79,7 +79,7 @@ def test_study_sr_holdout_seeds_and_missing_dino(tmp_path, make_cfg, write_subje
     assert not any(np.array_equal(np.asarray(Image.open(p).convert("RGB")), held) for p in trained_on)
     for seed in (0, 1):
         cfg_text = (out / "train" / f"seed{seed}" / "low" / "config.yaml").read_text()
-        assert "seed: %d" % seed in cfg_text
+        assert f"seed: {seed}" in cfg_text
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert {r["seed"] for r in rows} == {"0", "1"}
     held_rows = [r for r in rows if r["heldout"] == "True"]
@@ -106,3 +106,28 @@ def test_holdout_split():
 
     with pytest.raises(InputError):
         split_holdout(2, 2, True)
+
+
+def test_merge_sweeps_run_per_seed(tmp_path):
+    """Sweeps run one seed each merge into means over seeds; a seed measured twice is refused."""
+    import pytest
+
+    from cascade.study_report import merge
+
+    def sweep(folder, seed, f1):
+        folder.mkdir()
+        row = {"seed": seed, "view": "held-out", "heldout": True, "input": "real", "model": "base",
+               "train_aug": "pretrained", "prior": False, "noise_level": 0, "n": 7, "psnr": 20.0 + seed,
+               "ssim": 0.5, "hp_corr": 0.1, "lpips": None, "hf_ratio": 1.0, "dino": None, "freckle_f1": f1}
+        (folder / "results.json").write_text(json.dumps({"per_seed": [row], "readers": [],
+                                                         "truth_readers": ["freckle_f1"]}))
+        return folder
+
+    a, b = sweep(tmp_path / "a", 0, 0.2), sweep(tmp_path / "b", 1, 0.6)
+    seeds, means = merge([a, b])
+    assert len(seeds) == 2 and len(means) == 1
+    m = means[0]
+    assert m["n_seeds"] == 2 and abs(m["freckle_f1"] - 0.4) < 1e-9 and abs(m["psnr"] - 20.5) < 1e-9
+    assert abs(m["freckle_f1_std"] - 0.2828427) < 1e-6 and m["lpips"] is None
+    with pytest.raises(ValueError):
+        merge([a, a])
