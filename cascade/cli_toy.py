@@ -117,6 +117,9 @@ def add_premise(toy):
     p.add_argument("--views", type=int, default=32, help="fresh subject views (default 32)")
     p.add_argument("--seeds", type=int, default=3, help="noise draws per level (default 3)")
     p.add_argument("--levels", default="0,5,20,50,100,250,500", help="noise levels")
+    p.add_argument("--sr", default=None, help="also run this stage II (folder, e.g. cascade/toy/weights/stage2) on "
+                                              "--views fresh pool toys with background specks: can it draw them?")
+    p.add_argument("--sr-steps", type=int, default=10, help="SR sampling steps for --sr (default 10)")
     p.set_defaults(func=cmd_premise)
 
 
@@ -146,6 +149,17 @@ def cmd_premise(args):
     chance = [x for s in range(args.seeds) for x in freckles.chance(toys, seed=s)]
     print(f"| chance (dots at random light-stripe positions inside the toy) | - | {statistics.mean(chance):.3f} ± "
           f"{statistics.pstdev(chance):.3f} |")
+    if args.sr:
+        from cascade.toy.check import _embeds
+
+        print(f"\nSR {args.sr} on {args.views} pool-like toys with background specks ({args.sr_steps} steps, "
+              "guidance 4, full captions): speck F1 on the background (mean ± std over images)")
+        print("| noise level | speck F1 | specks drawn | bilinear speck F1 |\n|---|---|---|---|")
+        for lv, r in freckles.speck_control(Path(args.sr), args.views, levels, args.sr_steps,
+                                            lambda prompts: _embeds(Path(args.sr).parent / "stage1", prompts,
+                                                                    "~/.cache/cascade")).items():
+            print(f"| {lv} | {r['f1']:.3f} ± {r['f1_std']:.3f} | {r['found']:.2f} (true {r['true']:.2f}) | "
+                  f"{r['bilinear_f1']:.3f} |")
 
 
 def add_install(toy):

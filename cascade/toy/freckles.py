@@ -153,3 +153,47 @@ def chance(toys: list[world.Toy], seed: int = 0) -> list[float]:
     rng = random.Random(f"chance-{seed}")
     return [f1(list(world.interior_points(rng, dataclasses.replace(t, freckles=()), len(t.freckles))),
                list(t.freckles)) for t in toys]
+
+
+def background_mask(toy: world.Toy, margin: float = 2.0) -> torch.Tensor:
+    """[64, 64] bool: background at least `margin` px from the toy and 2 px from the canvas edge."""
+    cov = torch.from_numpy(world.coverage(toy.shape, toy.cx, toy.cy, toy.size, world.HI))
+    k = int(2 * round(margin) + 1)
+    near = F.max_pool2d(cov[None, None], k, 1, k // 2)[0, 0] > 0.01
+    edge = torch.zeros_like(near)
+    edge[2:-2, 2:-2] = True
+    return ~near & edge
+
+
+@torch.no_grad()
+def speck_control(sr_folder, n: int, levels: list[int], steps: int, embed) -> dict:
+    """The control for "the SR cannot draw what it sees": `n` fresh toys of the stage II pretraining
+    kind (specks on the background) upsampled by the SR model in `sr_folder` at each level; speck
+    position F1 on the background against the truth. `embed(prompts)` -> {prompt: [1, 77, D]}."""
+    import statistics
+
+    from diffusers import IFSuperResolutionPipeline
+
+    from stages.noise_aug import upsample
+    from stages.sampling import sample
+
+    pipe = IFSuperResolutionPipeline.from_pretrained(sr_folder, safety_checker=None, watermarker=None,
+                                                     feature_extractor=None, requires_safety_checker=False)
+    toys, hi = world.dataset(n, 2_000_000, specks=1.0)  # not the pretraining pool (seed 1)
+    lo = world.to_lowres(hi)
+    prompts = [world.caption(*t.attributes) for t in toys]
+    emb = embed(prompts)
+    e = torch.cat([emb[p] for p in prompts])
+    masks = [background_mask(t) for t in toys]
+    truth = [list(t.specks) for t in toys]
+    out = {}
+    bil = [f1(detect(u, m), tr) for u, m, tr in zip(upsample(lo, world.HI), masks, truth)]
+    for lv in levels:
+        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        ims = sample(pipe.unet, pipe.scheduler, e, emb[""], steps, 4.0, gens, world.HI, lowres=lo, noise_level=lv,
+                     noising_scheduler=pipe.image_noising_scheduler)
+        found = [detect(im, m) for im, m in zip(ims, masks)]
+        v = [f1(fd, tr) for fd, tr in zip(found, truth)]
+        out[lv] = {"f1": statistics.mean(v), "f1_std": statistics.pstdev(v), "found": statistics.mean(map(len, found)),
+                   "true": statistics.mean(map(len, truth)), "bilinear_f1": statistics.mean(bil)}
+    return out
