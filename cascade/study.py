@@ -109,8 +109,8 @@ def _train_variants(req: StudyRequest, base: str, token: str, subject: str, out:
 
 class Progress:
     """Counts the sweep's parts (training runs and sampled images) and logs the elapsed time and an
-    ETA for the whole sweep: each kind's remaining count times its measured mean duration (before a
-    kind has been timed, a training run is guessed at `train_weight` images)."""
+    ETA for the whole sweep: each kind's remaining count times its measured mean duration (ETA "?"
+    until an image has been sampled; a training run not yet timed is guessed at `train_weight` images)."""
 
     def __init__(self, trainings: int, images: int, train_weight: float):
         self.left = {"train": trainings, "image": images}
@@ -124,11 +124,10 @@ class Progress:
         self.left[kind] -= n
         self.last = now
         per = {k: self.spent[k] / self.count[k] for k in self.count if self.count[k]}
-        if "image" not in per:
-            per["image"] = per["train"] / self.weight
         if "train" not in per:
             per["train"] = per["image"] * self.weight
-        eta = sum(max(0, self.left[k]) * per[k] for k in per)
+        # a training run tells little about sampling cost (loading, class images): no ETA before an image is timed
+        eta = sum(max(0, self.left[k]) * per[k] for k in per) if "image" in per else float("nan")
         total = sum(self.count.values()) + sum(max(0, v) for v in self.left.values())
         log.info("study-sr progress %d/%d parts (elapsed %s, ETA %s)", sum(self.count.values()), total,
                  _hms(now - self.t0), _hms(eta))
