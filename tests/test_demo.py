@@ -56,7 +56,10 @@ def test_demo_default_is_the_toy_world(tmp_path, capsys):
     toy = summary["toy"]
     for name in ("before", "after"):
         assert 0 <= toy[name]["subject_fidelity"] <= 1 and 0 <= toy[name]["class_entropy_bits"] <= 4.6
-    assert set(toy["sr_subject_views"]) == {"base", "fine-tuned"}
+    assert set(toy["sr_heldout_views"]) == {"base", "fine-tuned low", "fine-tuned high"}
+    assert toy["sr_heldout_views"]["fine-tuned high"]["noise_aug"] == [250, 250]
+    assert all(0 <= v["freckle_f1"] <= 1 for v in toy["sr_heldout_views"].values())
+    assert (out / "stage2-high").is_dir()
     page = (out / "report.html").read_text()
     for link in re.findall(r'(?:src|href)="([^"]+)"', page):
         assert (out / link).is_file(), f"report.html links a missing file: {link}"

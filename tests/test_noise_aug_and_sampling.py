@@ -10,7 +10,7 @@ from stages.losses import DiffusionMath, diffusion_loss
 from stages.stage2 import Stage2Task
 
 OFF = dict(safety_checker=None, watermarker=None, feature_extractor=None, requires_safety_checker=False)
-T5_DIM = 32  # cascade.tiny.T5_DIM
+T5_DIM = 32  # cascade.offline.tiny.T5_DIM
 
 
 @pytest.fixture(scope="module")

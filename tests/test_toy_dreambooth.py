@@ -43,35 +43,43 @@ def test_study_sr_on_the_toy_world_reads_stripes_and_emblem(tmp_path, one_thread
     out = tmp_path / "study"
     assert main(["study-sr", "--config", "toy", "--subject", str(subject), "--class-noun", "toy", "--train",
                  "--variant", "low=0:0", "--max-steps", "2", "--noise-levels", "0,250", "--num-stage1", "1",
-                 "--max-images", "3", "--dino", "none", "--output", str(out),
+                 "--max-images", "3", "--dino", "none", "--output", str(out), "--seeds", "0", "--class-images", "0",
                  "--set", f"models.cache_dir={tmp_path / 'cache'}", "--set", "stage2.sample.steps=10",
                  "--set", "stage2.train.sample_every=1000", "--set", "stage2.train.prior_preservation=false"]) == 0
     rows = json.loads((out / "results.json").read_text())["means"]
-    base = [r for r in rows if r["model"] == "base" and r["input"] == "real"]
+    base = [r for r in rows if r["model"] == "base" and r["view"] == "training"]
     assert [r["noise_level"] for r in base] == [0, 250]
     assert all(r["emblem"] == 0.0 and 0.0 <= r["stripes"] <= 1.0 for r in base), base
     assert {r["model"] for r in rows} == {"bilinear upsampling (no model)", "base", "low (aug 0..0)"}
     assert all("stripes" in r and "emblem" in r for r in rows if r["input"] == "stage1")
     table = (out / "table.md").read_text()
-    assert "| stripes | emblem |" in table and (out / "plot-real.png").exists()
+    assert "| freckle F1 | stripes | emblem | freckles drawn |" in table and (out / "plot-real.png").exists()
+    held = [r for r in rows if r["view"] == "held-out"]  # fresh renders of the subject, never trained on
+    assert held and all(r["n"] == 6 and 0.0 <= r["freckle_f1"] <= 1.0 for r in held)
 
 
 def test_toy_study_measures_the_three_claims_with_study_sr(tmp_path, one_thread):
     """`cascade toy study` (1 seed, 1-step fine-tunes): claims (a) and (b) from its own samples, claim (c)
-    from a `cascade study-sr` run per seed, whose readers show the base SR never drawing the emblem."""
+    from one `cascade study-sr` sweep: freckle F1 on held-out views (bilinear upsampling places none),
+    freckles drawn on other toys, per SR variant with its training augmentation."""
     import csv
 
     out = tmp_path / "study"
     assert main(["toy", "study", "--output", str(out), "--seeds", "0", "--samples", "1", "--stage1-steps", "1",
-                 "--stage2-steps", "1", "--levels", "0", "--sr-inputs", "1", "--cache-dir", str(tmp_path / "cache")]) == 0
+                 "--stage2-steps", "1", "--levels", "0", "--sr-inputs", "1", "--sr-steps", "2",
+                 "--variant", "low=0:0", "--variant", "high=250:250:prior",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     claims = {r["claim"] for r in rows}
-    assert claims == {"a fidelity", "b drift", "c SR (subject views)", "c SR (stage I samples)"}
+    assert claims == {"a fidelity", "b drift", "c SR (held-out views)", "c SR (training views)",
+                      "c SR (stage I samples)", "c SR (other toys)"}
     sr = [r for r in rows if r["claim"].startswith("c SR")]
-    assert {r["model"] for r in sr} == {"bilinear upsampling (no model)", "base", "low (aug 0..1)",
-                                        "high (aug 250..250)"}
-    base_emblem = [float(r["value"]) for r in sr if r["model"] == "base" and r["metric"] == "emblem"]
-    assert base_emblem == [0.0, 0.0]
-    means = json.loads((out / "seed0" / "study-sr" / "results.json").read_text())["means"]
-    assert {m["model"] for m in means} == {r["model"] for r in sr} and all("stripes" in m for m in means)
-    assert (out / "plots.png").stat().st_size > 0 and (out / "seed0" / "study-sr" / "grid-real.png").exists()
+    assert {r["model"] for r in sr} == {"bilinear upsampling (no model)", "base", "low (aug 0..0)",
+                                        "high (aug 250..250, prior)"}
+    assert {r["train_aug"] for r in sr} == {"none", "pretrained", "0:0", "250:250"}
+    f1 = {r["model"]: float(r["value"]) for r in sr if r["claim"] == "c SR (held-out views)" and r["metric"] ==
+          "freckle_f1"}
+    assert f1["bilinear upsampling (no model)"] == 0.0 and all(0.0 <= v <= 1.0 for v in f1.values())
+    means = json.loads((out / "study-sr" / "results.json").read_text())["means"]
+    assert {m["model"] for m in means} == {r["model"] for r in sr} and all("freckles" in m for m in means)
+    assert (out / "plots.png").stat().st_size > 0 and (out / "study-sr" / "grid-real.png").exists()

@@ -116,6 +116,13 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     r2 = train(TrainRequest(2, cfg, subject, class_noun, output=str(root / "stage2"),
                          measures=live_measures.for_training(cfg, 2, subject)))
     lap("train stage II", t)
+    r2_high = None
+    if toy:  # the SR comparison: the same fine-tune at high noise augmentation
+        from cascade.toy.demo_measures import HIGH_AUG, high_aug_config
+
+        t = time.time()
+        r2_high = train(TrainRequest(2, high_aug_config(cfg), subject, class_noun, output=str(root / "stage2-high")))
+        lap(f"train stage II at augmentation {HIGH_AUG[0]}..{HIGH_AUG[1]}", t)
     folders.start_logging(root)  # back to the demo's own log
 
     prompts = [p.format(c=class_noun).replace("[V]", token) for p in (TOY_PROMPTS if toy else PROMPTS)]
@@ -143,7 +150,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
 
         t = time.time()
         encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length)
-        toy_numbers = measure_demo(root, cfg, base, tuned, prompts, n_images, encoder)
+        toy_numbers = measure_demo(root, cfg, base, tuned, prompts, n_images, encoder, str(r2_high.export_dir))
         lap("read samples (toy readers)", t)
     timings["total"] = round(time.time() - t0, 2)
 

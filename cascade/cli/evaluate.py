@@ -1,12 +1,13 @@
 """`cascade evaluate` (DreamBench metrics) and `cascade study-sr` (the super-resolution study):
-argument parsing and the calls into cascade.evaluate / cascade.study."""
+argument parsing and the calls into cascade.evaluation.dreambench / cascade.evaluation.sr_study."""
 from __future__ import annotations
 
 from cascade.cli import flags
 from cascade.config import ConfigError, load_config
 from cascade.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
-DEFAULT_LEVELS = "0,1,5,20,50,100,250"
+DEFAULT_LEVELS = "0,20,100,250"
+DEFAULT_VARIANTS = ["aug0=0:0", "aug0-20=0:20", "aug100=100:100", "aug250=250:250"]
 
 
 def _metric_args(p):
@@ -45,14 +46,19 @@ def add_commands(sub, common_config):
     p.add_argument("--base", default=None, help="base SR model (default: models.stage2's base)")
     p.add_argument("--sr", action="append", default=[], metavar="[LABEL=]PATH", help="fine-tuned SR export (repeatable)")
     p.add_argument("--train", action="store_true", help="fine-tune the --variant SR models first")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=MIN:MAX",
-                   help="training noise-augmentation range per variant (default low=0:0 and high=0:250)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=MIN:MAX[:prior]",
+                   help="training noise-augmentation range per variant, ':prior' for prior preservation with class "
+                        f"pairs made by the frozen cascade (default {' '.join(DEFAULT_VARIANTS)})")
     p.add_argument("--max-steps", type=flags.count(1), default=None, help="training steps per variant (default: config)")
     p.add_argument("--noise-levels", default=DEFAULT_LEVELS, help=f"sampling noise levels (default {DEFAULT_LEVELS})")
     p.add_argument("--stage1", default=None, help="stage I for the sample inputs (default: config), or none")
     p.add_argument("--num-stage1", type=flags.count(0), default=2, help="stage I samples of 'a [V] <class>' to upsample")
     p.add_argument("--max-images", type=flags.count(1), default=4, help="at most this many real photos")
-    p.add_argument("--seed", type=flags.seed, default=0, help="image k of a prompt uses seed + k")
+    p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated: each fine-tunes the variants and samples "
+                                                     "once (default 0,1,2: mean ± std over 3)")
+    p.add_argument("--holdout", type=flags.count(0), default=None, help="photos kept out of --train and scored as held-out "
+                                                             "views (default 1 with >= 4 photos, else 0)")
+    p.add_argument("--class-images", type=flags.count(0), default=4, help="base stage I 'a <class>' samples upsampled for drift")
     _metric_args(p)
     p.add_argument("--lpips-net", default="alex", help="LPIPS backbone (alex|vgg|squeeze), when lpips is installed")
     p.add_argument("--output", default=None, help="study folder; default runs/NNNNN-study-sr-CLASS")
@@ -82,19 +88,30 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
-def _variants(items: list[str]) -> list[tuple[str, int, int]]:
+def _variants(items: list[str]) -> list[tuple[str, int, int, bool]]:
     out = []
-    for item in items or ["low=0:0", "high=0:250"]:
+    for item in items or DEFAULT_VARIANTS:
         name, _, rng = item.partition("=")
-        lo, _, hi = rng.partition(":")
+        lo, _, rest = rng.partition(":")
+        hi, _, flag = rest.partition(":")
         try:
             lo_i, hi_i = int(lo), int(hi or lo)
         except ValueError:
-            raise ConfigError(f"--variant {item!r}: expected NAME=MIN:MAX with integer levels") from None
-        if not name or not 0 <= lo_i <= hi_i <= 999:
-            raise ConfigError(f"--variant {item!r}: expected NAME=MIN:MAX with 0 <= MIN <= MAX <= 999")
-        out.append((name, lo_i, hi_i))
+            raise ConfigError(f"--variant {item!r}: expected NAME=MIN:MAX[:prior] with integer levels") from None
+        if not name or not 0 <= lo_i <= hi_i <= 999 or flag not in ("", "prior"):
+            raise ConfigError(f"--variant {item!r}: expected NAME=MIN:MAX[:prior] with 0 <= MIN <= MAX <= 999")
+        out.append((name, lo_i, hi_i, flag == "prior"))
     return out
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or any(s < 0 for s in seeds):
+        raise ConfigError(f"--seeds must be non-negative integers separated by commas, got {text!r}")
+    return seeds
 
 
 def cmd_study_sr(args):
@@ -108,16 +125,19 @@ def cmd_study_sr(args):
         sr.append((label, path) if sep else (f"fine-tuned-{len(sr) + 1}", item))
     if not sr and not args.train:
         raise ConfigError("give fine-tuned SR exports with --sr PATH, or --train to fine-tune variants")
-    if args.num_stage1 < 0 or args.max_images < 1:
-        raise ConfigError("--num-stage1 must be >= 0 and --max-images >= 1")
+    if args.num_stage1 < 0 or args.max_images < 1 or args.class_images < 0:
+        raise ConfigError("--num-stage1 and --class-images must be >= 0 and --max-images >= 1")
+    if args.holdout is not None and args.holdout < 0:
+        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
+    seeds = _seeds(args.seeds)
     req = StudyRequest(cfg, args.subject, args.class_noun, args.identifier, args.base, sr,
                        _variants(args.variant) if args.train else [], _levels(args.noise_levels), args.stage1,
-                       args.num_stage1, args.max_images, args.seed, args.dino, args.lpips_net, args.output,
-                       args.overwrite)
+                       args.num_stage1, args.max_images, seeds[0], args.dino, args.lpips_net, args.output,
+                       args.overwrite, seeds=seeds, holdout=args.holdout, class_stage1=args.class_images)
     if (args.base or cfg.models.stage2) == "toy":  # the toy world: its exact readers see the SR detail
-        from cascade.toy.measure import study_readers
+        from cascade.toy.measure import study_extras
 
-        req.readers = study_readers()
+        study_extras(req)
     out, _ = run_study(req)
     print((out / "table.md").read_text())
     print(f"CSV, table, plots and grids in {out}")

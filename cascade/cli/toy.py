@@ -24,6 +24,8 @@ PRETRAIN_HELP = {
     "seed": "seed of the world, the weights and every step",
     "ckpt_every": "checkpoint and export every N steps",
     "threads": "torch CPU threads (1 is fastest on a shared machine)",
+    "specks": "stage II: fraction of pool images with freckle-like dots on the background",
+    "init": "start from this diffusers unet/ folder (e.g. cascade/toy/weights/stage2/unet); recorded in provenance",
 }
 # each pretraining value's range, checked as the flag is parsed
 PRETRAIN_TYPES = {
@@ -33,6 +35,7 @@ PRETRAIN_TYPES = {
     "caption_dropout": flags.finite(0, 1), "attribute_dropout": flags.finite(0, 1),
     "noise_level_max": flags.noise_level, "crop": flags.count(0), "pool_size": flags.count(1),
     "seed": flags.seed, "ckpt_every": flags.count(1), "threads": flags.count(1),
+    "specks": flags.finite(0, 1), "init": str,
 }
 
 
@@ -49,6 +52,7 @@ def add_commands(sub):
                        help=f"{PRETRAIN_HELP[f.name]} (default {f.default})")
     p.set_defaults(func=cmd_pretrain)
     add_check(toy)
+    add_premise(toy)
     add_install(toy)
     add_study(toy)
 
@@ -125,6 +129,57 @@ def cmd_check(args):
     print(json.dumps({k: v for r in (r1, r2) if r for k, v in r.items() if not hasattr(v, "shape")}))
 
 
+def add_premise(toy):
+    p = toy.add_parser("premise", help="can any SR model place the subject's freckles? the oracle on IF's noised "
+                                       "condition, per sampling noise level")
+    p.add_argument("--views", type=flags.count(1), default=32, help="fresh subject views (default 32)")
+    p.add_argument("--seeds", type=flags.count(1), default=3, help="noise draws per level (default 3)")
+    p.add_argument("--levels", default="0,5,20,50,100,250,500", help="noise levels")
+    p.add_argument("--sr", default=None, help="also run this stage II (folder, e.g. cascade/toy/weights/stage2) on "
+                                              "--views fresh pool toys with background specks: can it draw them?")
+    p.add_argument("--sr-steps", type=flags.count(1), default=10, help="SR sampling steps for --sr (default 10)")
+    p.set_defaults(func=cmd_premise)
+
+
+def cmd_premise(args):
+    import statistics
+
+    from diffusers import DDPMScheduler
+
+    from cascade.toy import freckles, weights, world
+    from stages.errors import InputError
+
+    try:
+        levels = [int(x) for x in args.levels.split(",")]
+    except ValueError:
+        raise InputError(f"--levels must be comma-separated integers, got {args.levels!r}") from None
+    if args.views < 1 or args.seeds < 1 or any(not 0 <= lv <= 999 for lv in levels):
+        raise InputError("--views and --seeds must be >= 1, --levels in 0..999")
+    noising = DDPMScheduler.from_pretrained(weights.WEIGHTS / "stage2" / "image_noising_scheduler")
+    toys = world.fresh_subject_toys(args.views, 0)
+    print(f"oracle freckle F1 on {args.views} fresh subject views x {args.seeds} noise draws "
+          f"(mean ± std over views and draws); noise std = sqrt(1 - alpha_bar(level))")
+    print("| noise level | noise std | oracle F1 |\n|---|---|---|")
+    for lv in levels:
+        v = [x for s in range(args.seeds) for x in freckles.oracle(toys, lv, noising, seed=s)]
+        std = float((1 - noising.alphas_cumprod[lv]).sqrt())
+        print(f"| {lv} | {std:.4f} | {statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f} |")
+    chance = [x for s in range(args.seeds) for x in freckles.chance(toys, seed=s)]
+    print(f"| chance (dots at random light-stripe positions inside the toy) | - | {statistics.mean(chance):.3f} ± "
+          f"{statistics.pstdev(chance):.3f} |")
+    if args.sr:
+        from cascade.toy.check import _embeds
+
+        print(f"\nSR {args.sr} on {args.views} pool-like toys with background specks ({args.sr_steps} steps, "
+              "guidance 4, full captions): speck F1 on the background (mean ± std over images)")
+        print("| noise level | speck F1 | specks drawn | bilinear speck F1 |\n|---|---|---|---|")
+        for lv, r in freckles.speck_control(Path(args.sr), args.views, levels, args.sr_steps,
+                                            lambda prompts: _embeds(Path(args.sr).parent / "stage1", prompts,
+                                                                    "~/.cache/cascade")).items():
+            print(f"| {lv} | {r['f1']:.3f} ± {r['f1_std']:.3f} | {r['found']:.2f} (true {r['true']:.2f}) | "
+                  f"{r['bilinear_f1']:.3f} |")
+
+
 def add_install(toy):
     p = toy.add_parser("install", help="install a pretraining's model/ as toy weights, after the toy check bars")
     p.add_argument("--model", required=True, help="the pretraining's model/ folder (stage1/, stage2/)")
@@ -186,8 +241,12 @@ def add_study(toy):
                    help="stage I fine-tuning steps per run (default 100)")
     p.add_argument("--stage2-steps", type=flags.count(1), default=100,
                    help="stage II fine-tuning steps per run (default 100)")
-    p.add_argument("--levels", default="0,50,100,250", help="SR sampling noise levels")
-    p.add_argument("--sr-inputs", type=flags.count(1), default=8, help="stage I samples upsampled per SR model and level")
+    p.add_argument("--levels", default="0,20,250", help="SR sampling noise levels")
+    p.add_argument("--sr-inputs", type=flags.count(1), default=2, help="stage I samples upsampled per SR model and level")
+    p.add_argument("--sr-steps", type=flags.count(1), default=10, help="SR sampling steps in the sweep (default 10)")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME=MIN:MAX[:prior]",
+                   help="SR variants (default aug0=0:0 aug250=250:250 aug0-prior=0:0:prior)")
+    p.add_argument("--sr-only", action="store_true", help="claim (c) only (skips the stage I claims a and b)")
     p.add_argument("--threads", type=flags.count(1), default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")
     p.set_defaults(func=cmd_study)
@@ -203,16 +262,22 @@ def cmd_study(args):
         levels = [int(x) for x in args.levels.split(",")]
     except ValueError:
         raise InputError(f"--seeds/--levels must be comma-separated integers, got {args.seeds!r} / {args.levels!r}")
-    if not seeds or args.samples < 1 or args.sr_inputs < 1 or any(not 0 <= lv <= 999 for lv in levels):
-        raise InputError("--seeds needs one seed or more, --samples/--sr-inputs >= 1, --levels in 0..999")
+    if not seeds or args.samples < 1 or args.sr_inputs < 1 or args.sr_steps < 1 or any(not 0 <= lv <= 999
+                                                                                         for lv in levels):
+        raise InputError("--seeds needs one seed or more, --samples/--sr-inputs/--sr-steps >= 1, --levels in 0..999")
     from cascade.toy.study import StudyConfig, run_study
 
     from cascade.runs import folders
 
     torch.set_num_threads(args.threads)
-    sc = StudyConfig(seeds, args.samples, args.stage1_steps, args.stage2_steps, levels=levels, sr_inputs=args.sr_inputs)
+    sc = StudyConfig(seeds, args.samples, args.stage1_steps, args.stage2_steps, levels=levels, sr_inputs=args.sr_inputs,
+                     sr_steps=args.sr_steps, sr_only=args.sr_only)
+    if args.variant:
+        from cascade.cli.evaluate import _variants
+
+        sc.variants = _variants(args.variant)
     out = folders.prepare_output(args.output, "toy study", overwrite=args.overwrite)  # the run-folder rules
     run_study(out, sc, args.cache_dir)
     print((out / "table.md").read_text())
-    print(f"results: {out / 'results.csv'}, plots: {out / 'plots.png'}; the SR sweep of each seed (tables, plots, "
-          f"grids): {out}/seed*/study-sr")
+    print(f"results: {out / 'results.csv'}, plots: {out / 'plots.png'}; the SR sweep over all seeds (per-seed CSV, "
+          f"tables, plots, grids): {out}/study-sr")

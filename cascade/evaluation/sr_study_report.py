@@ -1,107 +1,175 @@
-"""Outputs of `cascade study-sr`: results.csv (one row per model x level x input image),
-table.md (means per model and level, with what the sweep found), results.json, plots of each
-metric against the noise level (one line per SR model), and image grids (rows: models; columns:
-the low-res input, each noise level, the ground truth)."""
+"""Outputs of `cascade study-sr`: results.csv (one row per seed x model x level x input image, with the
+training augmentation of the model and a held-out flag), results.json (per-seed means and the means
+over seeds with their spread), table.md (one section per kind of view: held-out, training, stage I
+samples, other objects), plots of each metric against the noise level (one line per SR model, error
+bars = std over seeds), and image grids (rows: models; columns: the low-res input, each noise level,
+the ground truth beside every row)."""
 from __future__ import annotations
 
 import csv
 import json
 import math
+import statistics
 from pathlib import Path
 
 import torch
 
 from stages import data
 
-METRICS = {"real": ("psnr", "ssim", "lpips", "hf_ratio", "dino"), "stage1": ("hf_ratio", "dino")}
-NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "lpips": "LPIPS", "hf_ratio": "HF ratio", "dino": "DINO"}
+METRICS = {"real": ("psnr", "ssim", "hp_corr", "lpips", "hf_ratio", "dino"), "stage1": ("hf_ratio", "dino"),
+           "class": ("hf_ratio", "dino")}
+NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "hp_corr": "high-pass corr.", "lpips": "LPIPS", "hf_ratio": "HF ratio",
+         "dino": "DINO", "freckle_f1": "freckle F1", "freckles": "freckles drawn"}
 TILE = 128
+T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+SECTIONS = (("held-out", "Held-out views: subject photos never trained on, and fresh views (ground truth exists)"),
+            ("training", "Training views: the photos the variants fine-tuned on (reconstruction, not generalisation)"),
+            ("subject photo", "Subject photos (training use of the given models unknown)"),
+            ("stage I sample", "Stage I samples of 'a [V] <class>' (no ground truth; HF ratio vs the photos' mean)"),
+            ("class", "Other objects (drift: the subject's detail where there is no subject)"))
 
 
 def _mean(values):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isinf(v))]
+    values = [v for v in values if v is not None and not (isinstance(v, float) and (math.isinf(v) or math.isnan(v)))]
     return sum(values) / len(values) if values else None
 
 
-def metrics_of(kind: str, readers=()) -> tuple:
-    return METRICS[kind] + tuple(readers)
+def section(view: str) -> str:
+    return next(s for s, _ in SECTIONS if view.startswith(s))
 
 
-def aggregate(rows: list[dict], readers=()) -> list[dict]:
-    """Means per (input kind, model, noise level), in the order rows first appear."""
-    keys = list(dict.fromkeys((r["input"], r["model"], r["noise_level"]) for r in rows))
+def metrics_of(kind: str, readers=(), truth_readers=()) -> tuple:
+    return METRICS[kind] + (tuple(truth_readers) if kind == "real" else ()) + tuple(readers)
+
+
+def _key(r):
+    return section(r["view"]), r["model"], r["noise_level"]
+
+
+def per_seed(rows: list[dict], readers=(), truth_readers=()) -> list[dict]:
+    """Means over images per (seed, view section, model, noise level)."""
+    keys = list(dict.fromkeys((r["seed"], *_key(r)) for r in rows))
     out = []
-    for kind, model, level in keys:
-        sel = [r for r in rows if (r["input"], r["model"], r["noise_level"]) == (kind, model, level)]
-        out.append({"input": kind, "model": model, "noise_level": level, "n": len(sel),
-                    **{m: _mean([r.get(m) for r in sel]) for m in metrics_of(kind, readers)}})
+    for seed, sec, model, level in keys:
+        sel = [r for r in rows if r["seed"] == seed and _key(r) == (sec, model, level)]
+        ms = metrics_of(sel[0]["input"], readers, truth_readers)
+        out.append({"seed": seed, "view": sec, "heldout": sec == "held-out", "input": sel[0]["input"], "model": model,
+                    "train_aug": sel[0]["train_aug"], "prior": sel[0]["prior"], "noise_level": level, "n": len(sel),
+                    **{m: _mean([r.get(m) for r in sel]) for m in ms}})
+    return out
+
+
+def aggregate(rows: list[dict], readers=(), truth_readers=()) -> list[dict]:
+    """Means over seeds of the per-seed means, with the std over seeds and a 95% t interval."""
+    return over_seeds(per_seed(rows, readers, truth_readers), readers, truth_readers)
+
+
+def merge(folders: list[Path]) -> tuple[list[dict], list[dict]]:
+    """(per-seed means, means over seeds) of several study folders' results.json, e.g. one sweep per
+    seed run in parallel; a seed measured twice is refused."""
+    seeds, readers, truth_readers = [], (), ()
+    for f in folders:
+        j = json.loads((Path(f) / "results.json").read_text())
+        seeds += j["per_seed"]
+        readers, truth_readers = j["readers"], j.get("truth_readers", ())
+    keys = [(s["seed"], s["view"], s["model"], s["noise_level"]) for s in seeds]
+    if len(set(keys)) != len(keys):
+        raise ValueError("the same seed, view, model and level appear in two of the folders")
+    return seeds, over_seeds(seeds, readers, truth_readers)
+
+
+def over_seeds(seeds: list[dict], readers=(), truth_readers=()) -> list[dict]:
+    keys = list(dict.fromkeys((s["view"], s["model"], s["noise_level"]) for s in seeds))
+    out = []
+    for key in keys:
+        sel = [s for s in seeds if (s["view"], s["model"], s["noise_level"]) == key]
+        a = {k: sel[0][k] for k in ("view", "heldout", "input", "model", "train_aug", "prior", "noise_level")}
+        a.update(n_seeds=len(sel), n=sel[0]["n"])
+        for m in metrics_of(sel[0]["input"], readers, truth_readers):
+            vals = [s[m] for s in sel if s[m] is not None]
+            a[m] = _mean(vals)
+            sd = statistics.stdev(vals) if len(vals) > 1 else None
+            a[m + "_std"] = sd
+            a[m + "_ci95"] = T95.get(len(vals), 1.96) * sd / math.sqrt(len(vals)) if sd is not None else None
+        out.append(a)
     return out
 
 
 def findings(agg: list[dict]) -> list[str]:
-    """Per SR model: the noise level with the best PSNR on real inputs, and its HF ratio."""
+    """Per SR model on held-out views (else all views with truth): the level with the best PSNR."""
     lines = []
-    for model in dict.fromkeys(a["model"] for a in agg if a["input"] == "real" and a["noise_level"] is not None):
-        sel = [a for a in agg if a["input"] == "real" and a["model"] == model and a["psnr"] is not None]
+    sec = "held-out" if any(a["view"] == "held-out" for a in agg) else None
+    sel_all = [a for a in agg if a["input"] == "real" and a["noise_level"] is not None and (sec is None or a["view"] == sec)]
+    for model in dict.fromkeys(a["model"] for a in sel_all):
+        sel = [a for a in sel_all if a["model"] == model and a["psnr"] is not None]
         if not sel:
             continue
-        best = max(sel, key=lambda a: a["psnr"])
-        worst = min(sel, key=lambda a: a["psnr"])
-        lines.append(f"{model}: best PSNR {best['psnr']:.2f} dB at noise_level {best['noise_level']} "
-                     f"(HF ratio {best['hf_ratio']:.2f}); worst {worst['psnr']:.2f} dB at {worst['noise_level']}")
+        best, worst = max(sel, key=lambda a: a["psnr"]), min(sel, key=lambda a: a["psnr"])
+        lines.append(f"{model} ({sel[0]['view']} views): best PSNR {best['psnr']:.2f} dB at noise_level "
+                     f"{best['noise_level']} (HF ratio {best['hf_ratio']:.2f}, high-pass corr. {best['hp_corr']:.3f}); "
+                     f"worst {worst['psnr']:.2f} dB at {worst['noise_level']}")
     return lines
 
 
-def _fmt(v) -> str:
-    return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+def _fmt(v, sd=None) -> str:
+    if v is None:
+        return "-"
+    s = f"{v:.3f}" if isinstance(v, float) else str(v)
+    return s + (f" ± {sd:.3f}" if sd is not None else "")
 
 
 def markdown(agg: list[dict], info: dict, found: list[str]) -> str:
     lines = ["# Super-resolution study", "",
              f"- subject: {info['subject']} (prompt '{info['prompt']}'), SR {info['resolutions'][0]} -> "
-             f"{info['resolutions'][1]} px", f"- {info['dino']}", f"- LPIPS: {info['lpips']}"]
+             f"{info['resolutions'][1]} px; seeds {info['seeds']} (values: mean ± std over seeds)",
+             f"- training photos {info['training_photos']}, held-out photos {info['heldout_photos']}, "
+             f"fresh held-out views {info['fresh_views']}", f"- {info['dino']}", f"- LPIPS: {info['lpips']}"]
     if info["random_weights"]:
         lines.append("- **The cascade weights are tiny and random: every number below describes noise.**")
     if info["dino_random"]:
         lines.append("- The DINO model is random: its similarities mean nothing.")
-    for kind, title in (("real", "Real photos downsampled to the SR input size (ground truth exists)"),
-                        ("stage1", "Stage I samples (no ground truth; HF ratio vs the real photos' mean)")):
-        sel = [a for a in agg if a["input"] == kind]
+    for sec, title in SECTIONS:
+        sel = [a for a in agg if a["view"] == sec]
         if not sel:
             continue
-        ms = metrics_of(kind, info["readers"])
-        lines += ["", f"## {title}", "", "| model | noise_level | n | " + " | ".join(NAMES.get(m, m) for m in ms) + " |",
-                  "|---|---|---|" + "---|" * len(ms)]
+        ms = metrics_of(sel[0]["input"], info["readers"], info.get("truth_readers", ()))
+        lines += ["", f"## {title}", "", "| model | training aug | noise_level | images | "
+                  + " | ".join(NAMES.get(m, m) for m in ms) + " |", "|---|---|---|---|" + "---|" * len(ms)]
         for a in sel:
-            lines.append(f"| {a['model']} | {_fmt(a['noise_level'])} | {a['n']} | "
-                         + " | ".join(_fmt(a[m]) if not (m == "lpips" and a[m] is None) else "unavailable"
-                                      for m in ms) + " |")
+            cells = [("unavailable" if m in ("lpips", "dino") and a[m] is None else _fmt(a[m], a[m + "_std"]))
+                     for m in ms]
+            lines.append(f"| {a['model']} | {a['train_aug']} | {_fmt(a['noise_level'])} | {a['n']} | "
+                         + " | ".join(cells) + " |")
     lines += ["", "## What the sweep found", ""] + [f"- {f}" for f in found]
     lines += ["", "HF ratio: high-frequency spectrum energy (above 0.25 x Nyquist) of the output over the "
-              "reference's; below 1 = blurred, near 1 with low PSNR = detail that is not the subject's."]
+              "reference's; below 1 = blurred, near 1 with low PSNR = detail that is not the subject's. "
+              "High-pass corr.: correlation of output and truth after removing a sigma-1 px blur (placement). "
+              "SSIM: Gaussian window, sigma 1.5."]
     return "\n".join(lines) + "\n"
 
 
-def plot(agg: list[dict], kind: str, path: Path, readers=()):
+def plot(agg: list[dict], sec: str, path: Path, readers=(), truth_readers=()):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ms = [m for m in metrics_of(kind, readers) if any(a.get(m) is not None for a in agg if a["input"] == kind)]
+    sel_all = [a for a in agg if a["view"] == sec]
+    ms = [m for m in metrics_of(sel_all[0]["input"], readers, truth_readers) if any(a.get(m) is not None for a in sel_all)]
     fig, axes = plt.subplots(1, len(ms), figsize=(3.6 * len(ms), 3.2), squeeze=False)
     for ax, m in zip(axes[0], ms):
-        for model in dict.fromkeys(a["model"] for a in agg if a["input"] == kind):
-            sel = [a for a in agg if a["input"] == kind and a["model"] == model and a[m] is not None]
+        for model in dict.fromkeys(a["model"] for a in sel_all):
+            sel = [a for a in sel_all if a["model"] == model and a[m] is not None]
             if sel and sel[0]["noise_level"] is None:
                 ax.axhline(sel[0][m], ls="--", c="grey", lw=1, label=model)
             elif sel:
-                ax.plot([a["noise_level"] for a in sel], [a[m] for a in sel], marker="o", label=model)
+                ax.errorbar([a["noise_level"] for a in sel], [a[m] for a in sel], [a[m + "_std"] or 0 for a in sel],
+                            marker="o", capsize=3, label=model)
         ax.set_xscale("symlog", linthresh=1)
         ax.set_xlabel("sampling noise_level")
         ax.set_title(NAMES.get(m, m))
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("SR study: " + ("real photos (vs ground truth)" if kind == "real" else "stage I samples"))
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(f"SR study: {sec} views (one line per SR model / training augmentation; bars: std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -136,19 +204,31 @@ def image_grid(index: int, lowres, truth, outputs: dict, reference, levels: list
     canvas.save(path)
 
 
-def write(out: Path, rows: list[dict], info: dict, lowres, truth, kinds, outputs, reference):
-    agg = aggregate(rows, info["readers"])
+def _atomic_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write(out: Path, rows: list[dict], info: dict, lowres, truth: list, kinds, views, outputs, reference):
+    rd, trd = info["readers"], info.get("truth_readers", [])
+    agg = aggregate(rows, rd, trd)
     found = findings(agg)
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["input", "image", "model", "noise_level", "psnr", "ssim", "lpips",
-                                          "hf_ratio", "dino", *info["readers"]])
+    fields = ["seed", "input", "view", "heldout", "image", "model", "train_aug", "prior", "noise_level", "psnr", "ssim",
+              "hp_corr", "lpips", "hf_ratio", "dino", *trd, *rd]
+    tmp = out / "results.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    (out / "results.json").write_text(json.dumps({**info, "means": agg, "findings": found}, indent=1))
-    (out / "table.md").write_text(markdown(agg, info, found))
-    for kind in ("real", "stage1"):
-        if kind in kinds:
-            plot(agg, kind, out / f"plot-{kind}.png", info["readers"])
-            i = kinds.index(kind)
-            image_grid(i, lowres, truth[i] if kind == "real" else None, outputs, reference, info["levels"],
-                       out / f"grid-{kind}.png")
+    tmp.replace(out / "results.csv")
+    _atomic_text(out / "results.json", json.dumps({**info, "per_seed": per_seed(rows, rd, trd), "means": agg,
+                                                   "findings": found}, indent=1))
+    _atomic_text(out / "table.md", markdown(agg, info, found))
+    for kind, sec in (("real", "held-out" if "held-out" in map(section, views) else None), ("stage1", "stage I sample"),
+                      ("class", "class")):
+        if kind not in kinds:
+            continue
+        idx = [i for i, (k, v) in enumerate(zip(kinds, views)) if k == kind and (sec is None or section(v) == sec)]
+        plot(agg, sec or section(views[idx[0]]), out / f"plot-{kind}.png", rd, trd)
+        image_grid(idx[0], lowres, truth[idx[0]], outputs, reference, info["levels"], out / f"grid-{kind}.png")

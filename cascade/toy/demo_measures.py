@@ -2,7 +2,9 @@
 
 - subject fidelity: "a [V] toy" stage I samples with the subject's colour+shape, base vs fine-tuned;
 - drift: "a toy" stage I samples that took the subject's colour+shape, and their entropy (diversity);
-- SR detail: the subject's 16 px views upsampled by SR base vs fine-tuned: stripes and emblem read.
+- SR detail on held-out views (new renders of the subject, never trained on): upsampled by SR base,
+  SR fine-tuned at the config's (low) noise augmentation and at HIGH_AUG: freckle position F1 against
+  the truth, stripes and emblem read.
 """
 from __future__ import annotations
 
@@ -19,16 +21,29 @@ def _load(folder: Path, idx: list[int]) -> torch.Tensor:
     return world.to_tensor([Image.open(folder / f"{i:05d}.png").convert("RGB") for i in idx])
 
 
-def _sr_subject(cfg, path: str, prompt: str, encoder) -> torch.Tensor:
+HIGH_AUG = (250, 250)
+HELD_OUT_VIEWS = 4
+
+
+def high_aug_config(cfg):
+    """The demo's stage II settings with training augmentation HIGH_AUG; the export samples at the top of
+    its training range (stage2.sample.noise_level -1)."""
+    import dataclasses
+
+    t = dataclasses.replace(cfg.stage2.train, noise_aug_min=HIGH_AUG[0], noise_aug_max=HIGH_AUG[1])
+    out = dataclasses.replace(cfg)
+    out.stage2 = dataclasses.replace(cfg.stage2, train=t, sample=dataclasses.replace(cfg.stage2.sample, noise_level=-1))
+    return out
+
+
+def _sr_views(cfg, path: str, prompt: str, encoder, lo: torch.Tensor) -> torch.Tensor:
     from cascade import runner
 
-    hi = world.to_tensor(world.subject_photos())
-    lo = world.to_lowres(hi)
     emb = encoder.encode([prompt, ""])
     return runner.run_stage2(path, cfg, lo, emb[prompt].expand(len(lo), -1, -1), emb[""], list(range(len(lo))))
 
 
-def measure_demo(root: Path, cfg, base, tuned, prompts: list[str], n: int, encoder) -> dict:
+def measure_demo(root: Path, cfg, base, tuned, prompts: list[str], n: int, encoder, tuned_high: str) -> dict:
     """prompts = ["a <token> toy", "a toy"], sampled n times each into root/samples-{before,after}."""
     out = {"images_per_prompt": n}
     for name in ("before", "after"):
@@ -37,15 +52,18 @@ def measure_demo(root: Path, cfg, base, tuned, prompts: list[str], n: int, encod
         out[name] = {"subject_fidelity": measure.fidelity(inst), **{f"class_{k}": v for k, v in measure.drift(cls).items()}}
         if (folder / "stage2").is_dir():
             out[name]["instance_sr_detail"] = measure.detail(_load(folder / "stage2", list(range(n))))
-    sr = {}
-    ups = []
-    for name, path in (("base", base.stage2), ("fine-tuned", tuned.stage2)):
-        images = _sr_subject(cfg, path, prompts[0], encoder)
-        sr[name] = measure.detail(images)
+    truth = world.to_tensor([world.render(t) for t in world.fresh_subject_toys(HELD_OUT_VIEWS, 2)])
+    low = world.to_lowres(truth)
+    lo_aug = (cfg.stage2.train.noise_aug_min, cfg.stage2.train.noise_aug_max)
+    sr, ups = {}, []
+    for name, path in (("base", base.stage2), ("fine-tuned low", tuned.stage2), ("fine-tuned high", tuned_high)):
+        images = _sr_views(cfg, path, prompts[0], encoder, low)
+        f1 = [measure.freckle_f1_vs_truth(im, gt) for im, gt in zip(images, truth)]
+        sr[name] = {**measure.detail(images), "freckle_f1": sum(f1) / len(f1)}
         ups.append(images)
-    low = world.to_lowres(world.to_tensor(world.subject_photos()))
+    sr["fine-tuned low"]["noise_aug"], sr["fine-tuned high"]["noise_aug"] = list(lo_aug), list(HIGH_AUG)
     rows = [readers.to_pil(x) for x in torch.cat([torch.nn.functional.interpolate(low, size=world.HI, mode="nearest"),
-                                                   *ups, world.to_tensor(world.subject_photos())])]
+                                                   *ups, truth])]
     data.grid([r.resize((128, 128), 0) for r in rows], len(low)).save(root / "sr-subject.png")
-    out["sr_subject_views"] = sr
+    out["sr_heldout_views"] = sr
     return out

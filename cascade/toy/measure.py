@@ -8,12 +8,13 @@
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from cascade.toy import readers, world
+from cascade.toy import freckles, readers, world
 
 
 def write_subject(folder: Path) -> Path:
@@ -50,6 +51,45 @@ def study_readers() -> dict:
     and its emblem, the detail only the SR stage can draw."""
     return {"stripes": lambda im: float(readers.read(im).get("pattern") == world.SUBJECT["pattern"]),
             "emblem": lambda im: float(bool(readers.read(im).get("emblem")))}
+
+
+def freckle_f1_vs_truth(image: torch.Tensor, truth: torch.Tensor) -> float:
+    """Position F1 of the dots drawn in `image` against those of the ground-truth view `truth` (both
+    read by the same detector, inside the truth's object mask)."""
+    mask = freckles.object_mask(truth)
+    return freckles.f1(freckles.detect(image, mask), freckles.detect(truth, mask))
+
+
+def freckles_drawn(image: torch.Tensor) -> float:
+    """How many freckle-like dots the image shows on its object (mask read from the image itself)."""
+    return float(len(freckles.detect(image, freckles.object_mask(image))))
+
+
+def other_toys(n: int, seed: int) -> list:
+    """n toys that are not the subject: random colour and shape other than the subject's pair, plain or
+    striped (the dotted pattern's own dots would read as freckles), never freckled."""
+    rng = random.Random(f"other-toys-{seed}")
+    out = []
+    while len(out) < n:
+        t = world.random_toy(rng, pattern=rng.choice(("plain", "striped")))
+        if (t.colour, t.shape) != (world.SUBJECT["colour"], world.SUBJECT["shape"]):
+            out.append(t)
+    return out
+
+
+FRESH_VIEWS, OTHER_TOYS = 6, 6
+
+
+def study_extras(req, fresh: int = FRESH_VIEWS, others: int = OTHER_TOYS):
+    """The toy world's additions to a `cascade study-sr` request: its readers (stripes, emblem, freckles
+    drawn), freckle F1 against the truth, `fresh` new views of the subject as held-out ground truth, and
+    `others` renders of other toys as drift inputs."""
+    req.readers = {**study_readers(), "freckles": freckles_drawn}
+    req.truth_readers = {"freckle_f1": freckle_f1_vs_truth}
+    req.fresh_views = world.to_tensor([world.render(t) for t in world.fresh_subject_toys(fresh, 1)]) if fresh else None
+    req.class_inputs = world.to_lowres(world.to_tensor([world.render(t) for t in other_toys(others, 0)])) \
+        if others else None
+    return req
 
 
 def entropy(images: torch.Tensor) -> float:

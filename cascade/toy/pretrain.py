@@ -49,6 +49,8 @@ class PretrainConfig:
     seed: int = 0
     ckpt_every: int = 100
     threads: int = 1
+    specks: float = 0.0  # stage II: fraction of pool images with freckle-like dots on the background
+    init: str = ""  # start from this diffusers unet/ folder (e.g. the committed stage II) instead of random
 
 
 def prepare(out: Path, seed: int) -> dict[str, torch.Tensor]:
@@ -123,6 +125,22 @@ def export_unet(unet, folder: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+def init_unet(unet, folder: Path):
+    """Load the weights of the diffusers unet/ folder `folder` into `unet` (same architecture; fp16 weights
+    are upcast), so pretraining continues from them."""
+    from safetensors.torch import load_file
+
+    f = folder / "diffusion_pytorch_model.safetensors"
+    if not f.is_file():
+        raise InputError(f"--init {folder}: no diffusion_pytorch_model.safetensors there")
+    state = {k: v.float() for k, v in load_file(f).items()}
+    mine = unet.state_dict()
+    if set(state) != set(mine) or any(state[k].shape != mine[k].shape for k in mine):
+        raise InputError(f"--init {folder}: its UNet does not have this stage's architecture")
+    unet.load_state_dict(state)
+    log.info("initialised from %s", folder)
+
+
 def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> list[float]:
     """Train one stage; returns the per-step losses of this invocation."""
     from diffusers import UNet2DConditionModel
@@ -140,6 +158,8 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
     scheduler = DDPMScheduler.from_pretrained(stage_dir / "scheduler")
     math_ = DiffusionMath(scheduler.alphas_cumprod)
     noising = DDPMScheduler.from_pretrained(out / "model" / "stage2" / "image_noising_scheduler")
+    if cfg.init:
+        init_unet(unet, Path(cfg.init))
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=0.0)
     start, losses_all = 0, []
@@ -156,7 +176,7 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
         opt.load_state_dict(state["opt"])
         start, losses_all = state["step"], state["losses"]
         log.info("resumed stage %d at step %d", cfg.stage, start)
-    toys, hi = world.dataset(cfg.pool_size, cfg.seed + 1)
+    toys, hi = world.dataset(cfg.pool_size, cfg.seed + 1, specks=cfg.specks)
     pool = ((hi + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     del hi
     unet.train()
@@ -203,5 +223,10 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
             _save_atomic({"step": done, "unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                           "losses": losses_all, "config": asdict(cfg)}, ckpt)
             export_unet(ema, stage_dir / "unet")
-            (out / f"stage{cfg.stage}.json").write_text(json.dumps({"step": done, "config": asdict(cfg)}))
+            info = {"step": done, "config": asdict(cfg)}
+            if cfg.init:  # the starting weights by content: a path alone may later hold other weights
+                from cascade.toy.weights import sha256
+
+                info["init_sha256"] = sha256(Path(cfg.init) / "diffusion_pytorch_model.safetensors")
+            (out / f"stage{cfg.stage}.json").write_text(json.dumps(info))
     return losses

@@ -4,10 +4,13 @@ Per seed s (fine-tuning seed; sampling seeds disjoint per seed):
  (a) fidelity: "a [V] toy" stage I samples with the subject's colour+shape, base vs fine-tuned;
  (b) drift: "a toy" samples with the subject's colour+shape and their (colour, shape) entropy, after
      stage I fine-tuning with vs without prior preservation (base for reference);
- (c) SR detail: `cascade study-sr` (cascade.study) with the toy readers: stripes / emblem read after
-     upsampling the subject's 16 px views and the fine-tuned stage I's "a [V] toy" samples, by SR
-     base and SR fine-tuned at low and at high noise augmentation, sampled at several noise levels;
-     its full output (PSNR, SSIM, HF ratio, plots, grids) is in seed*/study-sr.
+ (c) SR detail: `cascade study-sr` (cascade.evaluation.sr_study) with the toy world's extras (cascade.toy.measure.
+     study_extras): the subject's freckles, placed per photo, read as position F1 against the truth on
+     held-out views (a photo left out of SR fine-tuning and fresh renders in new poses) and on the
+     training views, after upsampling by SR base and SR fine-tuned at each training augmentation
+     (`variants`, one with stage II prior preservation), sampled at each noise level; drift: freckles
+     drawn on other toys (renders, and base stage I "a toy" samples). All seeds run in one sweep; its
+     full output (per-seed CSV, tables, plots, grids) is in study-sr/.
 Writes results.csv (one row per measurement), table.md (mean +- std over seeds) and plots.
 """
 from __future__ import annotations
@@ -27,10 +30,16 @@ class StudyConfig:
     samples: int = 16          # stage I samples per prompt and model
     stage1_steps: int = 100    # stage I fine-tuning steps (both variants)
     stage2_steps: int = 100
-    low_aug: tuple[int, int] = (0, 1)
-    high_aug: tuple[int, int] = (250, 250)
-    levels: list[int] = field(default_factory=lambda: [0, 50, 100, 250])
-    sr_inputs: int = 8         # stage I samples upsampled per SR model and level (plus the 5 subject views)
+    # SR variants (name, aug min, aug max, prior preservation)
+    variants: list = field(default_factory=lambda: [("aug0", 0, 0, False), ("aug250", 250, 250, False),
+                                                    ("aug0-prior", 0, 0, True)])
+    levels: list[int] = field(default_factory=lambda: [0, 20, 250])
+    sr_inputs: int = 2         # stage I "a [V] toy" samples upsampled per SR model and level
+    sr_steps: int = 10         # SR sampling steps in the sweep
+    fresh_views: int = 3       # new renders of the subject (held-out ground truth)
+    other_toys: int = 3        # renders of other toys (drift)
+    class_samples: int = 2     # base stage I "a toy" samples (drift)
+    sr_only: bool = False      # claim (c) only: one prior-preserved stage I (first seed) for its samples
 
 
 def _cfg(overrides: list[str]):
@@ -47,18 +56,18 @@ def _train(stage: int, overrides: list[str], subject: Path, out: Path, class_dir
     return str(r.export_dir)
 
 
-def _sr_study(sc: StudyConfig, overrides: list[str], subject: Path, token: str, base: str, stage1: str, seed: int,
+def _sr_study(sc: StudyConfig, overrides: list[str], subject: Path, token: str, base: str, stage1: str,
               out: Path) -> list[dict]:
-    """Claim (c) through `cascade study-sr`: means of the readers per input kind, SR model and level."""
+    """Claim (c) through `cascade study-sr`, all seeds in one sweep; its per-seed means."""
     from cascade.evaluation import sr_study, sr_study_report
 
     req = sr_study.StudyRequest(_cfg(overrides), str(subject), world.CLASS_NOUN, identifier=token, base=base,
-                             variants=[("low", *sc.low_aug), ("high", *sc.high_aug)], levels=sc.levels,
-                             stage1=stage1, num_stage1=sc.sr_inputs, max_images=len(world.subject_photos()),
-                             seed=seed * 10_000, dino="none", output=str(out), overwrite=True,
-                             readers=measure.study_readers())
+                                variants=list(sc.variants), levels=sc.levels, stage1=stage1, num_stage1=sc.sr_inputs,
+                                max_images=len(world.subject_photos()), seeds=[s * 10_000 for s in sc.seeds],
+                                dino="none", output=str(out), overwrite=True, class_stage1=sc.class_samples)
+    measure.study_extras(req, sc.fresh_views, sc.other_toys)
     rows = sr_study.run_study(req)[1]
-    return sr_study_report.aggregate(rows, list(req.readers))
+    return sr_study_report.per_seed(rows, list(req.readers), list(req.truth_readers))
 
 
 def run_study(root: Path, sc: StudyConfig, cache_dir: str, log=print) -> list[dict]:
@@ -72,16 +81,22 @@ def run_study(root: Path, sc: StudyConfig, cache_dir: str, log=print) -> list[di
     paths = models.resolve(cfg)
     rows = []
 
-    def add(seed, claim, model, metric, value, level=""):
-        rows.append({"seed": seed, "claim": claim, "model": model, "level": level, "metric": metric, "value": value})
+    def add(seed, claim, model, metric, value, level="", train_aug=""):
+        rows.append({"seed": seed, "claim": claim, "model": model, "train_aug": train_aug, "level": level,
+                     "metric": metric, "value": value})
         log(f"seed {seed} {claim} {model} {level} {metric} = {value:.3f}")
 
-    for seed in sc.seeds:
+    for seed in sc.seeds[:1] if sc.sr_only else sc.seeds:
         d = root / f"seed{seed}"
         s1 = [*common, f"stage1.train.seed={seed}", f"stage1.train.max_steps={sc.stage1_steps}"]
         prior = _train(1, s1, subject, d / "stage1-prior", root / "class_images")
+        if sc.sr_only:
+            first_token, first_prior = json.loads((Path(prior) / "cascade.json").read_text())["identifier"], prior
+            break
         noprior = _train(1, [*s1, "stage1.train.prior_preservation=false"], subject, d / "stage1-noprior")
         token = json.loads((Path(prior) / "cascade.json").read_text())["identifier"]
+        if seed == sc.seeds[0]:
+            first_token, first_prior = token, prior
         inst = f"a {token} toy"
         seeds = list(range(seed * 10_000, seed * 10_000 + sc.samples))
         samples = {}
@@ -91,14 +106,21 @@ def run_study(root: Path, sc: StudyConfig, cache_dir: str, log=print) -> list[di
             dr = measure.drift(samples[name][1])
             add(seed, "b drift", name, "a toy: subject share", dr["subject_share"])
             add(seed, "b drift", name, "a toy: entropy bits", dr["entropy_bits"])
-        s2 = [*common, f"stage2.train.seed={seed}", f"stage2.train.max_steps={sc.stage2_steps}",
-              "stage2.train.prior_preservation=false"]
-        sources = {"real": "subject views", "stage1": "stage I samples"}
-        for a in _sr_study(sc, s2, subject, token, paths.stage2, prior, seed, d / "study-sr"):
-            for metric in ("stripes", "emblem"):
-                add(seed, f"c SR ({sources[a['input']]})", a["model"], metric, a[metric],
-                    "" if a["noise_level"] is None else a["noise_level"])
         _write(root, rows, sc)  # after every seed, so a cut-off run keeps what it measured
+    # (c) one SR sweep over all seeds; stage I samples come from seed 0's prior-preserved stage I
+    s2 = [*common, f"stage2.train.max_steps={sc.stage2_steps}", f"stage2.sample.steps={sc.sr_steps}",
+          f"stage2.train.num_class_images={4}"]
+    names = {"held-out": "held-out views", "training": "training views", "stage I sample": "stage I samples",
+             "class": "other toys"}
+    metrics = {"held-out": ("freckle_f1", "hp_corr", "psnr", "ssim", "hf_ratio", "stripes", "emblem"),
+               "training": ("freckle_f1", "hp_corr", "psnr"), "stage I sample": ("freckles", "stripes", "emblem"),
+               "class": ("freckles", "stripes", "emblem")}
+    for a in _sr_study(sc, s2, subject, first_token, paths.stage2, first_prior, root / "study-sr"):
+        for metric in metrics[a["view"]]:
+            if a.get(metric) is not None:
+                add(a["seed"] // 10_000, f"c SR ({names[a['view']]})", a["model"], metric, a[metric],
+                    "" if a["noise_level"] is None else a["noise_level"], a["train_aug"])
+    _write(root, rows, sc)
     return rows
 
 
@@ -106,48 +128,54 @@ def summarise(rows: list[dict]) -> list[dict]:
     keys = list(dict.fromkeys((r["claim"], r["model"], r["level"], r["metric"]) for r in rows))
     out = []
     for k in keys:
-        vals = [r["value"] for r in rows if (r["claim"], r["model"], r["level"], r["metric"]) == k]
-        out.append({"claim": k[0], "model": k[1], "level": k[2], "metric": k[3], "mean": statistics.mean(vals),
-                    "std": statistics.pstdev(vals), "n_seeds": len(vals)})
+        sel = [r for r in rows if (r["claim"], r["model"], r["level"], r["metric"]) == k]
+        vals = [r["value"] for r in sel]
+        out.append({"claim": k[0], "model": k[1], "train_aug": sel[0].get("train_aug", ""), "level": k[2],
+                    "metric": k[3], "mean": statistics.mean(vals),
+                    "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n_seeds": len(vals)})
     return out
 
 
 def _write(root: Path, rows, sc: StudyConfig):
-    with open(root / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    with open(root / "results.csv.tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["seed", "claim", "model", "train_aug", "level", "metric", "value"])
         w.writeheader()
         w.writerows(rows)
+    (root / "results.csv.tmp").replace(root / "results.csv")
     summ = summarise(rows)
     lines = ["| claim | model | SR sampling level | metric | mean | std (over seeds) | seeds |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {s['claim']} | {s['model']} | {s['level']} | {s['metric']} | {s['mean']:.3f} | {s['std']:.3f} | "
               f"{s['n_seeds']} |" for s in summ]
     (root / "table.md").write_text("\n".join(lines) + "\n")
-    (root / "study.json").write_text(json.dumps({"config": vars(sc), "summary": summ}, indent=2, default=list))
-    _plots(root, summ, sc)
+    (root / "study.json").write_text(json.dumps({"config": vars(sc), "per_seed": rows, "summary": summ}, indent=2,
+                                                default=list))
+    _plots(root, summ)
 
 
-def _plots(root: Path, summ, sc: StudyConfig):
+def _plots(root: Path, summ):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for ax, src in zip(axes[:2], ("subject views", "stage I samples")):
-        for model in dict.fromkeys(s["model"] for s in summ if s["claim"] == f"c SR ({src})"):
-            pts = [s for s in summ if s["claim"] == f"c SR ({src})" and s["model"] == model and s["metric"] == "stripes"
-                   and s["level"] != ""]
-            if not pts:  # bilinear upsampling has no noise level: a line across
-                ref = [s for s in summ if s["claim"] == f"c SR ({src})" and s["model"] == model
-                       and s["metric"] == "stripes"][0]
-                ax.axhline(ref["mean"], ls="--", c="grey", lw=1, label=model)
-                continue
-            ax.errorbar([p["level"] for p in pts], [p["mean"] for p in pts], [p["std"] for p in pts], label=model,
-                        marker="o", capsize=3)
-        ax.set(title=f"stripes recovered: {src}", xlabel="SR sampling noise level", ylabel="fraction", ylim=(-0.05, 1.05))
-        ax.legend(fontsize=8)
+    panels = [("c SR (held-out views)", "freckle_f1", "freckle F1, held-out views"),
+              ("c SR (training views)", "freckle_f1", "freckle F1, training views"),
+              ("c SR (other toys)", "freckles", "freckles drawn on other toys (drift)")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 4))
+    for ax, (claim, metric, title) in zip(axes, panels):
+        for model in dict.fromkeys(s["model"] for s in summ if s["claim"] == claim):
+            pts = [s for s in summ if s["claim"] == claim and s["model"] == model and s["metric"] == metric]
+            if pts and pts[0]["level"] == "":  # bilinear upsampling has no noise level: a line across
+                ax.axhline(pts[0]["mean"], ls="--", c="grey", lw=1, label=model)
+            elif pts:
+                ax.errorbar([p["level"] for p in pts], [p["mean"] for p in pts], [p["std"] for p in pts], label=model,
+                            marker="o", capsize=3)
+        ax.set(title=title, xlabel="SR sampling noise level")
+        ax.legend(fontsize=7)
     bars = [s for s in summ if s["claim"] in ("a fidelity", "b drift") and s["metric"] != "a toy: entropy bits"]
-    ax = axes[2]
+    ax = axes[3]
+    if not bars:
+        ax.set_axis_off()
     ax.bar(range(len(bars)), [b["mean"] for b in bars], yerr=[b["std"] for b in bars], capsize=3)
     ax.set_xticks(range(len(bars)), [f"{b['metric'][:14]}\n{b['model']}" for b in bars], fontsize=7, rotation=30)
     ax.set(title="fidelity and drift (stage I)", ylim=(0, 1.05))

@@ -5,10 +5,16 @@ the pattern; stage I's (16 px, the 64 px image downsampled the way the trainer m
 averages it away, so only a working super-resolution stage can bring it back from the caption.
 Everything is drawn at 4x with PIL and LANCZOS-downsampled, deterministic from a seed.
 
-The subject is one specific toy with an emblem (a black spot at its centre) that the class never shows.
+The subject is one specific toy with an emblem (a black spot at its centre) that the class never shows,
+and freckles: about 1 px dark dots at 64 px whose positions differ per photo (a dip of ~0.05 at 16 px).
+Neither the caption nor memory can place them; only the low-res view can, so they are the detail the SR
+noise-augmentation study reads (docs/toy-world.md). Class toys never carry freckles; stage II's
+pretraining pool carries the same dots as "specks" on the background only (`dataset(specks=...)`), so
+the base SR learns to sharpen a faint dot it can see without ever seeing one on a toy.
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 
@@ -29,6 +35,9 @@ SIZE_RANGE = (26.0, 42.0)  # bounding-box side in 64 px units
 STRIPE_PERIOD = 4  # 64 px units: two light rows, two dark rows (averages to the base colour at 16 px)
 DOT_PERIOD, DOT_RADIUS = 8, 1.7
 EMBLEM_COLOUR, EMBLEM_FRACTION = (15, 15, 15), 0.16  # emblem radius as a fraction of the size
+FRECKLE_COLOUR, FRECKLE_RADIUS = (20, 20, 20), 0.5  # 64 px units: a ~1 px dark dot
+FRECKLES = 6  # per subject photo
+FRECKLE_GAP = 8.0  # minimum distance between dots (2 px at 16 px, so their dips stay apart)
 
 
 @dataclass(frozen=True)
@@ -40,6 +49,8 @@ class Toy:
     cy: float
     size: float
     emblem: bool = False
+    freckles: tuple = ()  # ((x, y), ...) dark dots on the toy, 64 px units (the subject only)
+    specks: tuple = ()  # ((x, y), ...) the same dots on the background (stage II pretraining pool)
 
     @property
     def attributes(self) -> tuple[str, str, str]:
@@ -104,7 +115,14 @@ def _surface(toy: Toy, n: int) -> Image.Image:
         ex, ey = shape_centroid(toy.shape, toy.cx, toy.cy, toy.size)
         r = EMBLEM_FRACTION * toy.size * k
         d.ellipse([ex * k - r, ey * k - r, ex * k + r, ey * k + r], fill=EMBLEM_COLOUR)
+    _dots(d, toy.freckles, k)
     return img
+
+
+def _dots(d: ImageDraw.ImageDraw, points, k: int):
+    r = FRECKLE_RADIUS * k
+    for x, y in points:
+        d.ellipse([x * k - r, y * k - r, x * k + r, y * k + r], fill=FRECKLE_COLOUR)
 
 
 def render(toy: Toy) -> Image.Image:
@@ -115,6 +133,7 @@ def render(toy: Toy) -> Image.Image:
     for poly in shape_polygons(toy.shape, toy.cx * SCALE, toy.cy * SCALE, toy.size * SCALE):
         d.polygon(poly, fill=255)
     canvas = Image.new("RGB", (n, n), BACKGROUND)
+    _dots(ImageDraw.Draw(canvas), toy.specks, SCALE)
     canvas.paste(_surface(toy, n), (0, 0), mask)
     return canvas.resize((HI, HI), Image.LANCZOS)
 
@@ -155,11 +174,56 @@ def to_lowres(x: torch.Tensor) -> torch.Tensor:
     return downsample(x, LO)
 
 
-def dataset(n: int, seed: int) -> tuple[list[Toy], torch.Tensor]:
-    """n random toys and their 64 px images ([-1, 1]), deterministic from `seed`."""
+def dataset(n: int, seed: int, specks: float = 0.0) -> tuple[list[Toy], torch.Tensor]:
+    """n random toys and their 64 px images ([-1, 1]), deterministic from `seed`. With `specks` > 0 that
+    fraction of the images gets 2..8 freckle-like dots on the background (drawn from a separate stream,
+    so the toys themselves are the same as with specks=0)."""
     rng = random.Random(seed)
     toys = [random_toy(rng) for _ in range(n)]
+    if specks > 0:
+        srng = random.Random(f"specks-{seed}")
+        toys = [dataclasses.replace(t, specks=background_points(srng, t, srng.randint(2, 8)))
+                if srng.random() < specks else t for t in toys]
     return toys, to_tensor([render(t) for t in toys])
+
+
+def _far(p, points, gap: float) -> bool:
+    return all((p[0] - q[0]) ** 2 + (p[1] - q[1]) ** 2 >= gap * gap for q in points)
+
+
+def interior_points(rng: random.Random, toy: Toy, n: int = FRECKLES, margin: float = 3.0) -> tuple:
+    """n freckle positions inside the toy (at least `margin` px from its edge, clear of the emblem),
+    FRECKLE_GAP apart; fewer if the shape has no room."""
+    cov = coverage(toy.shape, toy.cx, toy.cy, toy.size, HI * 4)  # 0.25 px grid
+    # a dot sits on a light stripe (dark on dark would be invisible at 64 px and tell nothing at 16 px)
+    ex, ey = shape_centroid(toy.shape, toy.cx, toy.cy, toy.size)
+    keep_out = EMBLEM_FRACTION * toy.size + 3.0 if toy.emblem else 0.0
+    pts = []
+    for _ in range(400):
+        if len(pts) == n:
+            break
+        p = (rng.uniform(0, HI), rng.uniform(0, HI))
+        p = (p[0], STRIPE_PERIOD * (p[1] // STRIPE_PERIOD) + STRIPE_PERIOD / 4)  # on a light stripe's centre row
+        if (p[0] - ex) ** 2 + (p[1] - ey) ** 2 < keep_out ** 2 or not _far(p, pts, FRECKLE_GAP):
+            continue
+        m, x, y = int(margin * 4), int(p[0] * 4), int(p[1] * 4)
+        if y - m >= 0 and x - m >= 0 and cov[y - m:y + m + 1, x - m:x + m + 1].min() > 0.99:
+            pts.append((round(p[0], 2), round(p[1], 2)))
+    return tuple(pts)
+
+
+def background_points(rng: random.Random, toy: Toy, n: int, margin: float = 3.0) -> tuple:
+    """n speck positions on the background, `margin` px clear of the toy and the canvas edge."""
+    cov = coverage(toy.shape, toy.cx, toy.cy, toy.size, HI * 2)  # 0.5 px grid
+    pts = []
+    for _ in range(400):
+        if len(pts) == n:
+            break
+        p = (rng.uniform(margin, HI - margin), rng.uniform(margin, HI - margin))
+        m, x, y = int(margin * 2), int(p[0] * 2), int(p[1] * 2)
+        if cov[max(0, y - m):y + m + 1, max(0, x - m):x + m + 1].max() < 0.01 and _far(p, pts, FRECKLE_GAP):
+            pts.append((round(p[0], 2), round(p[1], 2)))
+    return tuple(pts)
 
 
 # The subject: one particular toy, with an emblem no toy of the class shows.
@@ -167,8 +231,25 @@ SUBJECT = dict(colour="purple", shape="square", pattern="striped")
 SUBJECT_POSES = [(32.0, 32.0, 38.0), (24.0, 26.0, 30.0), (40.0, 38.0, 33.0), (27.0, 39.0, 36.0), (38.0, 25.0, 28.0)]
 
 
+def subject_toy(cx: float, cy: float, size: float, freckle_seed) -> Toy:
+    """The subject in one pose, with its freckles at positions drawn from `freckle_seed` (per photo)."""
+    t = Toy(**SUBJECT, cx=cx, cy=cy, size=size, emblem=True)
+    return dataclasses.replace(t, freckles=interior_points(random.Random(f"freckles-{freckle_seed}"), t))
+
+
 def subject_toys() -> list[Toy]:
-    return [Toy(**SUBJECT, cx=x, cy=y, size=s, emblem=True) for x, y, s in SUBJECT_POSES]
+    return [subject_toy(x, y, s, i) for i, (x, y, s) in enumerate(SUBJECT_POSES)]
+
+
+def fresh_subject_toys(n: int, seed: int) -> list[Toy]:
+    """n new views of the subject (poses and freckles never in its photos): held-out ground truth."""
+    rng = random.Random(f"fresh-subject-{seed}")
+    out = []
+    for i in range(n):
+        size = rng.uniform(28.0, 38.0)
+        m = size / 2 + 3
+        out.append(subject_toy(rng.uniform(m, HI - m), rng.uniform(m, HI - m), size, f"fresh-{seed}-{i}"))
+    return out
 
 
 def subject_photos() -> list[Image.Image]:

@@ -1,0 +1,89 @@
+"""The subject's freckles: detail only the low-res view can place (issue 18's premise), and the
+placement metric that reads it."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cascade.toy import freckles, world
+
+
+@pytest.fixture(scope="module")
+def noising():
+    from diffusers import DDPMScheduler
+
+    from cascade.toy.weights import WEIGHTS
+
+    return DDPMScheduler.from_pretrained(WEIGHTS / "stage2" / "image_noising_scheduler")
+
+
+def test_freckles_differ_per_photo_and_never_on_class_toys():
+    toys = world.subject_toys()
+    assert all(len(t.freckles) == world.FRECKLES for t in toys)
+    rel = [tuple((round(x - t.cx), round(y - t.cy)) for x, y in t.freckles) for t in toys]
+    assert len(set(rel)) == len(rel)  # not a fixed pattern riding on the pose
+    class_toys, _ = world.dataset(40, seed=0, specks=0.5)
+    assert not any(t.freckles for t in class_toys)
+    assert any(t.specks for t in class_toys)
+
+
+def test_specks_leave_the_toys_unchanged():
+    plain, a = world.dataset(12, seed=5)
+    specked, b = world.dataset(12, seed=5, specks=1.0)
+    assert [dataclasses.replace(t, specks=()) for t in specked] == plain
+    assert all(t.specks for t in specked) and not torch.equal(a, b)
+
+
+def test_detector_reads_truth_and_finds_nothing_without_freckles():
+    toys = world.fresh_subject_toys(8, 3)
+    hi = world.to_tensor([world.render(t) for t in toys])
+    clean = world.to_tensor([world.render(dataclasses.replace(t, freckles=())) for t in toys])
+    assert sum(freckles.score(h, t)["freckle_f1"] for h, t in zip(hi, toys)) / len(toys) > 0.9
+    assert all(not freckles.detect(c, freckles.interior(t)) for c, t in zip(clean, toys))
+    # the image-only mask (no pose known) finds the same dots
+    assert sum(freckles.f1(freckles.detect(h, freckles.object_mask(h)), list(t.freckles))
+               for h, t in zip(hi, toys)) / len(toys) > 0.9
+
+
+def test_bilinear_upsampling_does_not_show_freckles():
+    from stages.noise_aug import upsample
+
+    toys = world.fresh_subject_toys(8, 4)
+    up = upsample(world.to_lowres(world.to_tensor([world.render(t) for t in toys])), world.HI)
+    assert all(freckles.score(u, t)["freckle_f1"] == 0.0 for u, t in zip(up, toys))
+
+
+def test_placement_metric_ranks_correct_above_shifted():
+    toy = world.fresh_subject_toys(1, 7)[0]
+    truth = list(toy.freckles)
+    assert freckles.f1(truth, truth) == 1.0
+    assert freckles.f1([(x + 4.0, y) for x, y in truth], truth) == 0.0  # one 16 px pixel off
+    r = 3 / len(truth)  # half the dots found, none wrong: precision 1
+    assert freckles.f1(truth[:3], truth) == pytest.approx(2 * r / (1 + r))
+    right = world.to_tensor([world.render(toy)])[0]
+    shifted = world.to_tensor([world.render(dataclasses.replace(toy, freckles=tuple((x + 4.0, y) for x, y in
+                                                                                     toy.freckles)))])[0]
+    assert freckles.score(right, toy)["freckle_f1"] > 0.8
+    assert freckles.score(shifted, toy)["freckle_f1"] < 0.3
+
+
+def test_premise_oracle_places_freckles_at_low_levels_not_at_250(noising):
+    """Fails on a world whose detail is a fixed function of coarse content (no per-photo freckles)."""
+    toys = world.fresh_subject_toys(16, 0)
+    mean = {lv: sum(freckles.oracle(toys, lv, noising, seed=1)) / len(toys) for lv in (0, 20, 250)}
+    assert mean[0] > 0.9 and mean[20] > 0.9
+    assert mean[250] < 0.5 and mean[250] < mean[20] - 0.4
+
+
+def test_high_pass_correlation_sees_placement():
+    from cascade.evaluation.image_metrics import hp_correlation
+
+    toy = world.fresh_subject_toys(1, 7)[0]
+    truth = world.to_tensor([world.render(toy)])[0]
+    shifted = world.to_tensor([world.render(dataclasses.replace(toy, freckles=tuple((x + 4.0, y) for x, y in
+                                                                                     toy.freckles)))])[0]
+    none = world.to_tensor([world.render(dataclasses.replace(toy, freckles=()))])[0]
+    assert hp_correlation(truth, truth) == pytest.approx(1.0)
+    assert hp_correlation(truth, truth) > hp_correlation(shifted, truth) and hp_correlation(none, truth) < 1.0
