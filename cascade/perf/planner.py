@@ -55,7 +55,7 @@ class Plan:
             return ", ".join(([f"LoRA r{self.lora_rank}"] if self.lora_rank else []) +
                              ["fp32 master on host (ZeRO-Offload), bf16 module", f"ckpt {self.checkpointing}"])
         opt = "8-bit Adam" if self.use_8bit_adam else f"Adam ({self.optimizer_states})"
-        parts = [self.weights_dtype.replace("float", "fp").replace("bfloat", "bf"),
+        parts = [self.weights_dtype.replace("bfloat", "bf").replace("float", "fp"),
                  f"ckpt {self.checkpointing}", opt + (" in backward" if self.in_backward else "")]
         if self.lora_rank:
             parts.insert(0, f"LoRA r{self.lora_rank}")
