@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from cascade.perf import arch
+from cascade.perf.step import synthetic_batch, train_step
 from stages import activation_ckpt, optim, precision, setup
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
@@ -124,16 +125,6 @@ def build_unet(model: str, stage: int, dtype: torch.dtype, device):
     return unet.to(device=device)
 
 
-def _batch(unet, n: int, text_len: int, device, gen, resolution: int | None = None):
-    cfg = unet.config
-    size = resolution or cfg.sample_size
-    x = torch.randn(n, cfg.in_channels, size, size, generator=gen).to(device)
-    t = torch.randint(0, 1000, (n,), generator=gen).to(device)
-    enc = torch.randn(n, text_len, cfg.encoder_hid_dim or cfg.cross_attention_dim, generator=gen).to(device)
-    labels = torch.randint(0, 1000, (n,), generator=gen).to(device) if cfg.class_embed_type == "timestep" else None
-    return x, t, enc, labels
-
-
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -186,14 +177,10 @@ def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, 
     gen = torch.Generator().manual_seed(0)
 
     def step():
-        x, t, enc, labels = _batch(unet, n, text_len, device, gen, resolution)
+        x, t, enc, labels = (v if v is None else v.to(device)
+                             for v in synthetic_batch(unet.config, n, text_len, generator=gen, resolution=resolution))
         x, enc = precision.cast_for_model(unet, x, enc)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)[0]
-        loss = (out.float()[:, :3] - x[:, :3].float()).pow(2).mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(unet, opt, (x, t, enc, labels), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast))
 
     times = []
     for i in range(warmup + steps):

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from cascade.perf import arch
+from cascade.perf.step import synthetic_batch, train_step
 from stages import activation_ckpt, optim, precision, setup
 
 GB = 1e9
@@ -182,15 +183,6 @@ def _prime(optimizer, params):
         p.grad = None
 
 
-def _inputs(cfg: dict, n: int, text_len: int, dtype, resolution: int | None = None):
-    size = resolution or cfg["sample_size"]
-    x = torch.randn(n, cfg["in_channels"], size, size, dtype=dtype)
-    t = torch.randint(0, 1000, (n,))
-    enc = torch.randn(n, text_len, cfg.get("encoder_hid_dim") or cfg["cross_attention_dim"], dtype=dtype)
-    labels = torch.randint(0, 1000, (n,)) if cfg.get("class_embed_type") == "timestep" else None
-    return x, t, enc, labels
-
-
 def _build(plan: Plan, cfg: dict):
     """The UNet (and LoRA adapters) built on the meta device, then given fake CPU tensors: call under
     FakeTensorMode. Built in the weights' dtype (Module.to() cannot swap fake parameters, and peft's
@@ -230,18 +222,13 @@ def trace_step(plan: Plan) -> dict:
             _prime(opt, params)
             n = plan.batch * (2 if plan.prior else 1)
             dtype = next(unet.parameters()).dtype
-            x, t, enc, labels = _inputs(cfg, n, plan.text_len, dtype, plan.resolution)
+            batch = synthetic_batch(cfg, n, plan.text_len, dtype, resolution=plan.resolution)
             tracker = _tracker(unet)
             tracker.track_external(unet, opt, _StateView(optim.state_tensors(opt)))
             ac = torch.autocast("cpu", dtype=getattr(torch, plan.autocast), enabled=plan.autocast is not None) \
                 if plan.autocast else torch.autocast("cpu", enabled=False)
             with tracker:
-                with ac:
-                    out = unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)[0]
-                loss = (out.float()[:, :3] - x[:, :3].float()).pow(2).mean()
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                train_step(unet, opt, batch, ac)
             peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
             now = tracker.get_tracker_snapshot("current")[torch.device("cpu")]
             kinds = {str(k.value) if hasattr(k, "value") else str(k): v for k, v in peak.items()}
@@ -272,7 +259,7 @@ def trace_inference(model: str, batch: int, dtype: str = "float16", text_len: in
     with FakeTensorMode(allow_non_fake_inputs=True):
         unet = _build(Plan(model, weights_dtype=dtype), cfg)
         unet.eval()
-        x, t, enc, labels = _inputs(cfg, 2 * batch, text_len, next(unet.parameters()).dtype)
+        x, t, enc, labels = synthetic_batch(cfg, 2 * batch, text_len, next(unet.parameters()).dtype)
         tracker = _tracker(unet)
         tracker.track_external(unet)
         with tracker, torch.no_grad():
