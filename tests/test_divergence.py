@@ -56,7 +56,7 @@ def test_nan_on_one_rank_stops_both_ranks(make_cfg, write_subject, tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    errors = [line for line in text.splitlines() if "cascade train: error:" in line]
+    errors = [line for line in text.splitlines() if "cascade train stage1: error:" in line]
     assert len(errors) == 2 and all("not finite at step 2" in e and "nan" in e for e in errors), text[-3000:]
     # torchrun itself reports the failed children with a traceback of its own; none from our code
     assert "stages/" not in text and "cascade/" not in text.replace("cascade train", "")

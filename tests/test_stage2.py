@@ -194,7 +194,7 @@ def test_small_images_refused_unless_upscale_allowed(cache_dir, tmp_path, capsys
     code = main(_argv(cache_dir, subject, out, "--max-steps", "1"))
     err = capsys.readouterr().err
     assert code == 2
-    assert "cascade train: error:" in err and "00.png is 200x200" in err and "256px" in err and "allow_upscale" in err
+    assert "cascade train stage2: error:" in err and "00.png is 200x200" in err and "256px" in err and "allow_upscale" in err
     assert not out.exists()  # refused before anything started
     caplog.set_level(logging.INFO)
     code = main(_argv(cache_dir, subject, out, "--max-steps", "1", sets=["stage2.train.allow_upscale=true"]))
@@ -231,7 +231,7 @@ def test_stage1_model_given_as_stage2(cache_dir, subject, tiny, tmp_path, capsys
     (["--noise-aug", "0:1200"], "stage2.train.noise_aug", "0..1200"),
     (["--noise-aug", "30:10"], "stage2.train.noise_aug", "30..10"),
     (["--noise-aug", "x:5"], "--noise-aug", "'x:5'"),  # not integers: named by the flag typed
-    (["--sample-noise-level", "1000"], "stage2.sample.noise_level", "0..999"),
+    (["--sample-noise-level", "1000"], "--sample-noise-level", "0..999"),  # checked as the flag is parsed
 ])
 def test_bad_noise_settings_name_the_key(cache_dir, subject, tmp_path, capsys, argv, key, detail):
     code = main(_argv(cache_dir, subject, tmp_path / "o", *argv))

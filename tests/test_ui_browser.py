@@ -277,13 +277,13 @@ def test_toy_walkthrough_in_a_browser(server, tmp_path_factory):
         p.click("sample-go")
         p.wait(lambda: p.images("sample-out1") == 2 and p.images("sample-out2") == 2, 180, "stage I and II samples")
         info = p.value("sample-info")
-        assert "stage II noise level: 100" in info and "prompt: a " in info and "[V]" not in info
+        assert "stage II noise level: 20" in info and "prompt: a " in info and "[V]" not in info
         # the noise slider re-samples; a <script> prompt is shown as the text typed, never run
         evil = 'a [V] toy <script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
         p.type("sample-prompt", evil)
         slider = p.css("#sample-noise input[type=range]")[0]
         ActionChains(driver).click_and_hold(slider).move_by_offset(-slider.size["width"] // 4, 0).release().perform()
-        p.wait(lambda: "stage II noise level: 100" not in p.value("sample-info") and "<script>" in p.value("sample-info"),
+        p.wait(lambda: "stage II noise level: 20\n" not in p.value("sample-info") and "<script>" in p.value("sample-info"),
                180, "the re-sample at the new level")
         assert driver.execute_script("return window.__xss === undefined")
         assert not driver.execute_script("return [...document.scripts].some(s => s.text.includes('__xss'))")

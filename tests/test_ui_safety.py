@@ -84,7 +84,7 @@ def test_checks_are_the_clis_own_messages(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
     bad = commands.check_train(commands.Subject(str(subject), "toy", "toy"),
                                commands.TrainSettings(stages=(2,), noise_aug="5-9", max_steps=0))
-    assert set(bad) == {"settings"} and bad["settings"].startswith("cascade train: error: --")
+    assert set(bad) == {"settings"} and bad["settings"].startswith("cascade train stage2: error: --")
     assert commands.check_train(commands.Subject(str(subject), "toy", "toy"), commands.TrainSettings(stages=(1, 2))) == {}
 
 

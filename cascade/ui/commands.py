@@ -143,7 +143,8 @@ def field_of(e: Exception) -> str:
 
 
 def check_train(subject: Subject, s: TrainSettings) -> dict[str, str]:
-    """The CLI's checks before any model loads, per stage to train: {field: "cascade train: error: ..."}."""
+    """The CLI's checks before any model loads, per stage to train: {field: "cascade train stageN: error: ..."}
+    (N: the first stage the job trains, whose command meets the error first)."""
     from cascade import model_checks, models, resolutions
     from cascade.config import load_config
     from cascade.identifier import check_identifier
@@ -152,7 +153,7 @@ def check_train(subject: Subject, s: TrainSettings) -> dict[str, str]:
     errors: dict[str, str] = {}
 
     def note(e: Exception):
-        errors.setdefault(field_of(e), f"cascade train: error: {e}")
+        errors.setdefault(field_of(e), f"cascade train stage{(s.stages or (1,))[0]}: error: {e}")
 
     if not subject.class_noun.strip():
         note(InputError("--class-noun must name the subject's class, e.g. dog"))
