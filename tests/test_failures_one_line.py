@@ -112,11 +112,20 @@ def test_empty_read_only_output_is_one_line(cli, tmp_path, monkeypatch):
 def test_a_non_utf8_file_name_in_a_log_line(tmp_path, capsys):
     from cascade.runs import folders
 
+    from _pytest.logging import LogCaptureHandler
+
     odd = os.fsdecode(b"caf\xe9.png")  # how Python names a Latin-1 file name on a UTF-8 system
+    root = logging.getLogger()
+    # pytest's own capture would carry the surrogate into the test report, which pytest-xdist cannot send
+    captures = [h for h in root.handlers if isinstance(h, LogCaptureHandler)]
     folders.start_logging(tmp_path)
+    for h in captures:
+        root.removeHandler(h)
     try:
         logging.getLogger("cascade.test").warning("subject image %s skipped", odd)
     finally:
+        for h in captures:
+            root.addHandler(h)
         folders.stop_file_logging()
     assert "Logging error" not in capsys.readouterr().err
     assert "subject image caf\\udce9.png skipped" in (tmp_path / "log.txt").read_text(encoding="utf-8")

@@ -10,6 +10,7 @@ from stages import activation_ckpt, optim, setup
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+RES = 32  # the tiny stage I's inputs at half its 64 px: the same accounting, a quarter of the (real) compute
 
 
 def _real_state(opt) -> list:
@@ -43,7 +44,7 @@ def _measured_peak(plan: planner.Plan) -> tuple[int, int]:
     opt, _ = optim.build(params, cfg)
     n = plan.batch * 2
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, 3, 64, 64, generator=g).to(params[0].dtype)
+    x = torch.randn(n, 3, plan.resolution, plan.resolution, generator=g).to(params[0].dtype)
     t = torch.randint(0, 1000, (n,), generator=g)
     enc = torch.randn(n, plan.text_len, 32, generator=g).to(params[0].dtype)
 
@@ -71,7 +72,7 @@ def _measured_peak(plan: planner.Plan) -> tuple[int, int]:
     dict(weights_dtype="bfloat16", checkpointing="full", lora_rank=4),  # LoRA on a bf16 frozen base
 ], ids=["naive", "8bit", "bf16-full-inbackward", "lora"])
 def test_planner_estimate_within_10_percent_of_measured(opts):
-    plan = planner.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16, **opts)
+    plan = planner.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16, resolution=RES, **opts)
     estimate = planner.trace_step(plan)["bytes"]
     measured, state = _measured_peak(plan)
     assert abs(estimate["peak"] - measured) / measured < 0.10, (estimate["peak"], measured)
@@ -80,8 +81,8 @@ def test_planner_estimate_within_10_percent_of_measured(opts):
 
 
 def test_planner_orders_the_options():
-    naive = planner.trace_step(planner.Plan("tiny-stage1", batch=2, text_len=16))
-    best = planner.trace_step(planner.Plan("tiny-stage1", batch=2, text_len=16, weights_dtype="bfloat16",
+    naive = planner.trace_step(planner.Plan("tiny-stage1", batch=2, text_len=16, resolution=RES))
+    best = planner.trace_step(planner.Plan("tiny-stage1", batch=2, text_len=16, resolution=RES, weights_dtype="bfloat16",
                                          checkpointing="full", use_8bit_adam=True, in_backward=True))
     nb, bb = naive["bytes"], best["bytes"]
     n = naive["params_trainable"]
@@ -133,22 +134,32 @@ def test_estimate_memory_cli_fit_verdict(capsys, tmp_path):
 
 
 def test_advice_switches_options_on_until_the_step_fits():
-    """`--gpu-memory` advice: options are switched on in the ladder's order until the traced step fits the
-    budget (after the context and slack); a budget nothing fits gets no plan."""
-    import functools
+    """`--gpu-memory` advice: options are switched on in the ladder's order until the step fits the
+    budget (after the context and slack); a budget nothing fits gets no plan; DDP never gets
+    optimizer-in-backward. The trace is a stand-in whose bytes fall with each option (the real traces'
+    order is test_planner_orders_the_options), so every rung of the ladder is exercised."""
+    saved = {"weights_dtype": 400, "checkpointing": 200, "use_8bit_adam": 150, "in_backward": 100}
+    traced = []
 
-    trace = functools.lru_cache(maxsize=None)(planner.trace_step)  # plans are frozen: traced once each
-    plan = planner.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16)
-    naive = trace(plan)["bytes"]["peak"]
+    def trace(plan):
+        traced.append(plan)
+        peak = 1000 - sum(v for k, v in saved.items() if getattr(plan, k) not in ("float32", "none", False))
+        return {"bytes": {"peak": peak * plan.batch // 4 * 2**20}}
+
+    plan = planner.Plan("tiny-stage1", batch=4)
     context = 2**30
-    budget = context + 0.6 * naive  # the naive step does not fit, a leaner one can
-    assert not planner.fits(naive, budget)[0]
-    better, switched, result = planner.advise(plan, budget, trace)
-    assert better is not None and switched and planner.fits(result["bytes"]["peak"], budget)[0]
+    mb = lambda n: (context + n * 2**20) * 1.05 + 1  # a budget the step of n MiB just fits
+    better, switched, result = planner.advise(plan, mb(400), trace)
+    assert switched == ["train.weights_dtype=bfloat16", "train.gradient_checkpointing=true (scope full)"]
+    assert better.weights_dtype == "bfloat16" and better.checkpointing == "full" and not better.use_8bit_adam
+    assert result["bytes"]["peak"] == 400 * 2**20 and len(traced) == 2
     order = [text for _, _, text in planner.LADDER]
-    assert switched == [t for t in order if t in switched]  # in the ladder's order
-    assert switched[0] == "train.weights_dtype=bfloat16" and better.weights_dtype == "bfloat16"
+    better, switched, _ = planner.advise(plan, mb(75), trace)  # every option, then the batch halved
+    assert switched == order[:4] + ["train.batch_size=2"] and better.batch == 2
+    better, switched, _ = planner.advise(plan, mb(75), trace, ddp=True)  # no in-backward under DDP
+    assert "train.optimizer_in_backward=true" not in switched and better.batch == 1 and not better.in_backward
     assert planner.advise(plan, context + 1e5, trace)[0] is None  # 0.1 MB: nothing fits
+    assert not planner.fits(1000 * 2**20, mb(400))[0] and planner.fits(400 * 2**20, mb(400))[0]
 
 
 def test_t5_phase_counts_wo_in_fp32():
@@ -172,7 +183,8 @@ def test_t5_phase_counts_wo_in_fp32():
 
 
 def test_ddp_plan_holds_every_gradient():
-    plan = planner.Plan("tiny-stage1", batch=1, text_len=8, weights_dtype="bfloat16", in_backward=True, autocast=None)
+    plan = planner.Plan("tiny-stage1", batch=1, text_len=8, weights_dtype="bfloat16", in_backward=True, autocast=None,
+                        resolution=16)
     one = planner.trace_step(plan)
     ddp = planner.trace_step(planner.ddp_plan(plan))
     assert ddp["plan"]["in_backward"] is False

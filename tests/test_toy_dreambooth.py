@@ -34,30 +34,6 @@ def world_root():
     return toy_root() / "stage1"
 
 
-def test_study_sr_on_the_toy_world_reads_stripes_and_emblem(tmp_path, one_thread, capsys):
-    """`cascade study-sr --config toy` measures the SR detail with the toy world's exact readers; the
-    pretrained SR base never draws the emblem (no toy of the class has one), while the true photos do."""
-    subject = measure.write_subject(tmp_path / "subject")
-    truth = world.to_tensor(world.subject_photos())
-    assert measure.detail(truth)["stripes"] == 1.0 and measure.detail(truth)["emblem"] == 1.0
-    out = tmp_path / "study"
-    assert main(["study-sr", "--config", "toy", "--subject", str(subject), "--class-noun", "toy", "--train",
-                 "--variant", "low=0:0", "--max-steps", "2", "--noise-levels", "0,250", "--num-stage1", "1",
-                 "--max-images", "3", "--dino", "none", "--output", str(out), "--seeds", "0", "--class-images", "0",
-                 "--set", f"models.cache_dir={tmp_path / 'cache'}", "--set", "stage2.sample.steps=10",
-                 "--set", "stage2.train.sample_every=1000", "--set", "stage2.train.prior_preservation=false"]) == 0
-    rows = json.loads((out / "results.json").read_text())["means"]
-    base = [r for r in rows if r["model"] == "base" and r["view"] == "training"]
-    assert [r["noise_level"] for r in base] == [0, 250]
-    assert all(r["emblem"] == 0.0 and 0.0 <= r["stripes"] <= 1.0 for r in base), base
-    assert {r["model"] for r in rows} == {"bilinear upsampling (no model)", "base", "low (aug 0..0)"}
-    assert all("stripes" in r and "emblem" in r for r in rows if r["input"] == "stage1")
-    table = (out / "table.md").read_text()
-    assert "| freckle F1 | stripes | emblem | freckles drawn |" in table and (out / "plot-real.png").exists()
-    held = [r for r in rows if r["view"] == "held-out"]  # fresh renders of the subject, never trained on
-    assert held and all(r["n"] == 6 and 0.0 <= r["freckle_f1"] <= 1.0 for r in held)
-
-
 def test_toy_study_measures_the_three_claims_with_study_sr(tmp_path, one_thread):
     """`cascade toy study` (1 seed, 1-step fine-tunes): claims (a) and (b) from its own samples, claim (c)
     from one `cascade study-sr` sweep: freckle F1 on held-out views (bilinear upsampling places none),
@@ -82,4 +58,15 @@ def test_toy_study_measures_the_three_claims_with_study_sr(tmp_path, one_thread)
     assert f1["bilinear upsampling (no model)"] == 0.0 and all(0.0 <= v <= 1.0 for v in f1.values())
     means = json.loads((out / "study-sr" / "results.json").read_text())["means"]
     assert {m["model"] for m in means} == {r["model"] for r in sr} and all("freckles" in m for m in means)
+    # study-sr reads the SR detail with the toy world's exact readers: the pretrained SR base never draws
+    # the emblem (no toy of the class has one), while the true photos carry stripes and emblem
+    truth = world.to_tensor(world.subject_photos())
+    assert measure.detail(truth)["stripes"] == 1.0 and measure.detail(truth)["emblem"] == 1.0
+    base = [m for m in means if m["model"] == "base" and m["view"] == "training"]
+    assert base and all(m["emblem"] == 0.0 and 0.0 <= m["stripes"] <= 1.0 for m in base), base
+    assert all("stripes" in m and "emblem" in m for m in means if m["input"] == "stage1")
+    table = (out / "study-sr" / "table.md").read_text()
+    assert "| freckle F1 | stripes | emblem | freckles drawn |" in table
+    held = [m for m in means if m["view"] == "held-out"]  # fresh renders of the subject, never trained on
+    assert held and all(0.0 <= m["freckle_f1"] <= 1.0 for m in held)
     assert (out / "plots.png").stat().st_size > 0 and (out / "study-sr" / "grid-real.png").exists()

@@ -59,7 +59,8 @@ def build_tiny_upscaler(folder: Path):
                                         pad_token_id=tok.pad_token_id))
     vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 16, 32),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                        layers_per_block=1, norm_num_groups=8, scaling_factor=0.08333)
+                        layers_per_block=1, norm_num_groups=8, scaling_factor=0.08333,
+                        mid_block_add_attention=False)  # its mid-block would attend over 256x256 latent tokens
     # attention only at the coarsest level: a 256x256 latent (1024px output) stays cheap on CPU
     unet = UNet2DConditionModel(sample_size=64, in_channels=7, out_channels=4, layers_per_block=1,
                                 block_out_channels=(16, 16, 32, 32),
