@@ -13,6 +13,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambooth"
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (the README's `-n 2`), split the cores between the workers: two workers with
+    a thread per core each would oversubscribe the CPU, which slows torch's CPU kernels severalfold."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run faster on one torch thread, far faster on an oversubscribed shared CPU."""

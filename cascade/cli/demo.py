@@ -7,6 +7,7 @@ fine-tuning with the same prompts and seeds, and write report.html + summary.jso
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import time
@@ -108,33 +109,39 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     lap("pick identifier", t)
     token = cfg.identifier.token
 
-    t = time.time()
-    r1 = train(TrainRequest(1, cfg, subject, class_noun, output=str(root / "stage1"),
-                         measures=live_measures.for_training(cfg, 1, subject)))
-    lap("class images + train stage I", t)
-    t = time.time()
-    r2 = train(TrainRequest(2, cfg, subject, class_noun, output=str(root / "stage2"),
-                         measures=live_measures.for_training(cfg, 2, subject)))
-    lap("train stage II", t)
-    r2_high = None
-    if toy:  # the SR comparison: the same fine-tune at high noise augmentation
-        from cascade.toy.demo_measures import HIGH_AUG, high_aug_config
-
-        t = time.time()
-        r2_high = train(TrainRequest(2, high_aug_config(cfg), subject, class_noun, output=str(root / "stage2-high")))
-        lap(f"train stage II at augmentation {HIGH_AUG[0]}..{HIGH_AUG[1]}", t)
-    folders.start_logging(root)  # back to the demo's own log
-
     prompts = [p.format(c=class_noun).replace("[V]", token) for p in (TOY_PROMPTS if toy else PROMPTS)]
     n_images = (2 if fast else 6) if toy else (1 if fast else 2)
     stage3 = paths.stage3 if with_stage3 else "none"
     if with_stage3 and stage3 == "none":
         stage3 = models.resolve_name(cfg, "tiny", "stage3") if paths.uses_tiny else stage3
     base = models.ModelPaths(paths.stage1, paths.stage2, stage3, paths.text_encoder)
+
+    # what needs no fine-tuned model runs in a process of its own, beside the two trainings: the base
+    # cascade's samples and (toy) the SR comparison, the same stage II fine-tune at high augmentation
+    jobs = {"sample base cascade": functools.partial(run_cascade, cfg, base, prompts, n_images, 0,
+                                                     root / "samples-before", progress=False)}
+    if toy:
+        from cascade.toy.demo_measures import HIGH_AUG, high_aug_config
+
+        jobs[f"train stage II at augmentation {HIGH_AUG[0]}..{HIGH_AUG[1]}"] = functools.partial(
+            train, TrainRequest(2, high_aug_config(cfg), subject, class_noun, output=str(root / "stage2-high")))
+    beside = _Beside(jobs)
+    try:
+        t = time.time()
+        r1 = train(TrainRequest(1, cfg, subject, class_noun, output=str(root / "stage1"),
+                             measures=live_measures.for_training(cfg, 1, subject)))
+        lap("class images + train stage I", t)
+        beside.release_cores_if_done()
+        t = time.time()
+        r2 = train(TrainRequest(2, cfg, subject, class_noun, output=str(root / "stage2"),
+                             measures=live_measures.for_training(cfg, 2, subject)))
+        lap("train stage II", t)
+        results = beside.join()
+    finally:
+        beside.stop()
+    timings.update({f"{name} (beside the trainings)": sec for name, sec in beside.seconds.items()})
+    folders.start_logging(root)  # back to the demo's own log
     tuned = models.ModelPaths(str(r1.export_dir), str(r2.export_dir), stage3, paths.text_encoder)
-    t = time.time()
-    run_cascade(cfg, base, prompts, n_images, 0, root / "samples-before", progress=False)
-    lap("sample base cascade", t)
     t = time.time()
     run_cascade(cfg, tuned, prompts, n_images, 0, root / "samples-after", progress=False)
     lap("sample fine-tuned cascade", t)
@@ -150,7 +157,8 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
 
         t = time.time()
         encoder = TextEncoder(paths.text_encoder, cfg.models.cache_dir, cfg.max_text_length)
-        toy_numbers = measure_demo(root, cfg, base, tuned, prompts, n_images, encoder, str(r2_high.export_dir))
+        toy_numbers = measure_demo(root, cfg, base, tuned, prompts, n_images, encoder,
+                                   str(results[-1].export_dir))
         lap("read samples (toy readers)", t)
     timings["total"] = round(time.time() - t0, 2)
 
@@ -176,6 +184,83 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
     summary["summary"] = str(root / "summary.json")
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+class _Beside:
+    """Jobs (picklable callables, by name) run one after another in a spawned process beside the demo's
+    trainings; the cores are shared: the child gets one torch thread and the demo one fewer, until the
+    child is done. Its trainings log to their run folders' log.txt. With one core they run first, here."""
+
+    def __init__(self, jobs: dict):
+        import multiprocessing
+
+        import torch
+
+        self.threads, self.seconds, self.proc = torch.get_num_threads(), {}, None
+        if self.threads < 2:
+            self.results = _run_jobs(jobs, self.seconds)
+            return
+        ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+        self.pipe, child_end = ctx.Pipe(duplex=False)
+        self.proc = ctx.Process(target=_jobs_in_child, args=(jobs, child_end), daemon=True)
+        self.proc.start()
+        child_end.close()
+        torch.set_num_threads(self.threads - 1)
+
+    def join(self) -> list:
+        """The jobs' results in order; InputError naming the failed job when one failed."""
+        if self.proc is None:
+            return self.results
+        try:
+            error, results, self.seconds = self.pipe.recv()
+        except EOFError:  # died without a word (killed, out of memory)
+            error, results = f"the process stopped with exit code {self.proc.exitcode}", None
+        self.proc.join(timeout=60)
+        self.stop()
+        if error:
+            raise InputError(f"demo: a job beside the trainings failed: {error}")
+        return results
+
+    def release_cores_if_done(self):
+        """Give the demo its threads back as soon as the child has finished."""
+        import torch
+
+        if self.proc is not None and self.pipe.poll():
+            torch.set_num_threads(self.threads)
+
+    def stop(self):
+        """Stop the child if it still runs (the demo failed or was interrupted); restore the threads."""
+        import torch
+
+        if self.proc is not None and self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join()
+        torch.set_num_threads(self.threads)
+
+
+def _run_jobs(jobs: dict, seconds: dict) -> list:
+    results = []
+    for name, job in jobs.items():
+        t = time.time()
+        results.append(job())
+        seconds[name] = round(time.time() - t, 2)
+        log.info("demo: %s took %.1f s", name, seconds[name])
+    return results
+
+
+def _jobs_in_child(jobs: dict, conn):
+    import os
+    import sys
+
+    import torch
+
+    torch.set_num_threads(1)
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # the run folders' logs have everything; the console stays readable
+    seconds = {}
+    try:
+        conn.send((None, _run_jobs(jobs, seconds), seconds))
+    except BaseException as e:  # noqa: BLE001 - reported to the demo in one line
+        conn.send((f"{list(jobs)[len(seconds)]}: {type(e).__name__}: {e}", None, seconds))
 
 
 def _check_inputs(cfg: Config, subject: str | None, class_noun: str | None, with_stage3: bool) -> models.ModelPaths:

@@ -30,7 +30,9 @@ def high_aug_config(cfg):
     its training range (stage2.sample.noise_level -1)."""
     import dataclasses
 
-    t = dataclasses.replace(cfg.stage2.train, noise_aug_min=HIGH_AUG[0], noise_aug_max=HIGH_AUG[1])
+    # only its export is compared: it validates and checkpoints once, at the end (the same training steps)
+    t = dataclasses.replace(cfg.stage2.train, noise_aug_min=HIGH_AUG[0], noise_aug_max=HIGH_AUG[1],
+                            sample_every=cfg.stage2.train.max_steps, checkpoint_every=cfg.stage2.train.max_steps)
     out = dataclasses.replace(cfg)
     out.stage2 = dataclasses.replace(cfg.stage2, train=t, sample=dataclasses.replace(cfg.stage2.sample, noise_level=-1))
     return out
