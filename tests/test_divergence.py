@@ -48,7 +48,7 @@ def test_nan_on_one_rank_stops_both_ranks(make_cfg, write_subject, tmp_path):
     subject = write_subject(tmp_path / "photos", 3, 80)
     out = tmp_path / "ddp"
     torchrun = Path(sys.executable).with_name("torchrun")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DIVERGE_LOG": str(tmp_path / "stderr"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
         [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(HELPER), "--subject", str(subject),
@@ -56,7 +56,8 @@ def test_nan_on_one_rank_stops_both_ranks(make_cfg, write_subject, tmp_path):
         env=env, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    errors = [line for line in text.splitlines() if "cascade train stage1: error:" in line]
+    errors = [line for r in (0, 1) for line in (tmp_path / f"stderr.{r}").read_text().splitlines()
+              if "cascade train stage1: error:" in line]  # each rank's own stderr
     assert len(errors) == 2 and all("not finite at step 2" in e and "nan" in e for e in errors), text[-3000:]
     # torchrun itself reports the failed children with a traceback of its own; none from our code
     assert "stages/" not in text and "cascade/" not in text.replace("cascade train", "")

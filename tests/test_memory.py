@@ -123,10 +123,12 @@ def test_estimate_memory_cli_fit_verdict(capsys, tmp_path):
     from cascade.cli.main import main
 
     assert main(["bench", "--estimate-memory", "--config", "tiny", "--gpu-memory", "40GB", "--batch", "1",
-                 "--output", str(tmp_path / "plan.json")]) == 0
+                 "--set", "stage1.train.lora_rank=2", "--output", str(tmp_path / "plan.json")]) == 0
     out = capsys.readouterr().out
     assert "phases (GB)" in out and "fits 40GB" in out
     report = json.loads((tmp_path / "plan.json").read_text())
+    assert report["command"].endswith("--gpu-memory 40GB --set stage1.train.lora_rank=2")  # reproducible
+    assert report["plan"]["plan"]["lora_rank"] == 2
     # the tiny cascade's phases are the tiny models' (its T5 is the tiny one, not T5-XXL's 9.5 GB), and
     # the export holds no second copy of the weights on the device
     assert report["command_peak"] < 0.2e9 and report["phases"]["t5_encode"] < 0.1e9
@@ -202,3 +204,27 @@ def test_8bit_state_starts_without_an_fp32_copy(monkeypatch):
     st = precision._State8bit(torch.empty(100_000), signed=True)
     assert max(sizes) <= precision._BLOCK  # was one fp32 zero tensor of the whole size
     assert st.q.numel() == 100_000 and float(st.get().abs().max()) == 0.0
+
+
+def test_advice_moves_t5_to_the_cpu_when_t5_is_the_peak():
+    """IF-I-XL LoRA at 12 GB: T5's phase (11.6 GB) is the peak, so the advice is T5 on the CPU, not a
+    smaller batch (which cannot lower T5's phase); the step ladder runs only if the step is still over."""
+    from cascade.perf import planner_report
+
+    gb = 1e9
+    plan = planner.Plan("tiny-stage1", batch=4)
+    phases = {"t5_encode": 11.6 * gb, "class_images": 9.3 * gb, "train_step": 10.2 * gb, "validation": 9.3 * gb,
+              "export": 8.6 * gb}
+    traced = []
+    fake = lambda p: traced.append(p) or {"bytes": {"peak": 10.2 * gb * p.batch / 4}}
+    advice = planner_report.advise_command(plan, phases, "gpu", 12 * gb, False, fake)
+    assert advice["switch_on"] == [planner_report.T5_TO_CPU] and advice["fits"] and not traced
+    assert advice["command_peak"] == 10.2 * gb
+    # T5 already on the CPU and the step over the budget: the ladder, and the verdict counts every phase
+    advice = planner_report.advise_command(plan, {**phases, "t5_encode": 0, "train_step": 13 * gb}, "cpu", 12 * gb,
+                                           False, fake)
+    assert planner_report.T5_TO_CPU not in advice["switch_on"] and traced and advice["fits"]
+    assert advice["command_peak"] == 10.2 * gb  # the traced step with the first rung switched on
+    # a phase the ladder cannot shrink (class images at 12.5 GB) leaves no plan
+    advice = planner_report.advise_command(plan, {**phases, "class_images": 12.5 * gb}, "gpu", 12 * gb, False, fake)
+    assert not advice["fits"] and advice["plan"] is None

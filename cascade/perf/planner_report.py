@@ -19,6 +19,28 @@ COMBOS = {
 }
 
 
+T5_TO_CPU = "models.text_encoder_device=cpu (T5 runs once on the CPU, minutes; its embeddings are cached)"
+
+
+def advise_command(plan, phases: dict, placement: str, gpu: float, ddp: bool, trace=None) -> dict:
+    """What to switch on when the command's peak phase does not fit: T5 to the CPU when the T5 phase is
+    over the budget, then the training-step ladder only if the training step is still over it (halving the
+    batch cannot help a peak that is T5's). {switch_on, plan (the traced step or None), fits, command_peak}."""
+    switched, rest = [], dict(phases)
+    if placement == "gpu" and not planner.fits(rest["t5_encode"], gpu)[0]:
+        switched.append(T5_TO_CPU)
+        rest["t5_encode"] = 0
+    if planner.fits(max(rest.values()), gpu)[0]:
+        return {"switch_on": switched, "plan": None, "fits": True, "command_peak": max(rest.values())}
+    better, more, result = planner.advise(plan, gpu, trace or planner.trace_step, ddp=ddp)
+    if better is not None:  # the step fits now; the other phases scale with the weights, not the batch
+        rest["train_step"] = result["bytes"]["peak"]
+        if not planner.fits(max(rest.values()), gpu)[0]:
+            better = None
+    return {"switch_on": switched + more, "plan": result if better is not None else None,
+            "fits": better is not None, "command_peak": max(rest.values())}
+
+
 def plan_from_config(cfg, stage: int, batch: int | None, cpu_run: bool, resolution: int | None = None) -> planner.Plan:
     sec = cfg.stage1 if stage == 1 else cfg.stage2
     tc = sec.train
@@ -60,7 +82,8 @@ def run(cfg, args) -> dict:
                               f"--gpu-memory {args.gpu_memory}" if args.gpu_memory else "",
                               f"--resolution {args.resolution}" if args.resolution else "",
                               f"--processes {args.processes}" if getattr(args, "processes", 1) > 1 else "",
-                              "--cpu-run" if args.cpu_run else "") if a),
+                              "--cpu-run" if args.cpu_run else "",
+                              *(f"--set {o}" for o in getattr(args, "overrides", []))) if a),
               "versions": versions(), "git": git_revision()}
     if args.models:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -113,14 +136,14 @@ def run(cfg, args) -> dict:
         if ok:
             lines.append(f"fits {args.gpu_memory}: {_gb(headroom)} GB to spare (after 1 GiB context + 5% slack)")
         else:
-            better, switched, result = planner.advise(plan, gpu, ddp=ddp)
-            report["advice"] = {"switch_on": switched, "plan": result}
-            if better is None:
-                lines.append(f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB), even with "
-                             f"{', '.join(switched) or 'every option'}: use LoRA or a larger GPU")
+            report["advice"] = advice = advise_command(plan, phases, placement, gpu, ddp)
+            short = f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB)"
+            if advice["plan"] is None and not advice["fits"]:
+                lines.append(f"{short}, even with {', '.join(advice['switch_on']) or 'every option'}: "
+                             "use LoRA or a larger GPU")
             else:
-                lines.append(f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB); switch on: "
-                             f"{', '.join(switched)} -> training step peak {_gb(result['bytes']['peak'])} GB")
+                lines.append(f"{short}; switch on: {', '.join(advice['switch_on'])} -> command peak "
+                             f"{_gb(advice['command_peak'])} GB")
     # host RAM at export: safetensors builds each file in memory (the whole state dict), then the fp16
     # variant is converted from the written file (a half-precision copy)
     full = plan.lora_rank == 0
