@@ -1,4 +1,5 @@
 """The memory planner (fake-tensor trace) against real measured runs, and `cascade bench` JSON."""
+import functools
 import json
 
 import pytest
@@ -11,6 +12,20 @@ from stages import activation_ckpt, optim, setup
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RES = 32  # the tiny stage I's inputs at half its 64 px: the same accounting, a quarter of the (real) compute
+
+
+@functools.lru_cache(maxsize=None)
+def _trace(plan: planner.Plan) -> dict:
+    """Plans are frozen: each is traced once per session, whichever test asks first."""
+    return planner.trace_step(plan)
+
+
+def _plan(**opts) -> planner.Plan:
+    """The tests' common plan: batch 2 + 2 prior, 16 text tokens, at RES, CPU fp32 activations."""
+    return planner.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16, resolution=RES, **opts)
+
+
+PRESET = dict(weights_dtype="bfloat16", checkpointing="full", use_8bit_adam=True, in_backward=True)  # the presets'
 
 
 def _real_state(opt) -> list:
@@ -68,12 +83,12 @@ def _measured_peak(plan: planner.Plan) -> tuple[int, int]:
 @pytest.mark.parametrize("opts", [
     dict(),  # naive: fp32, AdamW
     dict(use_8bit_adam=True, checkpointing="resnets"),  # real bitsandbytes AdamW8bit vs the stand-in
-    dict(weights_dtype="bfloat16", checkpointing="full", use_8bit_adam=True, in_backward=True),  # the presets'
+    PRESET,
     dict(weights_dtype="bfloat16", checkpointing="full", lora_rank=4),  # LoRA on a bf16 frozen base
 ], ids=["naive", "8bit", "bf16-full-inbackward", "lora"])
 def test_planner_estimate_within_10_percent_of_measured(opts):
-    plan = planner.Plan("tiny-stage1", batch=2, prior=True, autocast=None, text_len=16, resolution=RES, **opts)
-    estimate = planner.trace_step(plan)["bytes"]
+    plan = _plan(**opts)
+    estimate = _trace(plan)["bytes"]
     measured, state = _measured_peak(plan)
     assert abs(estimate["peak"] - measured) / measured < 0.10, (estimate["peak"], measured)
     # the state must be counted for optimizers kept in backward hooks and for 8-bit moments too
@@ -81,9 +96,7 @@ def test_planner_estimate_within_10_percent_of_measured(opts):
 
 
 def test_planner_orders_the_options():
-    naive = planner.trace_step(planner.Plan("tiny-stage1", batch=2, text_len=16, resolution=RES))
-    best = planner.trace_step(planner.Plan("tiny-stage1", batch=2, text_len=16, resolution=RES, weights_dtype="bfloat16",
-                                         checkpointing="full", use_8bit_adam=True, in_backward=True))
+    naive, best = _trace(_plan()), _trace(_plan(**PRESET))
     nb, bb = naive["bytes"], best["bytes"]
     n = naive["params_trainable"]
     assert 8 * n <= nb["optimizer"] <= 8 * n + 4 * 1000  # AdamW: two fp32 moments (+ a step scalar per tensor)
@@ -105,7 +118,7 @@ def test_bench_tiny_writes_valid_json(tmp_path, capsys):
     from cascade.cli.main import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "--config", "tiny", "--steps", "1", "--warmup", "0", "--sample-steps", "1",
+    assert main(["bench", "--config", "tiny", "--steps", "1", "--warmup", "0", "--sample-steps", "1", "--resolution", "32",
                  "--batch", "1", "--compare", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["command"].startswith("cascade") and report["device"].startswith("cpu")
@@ -185,9 +198,8 @@ def test_t5_phase_counts_wo_in_fp32():
 
 
 def test_ddp_plan_holds_every_gradient():
-    plan = planner.Plan("tiny-stage1", batch=1, text_len=8, weights_dtype="bfloat16", in_backward=True, autocast=None,
-                        resolution=16)
-    one = planner.trace_step(plan)
+    plan = _plan(**PRESET)
+    one = _trace(plan)  # shared with the tests above
     ddp = planner.trace_step(planner.ddp_plan(plan))
     assert ddp["plan"]["in_backward"] is False
     assert ddp["bytes"]["grads"] == 2 * ddp["params_trainable"] > 4 * one["bytes"]["grads"]
