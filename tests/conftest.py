@@ -14,9 +14,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambo
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (the README's `-n 2 --dist loadfile`: each file on one worker, so module
-    fixtures and the planner's trace cache are built once), split the cores between the workers: two
-    workers with a thread per core each would oversubscribe the CPU, which slows torch severalfold."""
+    """Under pytest-xdist (the README's `-n 2`), split the cores between the workers: two workers with
+    a thread per core each would oversubscribe the CPU, which slows torch's CPU kernels severalfold."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         import torch
