@@ -138,7 +138,7 @@ def run(cfg, args) -> dict:
         else:
             report["advice"] = advice = advise_command(plan, phases, placement, gpu, ddp)
             short = f"does NOT fit {args.gpu_memory} (short by {_gb(-headroom)} GB)"
-            if advice["plan"] is None and not advice["fits"]:
+            if not advice["fits"]:
                 lines.append(f"{short}, even with {', '.join(advice['switch_on']) or 'every option'}: "
                              "use LoRA or a larger GPU")
             else:
