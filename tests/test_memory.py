@@ -240,3 +240,4 @@ def test_advice_moves_t5_to_the_cpu_when_t5_is_the_peak():
     # a phase the ladder cannot shrink (class images at 12.5 GB) leaves no plan
     advice = planner_report.advise_command(plan, {**phases, "class_images": 12.5 * gb}, "gpu", 12 * gb, False, fake)
     assert not advice["fits"] and advice["plan"] is None
+    assert planner_report.T5_TO_CPU not in advice["switch_on"]  # T5 is not the peak there: moving it cannot help

@@ -24,10 +24,11 @@ T5_TO_CPU = "models.text_encoder_device=cpu (T5 runs once on the CPU, minutes; i
 
 def advise_command(plan, phases: dict, placement: str, gpu: float, ddp: bool, trace=None) -> dict:
     """What to switch on when the command's peak phase does not fit: T5 to the CPU when the T5 phase is
-    over the budget, then the training-step ladder only if the training step is still over it (halving the
+    the peak and over the budget, then the training-step ladder only if the training step is still over it (halving the
     batch cannot help a peak that is T5's). {switch_on, plan (the traced step or None), fits, command_peak}."""
     switched, rest = [], dict(phases)
-    if placement == "gpu" and not planner.fits(rest["t5_encode"], gpu)[0]:
+    others = max(v for k, v in rest.items() if k != "t5_encode")
+    if placement == "gpu" and rest["t5_encode"] > others and not planner.fits(rest["t5_encode"], gpu)[0]:
         switched.append(T5_TO_CPU)
         rest["t5_encode"] = 0
     if planner.fits(max(rest.values()), gpu)[0]:
