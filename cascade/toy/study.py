@@ -171,7 +171,8 @@ def _plots(root: Path, summ):
                 ax.errorbar([p["level"] for p in pts], [p["mean"] for p in pts], [p["std"] for p in pts], label=model,
                             marker="o", capsize=3)
         ax.set(title=title, xlabel="SR sampling noise level")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # a claim with no rows (e.g. no training views) has no lines
+            ax.legend(fontsize=7)
     bars = [s for s in summ if s["claim"] in ("a fidelity", "b drift") and s["metric"] != "a toy: entropy bits"]
     ax = axes[3]
     if not bars:
