@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny component build per test session, offline, deterministic."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -23,15 +24,24 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU thread count set to n inside the block, restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models run faster on one torch thread, far faster on an oversubscribed shared CPU."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -9,14 +9,13 @@ import torch
 
 from cascade.cli import beside as demo_beside
 from stages.errors import InputError
+from tests.conftest import torch_threads
 
 
 @pytest.fixture
 def two_threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(2):
+        yield
 
 
 def test_jobs_run_in_a_child_beside_and_give_the_threads_back(two_threads):
@@ -34,10 +33,6 @@ def test_a_failed_job_is_named_in_one_line(two_threads):
 
 
 def test_one_thread_runs_the_jobs_here_first():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         beside = demo_beside.Beside({"pid": os.getpid})
         assert beside.proc is None and beside.join() == [os.getpid()]
-    finally:
-        torch.set_num_threads(n)
