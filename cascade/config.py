@@ -147,6 +147,21 @@ def _stage2_default() -> Stage:
 
 
 @dataclass
+class Study:
+    """`cascade study-sr` defaults, each replaced by its flag. The defaults size the tiny preset's sweep to a
+    few minutes on 2 CPU cores (its images are noise: this checks the plumbing); the if-* presets and toy
+    set the full grid (docs/sr-study.md)."""
+    variants: str = "aug0=0:0 aug250=250:250"  # NAME=MIN:MAX[:prior], space-separated
+    noise_levels: str = "0,250"  # sampling noise levels, comma-separated
+    seeds: str = "0,1,2"
+    max_steps: int = 5  # fine-tuning steps per variant; 0 = stage2.train.max_steps
+    sample_steps: int = 2  # SR sampling steps; 0 = stage2.sample.steps
+    max_images: int = 3  # real photos used (training + held-out)
+    num_stage1: int = 1  # stage I samples of "a [V] <class>" upsampled
+    class_images: int = 1  # base stage I "a <class>" samples upsampled (drift)
+
+
+@dataclass
 class Config:
     name: str = "tiny"
     models: Models = field(default_factory=Models)
@@ -158,6 +173,7 @@ class Config:
     stage1: Stage = field(default_factory=Stage)
     stage2: Stage = field(default_factory=_stage2_default)
     stage3: Sample = field(default_factory=lambda: Sample(steps=10, guidance_scale=9.0, noise_level=100))
+    study: Study = field(default_factory=Study)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -79,6 +79,23 @@ def validate(cfg: Config):
     _check(math.isfinite(cfg.stage3.guidance_scale) and cfg.stage3.guidance_scale >= 0, "stage3.guidance_scale",
            "must be >= 0")
     _check(bool(str(cfg.models.cache_dir).strip()), "models.cache_dir", "must name a folder")
+    _check_study(cfg)
+
+
+def _check_study(cfg: Config):
+    from cascade import study_grid
+
+    st = cfg.study
+    for key, parse, value in (("variants", study_grid.variants, st.variants.split()),
+                              ("noise_levels", study_grid.levels, st.noise_levels), ("seeds", study_grid.seeds, st.seeds)):
+        try:
+            parse(value)
+        except ValueError as e:
+            _check(False, f"study.{key}", str(e))
+    _check(st.max_steps >= 0, "study.max_steps", "must be >= 0 (0 = stage2.train.max_steps)")
+    _check(st.sample_steps >= 0, "study.sample_steps", "must be >= 0 (0 = stage2.sample.steps)")
+    _check(st.max_images >= 1, "study.max_images", "must be >= 1")
+    _check(st.num_stage1 >= 0 and st.class_images >= 0, "study.num_stage1", "num_stage1 and class_images must be >= 0")
 
 
 def _check_features(t: Train, k: str):

@@ -69,7 +69,7 @@ def test_study_sr_holdout_seeds_and_missing_dino(tmp_path, make_cfg, write_subje
     out = tmp_path / "study"
     code = main(["study-sr", "--subject", str(subject), "--class-noun", "toy", "--train", "--variant", "low=0:0",
                  "--max-steps", "1", "--noise-levels", "0", "--num-stage1", "0", "--class-images", "0",
-                 "--seeds", "0,1", "--holdout", "1", "--dino", "no-such-org/dino-not-cached", "--output", str(out),
+                 "--seeds", "0,1", "--holdout", "1", "--max-images", "4", "--dino", "no-such-org/dino-not-cached", "--output", str(out),
                  "--set", f"models.cache_dir={make_cfg().models.cache_dir}", *FAST])
     assert code == 0
     photos = sorted(subject.iterdir())
@@ -131,3 +131,22 @@ def test_merge_sweeps_run_per_seed(tmp_path):
     assert abs(m["freckle_f1_std"] - 0.2828427) < 1e-6 and m["lpips"] is None
     with pytest.raises(ValueError):
         merge([a, a])
+
+
+def test_presets_size_the_study_grid_and_bad_settings_name_their_key(capsys):
+    """The study's grid comes from the preset's `study:` section (the tiny one small enough for a CPU);
+    a bad value names the flag or the config key, before anything runs."""
+    import pytest
+
+    from cascade.config import ConfigError, load_config
+    from cascade import study_grid
+
+    tiny, toy = load_config("tiny").study, load_config("toy").study
+    assert len(study_grid.variants(tiny.variants.split())) == 2 and study_grid.levels(tiny.noise_levels) == [0, 250]
+    assert [v[1:3] for v in study_grid.variants(toy.variants.split())] == [(0, 0), (0, 20), (100, 100), (250, 250)]
+    assert study_grid.levels(toy.noise_levels) == [0, 20, 100, 250] and study_grid.seeds(toy.seeds) == [0, 1, 2]
+    for key, bad in (("study.seeds", "0,x"), ("study.noise_levels", "0,1000"), ("study.variants", "a=0:0 a=9:9")):
+        with pytest.raises(ConfigError, match=key):
+            load_config("tiny", [f"{key}={bad}"])
+    code = main(["study-sr", "--subject", "nowhere", "--class-noun", "toy", "--train", "--variant", "x=5:1"])
+    assert code == 2 and "--variant" in capsys.readouterr().err

@@ -87,3 +87,42 @@ def test_high_pass_correlation_sees_placement():
     none = world.to_tensor([world.render(dataclasses.replace(toy, freckles=()))])[0]
     assert hp_correlation(truth, truth) == pytest.approx(1.0)
     assert hp_correlation(truth, truth) > hp_correlation(shifted, truth) and hp_correlation(none, truth) < 1.0
+
+
+def test_toy_specks_put_dots_on_the_toy_and_keep_the_background_ones():
+    plain, _ = world.dataset(12, seed=5, specks=1.0)
+    both, _ = world.dataset(12, seed=5, specks=1.0, toy_specks=True)
+    assert [dataclasses.replace(t, freckles=()) for t in both] == plain
+    for t in both:  # 1..6 dots, each on the toy
+        cov = world.coverage(t.shape, t.cx, t.cy, t.size, world.HI)
+        assert 1 <= len(t.freckles) <= 6 and all(cov[int(y), int(x)] > 0.99 for x, y in t.freckles)
+
+
+def test_speck_weight_map_covers_every_dot_and_only_low_levels():
+    """The pretraining's speck weighting: the map is 1 within the radius of each dot (and only there),
+    and the weighted error is zero for an exact prediction and grows with the error inside the map."""
+    from cascade.toy.pretrain import _weighted_error, speck_weights
+    from stages.losses import DiffusionMath
+
+    toys, _ = world.dataset(6, seed=2, specks=1.0, toy_specks=True)
+    w = speck_weights(toys, 4.5)
+    for t, m in zip(toys, w[:, 0]):
+        dots = (*t.specks, *t.freckles)
+        assert all(m[int(y), int(x)] == 1 for x, y in dots)
+        assert m.sum() <= len(dots) * 3.15 * 5.5 ** 2 and m.sum() >= 3.0 * 4.0 ** 2
+    betas = torch.linspace(1e-4, 2e-2, 1000)
+    math_ = DiffusionMath(torch.cumprod(1 - betas, 0))
+
+    class Eps:
+        prediction_type = "epsilon"
+
+    noise = torch.randn(6, 3, 64, 64)
+    exact = torch.cat([noise, torch.zeros(6, 3, 64, 64)], 1)
+    t = torch.full((6,), 500)
+    assert _weighted_error(math_, exact, noise, noise, t, w.float(), Eps).abs().max() == 0
+    off_map = exact.clone()
+    off_map[:, :3] += 1 - w.float()  # wrong only where the map is 0
+    assert _weighted_error(math_, off_map, noise, noise, t, w.float(), Eps).abs().max() == 0
+    on_map = exact.clone()
+    on_map[:, :3] += w.float()
+    assert (_weighted_error(math_, on_map, noise, noise, t, w.float(), Eps) > 0).all()

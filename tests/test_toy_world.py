@@ -107,10 +107,30 @@ def _pretrain_twice(tmp_path, cfg, prepare, pretrain, PretrainConfig):
     with pytest.raises(InputError, match="--resume"):
         pretrain(tmp_path / "a", cfg, progress=False)
     pretrain(tmp_path / "b", PretrainConfig(**{**cfg.__dict__, "steps": 8}), progress=False)
+    ckpt = tmp_path / "b" / "ckpt-stage1.pt"
+    state = torch.load(ckpt, weights_only=True)
+    for key in ("toy_specks", "speck_weight", "speck_radius", "speck_max_level"):  # made before these options
+        del state["config"][key]
+    torch.save(state, ckpt)
     rest = pretrain(tmp_path / "b", cfg, resume=True, progress=False)
     assert len(rest) == 8 and rest == pytest.approx(losses[8:], rel=1e-5)
     a, b = (torch.load(d / "ckpt-stage1.pt", weights_only=True)["ema"] for d in (tmp_path / "a", tmp_path / "b"))
     assert all(torch.allclose(a[k], b[k]) for k in a)
+
+
+def test_speck_weight_adds_to_the_stage2_loss(tmp_path, one_thread):
+    """The same step with and without the speck weighting: the same batch, a larger loss with it."""
+    import shutil
+
+    from cascade.toy.pretrain import PretrainConfig, prepare, pretrain
+
+    base = dict(stage=2, steps=2, batch_size=4, warmup_steps=1, pool_size=8, specks=1.0, toy_specks=True,
+                speck_max_level=500)
+    prepare(tmp_path / "a", 0)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    plain = pretrain(tmp_path / "a", PretrainConfig(**base), progress=False)
+    weighted = pretrain(tmp_path / "b", PretrainConfig(**base, speck_weight=20.0), progress=False)
+    assert weighted[0] > plain[0] * 1.01
 
 
 def test_checksum_check_rejects_a_modified_weight_file(tmp_path):

@@ -6,8 +6,6 @@ from cascade.cli import flags
 from cascade.config import ConfigError, load_config
 from cascade.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
-DEFAULT_LEVELS = "0,20,100,250"
-DEFAULT_VARIANTS = ["aug0=0:0", "aug0-20=0:20", "aug100=100:100", "aug250=250:250"]
 
 
 def _metric_args(p):
@@ -48,17 +46,21 @@ def add_commands(sub, common_config):
     p.add_argument("--train", action="store_true", help="fine-tune the --variant SR models first")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=MIN:MAX[:prior]",
                    help="training noise-augmentation range per variant, ':prior' for prior preservation with class "
-                        f"pairs made by the frozen cascade (default {' '.join(DEFAULT_VARIANTS)})")
-    p.add_argument("--max-steps", type=flags.count(1), default=None, help="training steps per variant (default: config)")
-    p.add_argument("--noise-levels", default=DEFAULT_LEVELS, help=f"sampling noise levels (default {DEFAULT_LEVELS})")
+                        "pairs made by the frozen cascade (default: the config's study.variants)")
+    p.add_argument("--max-steps", type=flags.count(1), default=None,
+                   help="training steps per variant (default: study.max_steps, else stage2.train.max_steps)")
+    p.add_argument("--noise-levels", default=None, help="sampling noise levels, comma-separated (default: study.noise_levels)")
     p.add_argument("--stage1", default=None, help="stage I for the sample inputs (default: config), or none")
-    p.add_argument("--num-stage1", type=flags.count(0), default=2, help="stage I samples of 'a [V] <class>' to upsample")
-    p.add_argument("--max-images", type=flags.count(1), default=4, help="at most this many real photos")
-    p.add_argument("--seeds", default="0,1,2", help="seeds, comma-separated: each fine-tunes the variants and samples "
-                                                     "once (default 0,1,2: mean ± std over 3)")
+    p.add_argument("--num-stage1", type=flags.count(0), default=None,
+                   help="stage I samples of 'a [V] <class>' to upsample (default: study.num_stage1)")
+    p.add_argument("--max-images", type=flags.count(1), default=None, help="at most this many real photos "
+                                                                            "(default: study.max_images)")
+    p.add_argument("--seeds", default=None, help="seeds, comma-separated: each fine-tunes the variants and samples once "
+                                                 "(default: study.seeds, 0,1,2 in every preset: mean ± std over 3)")
     p.add_argument("--holdout", type=flags.count(0), default=None, help="photos kept out of --train and scored as held-out "
                                                              "views (default 1 with >= 4 photos, else 0)")
-    p.add_argument("--class-images", type=flags.count(0), default=4, help="base stage I 'a <class>' samples upsampled for drift")
+    p.add_argument("--class-images", type=flags.count(0), default=None,
+                   help="base stage I 'a <class>' samples upsampled for drift (default: study.class_images)")
     _metric_args(p)
     p.add_argument("--lpips-net", default="alex", help="LPIPS backbone (alex|vgg|squeeze), when lpips is installed")
     p.add_argument("--output", default=None, help="study folder; default runs/NNNNN-study-sr-CLASS")
@@ -78,62 +80,41 @@ def cmd_evaluate(args):
         print(f"tables, JSON and plot in {out}")
 
 
-def _levels(text: str) -> list[int]:
+def _grid(parse, flag: str, key: str, value):
+    """Parse one grid setting, naming the flag or the config key at fault."""
     try:
-        levels = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(f"--noise-levels must be integers separated by commas, got {text!r}") from None
-    if not levels or any(not 0 <= v <= 999 for v in levels):
-        raise ConfigError(f"--noise-levels must be integers in 0..999, got {text!r}")
-    return levels
-
-
-def _variants(items: list[str]) -> list[tuple[str, int, int, bool]]:
-    out = []
-    for item in items or DEFAULT_VARIANTS:
-        name, _, rng = item.partition("=")
-        lo, _, rest = rng.partition(":")
-        hi, _, flag = rest.partition(":")
-        try:
-            lo_i, hi_i = int(lo), int(hi or lo)
-        except ValueError:
-            raise ConfigError(f"--variant {item!r}: expected NAME=MIN:MAX[:prior] with integer levels") from None
-        if not name or not 0 <= lo_i <= hi_i <= 999 or flag not in ("", "prior"):
-            raise ConfigError(f"--variant {item!r}: expected NAME=MIN:MAX[:prior] with 0 <= MIN <= MAX <= 999")
-        out.append((name, lo_i, hi_i, flag == "prior"))
-    return out
-
-
-def _seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds or any(s < 0 for s in seeds):
-        raise ConfigError(f"--seeds must be non-negative integers separated by commas, got {text!r}")
-    return seeds
+        return parse(value)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}" if flag else f"config 'study.{key}': {e}") from None
 
 
 def cmd_study_sr(args):
+    from cascade import study_grid
     from cascade.evaluation.sr_study import StudyRequest, run_study
 
-    steps = [] if args.max_steps is None else [f"stage2.train.max_steps={args.max_steps}"]
-    cfg = load_config(args.config, args.overrides + steps)
+    cfg = load_config(args.config, args.overrides)
+    st = cfg.study
+    steps = args.max_steps or st.max_steps
+    if steps:
+        cfg.stage2.train.max_steps = steps
+    if st.sample_steps:
+        cfg.stage2.sample.steps = st.sample_steps
     sr = []
     for item in args.sr:
         label, sep, path = item.partition("=")
         sr.append((label, path) if sep else (f"fine-tuned-{len(sr) + 1}", item))
     if not sr and not args.train:
         raise ConfigError("give fine-tuned SR exports with --sr PATH, or --train to fine-tune variants")
-    if args.num_stage1 < 0 or args.max_images < 1 or args.class_images < 0:
-        raise ConfigError("--num-stage1 and --class-images must be >= 0 and --max-images >= 1")
-    if args.holdout is not None and args.holdout < 0:
-        raise ConfigError(f"--holdout must be >= 0, got {args.holdout}")
-    seeds = _seeds(args.seeds)
-    req = StudyRequest(cfg, args.subject, args.class_noun, args.identifier, args.base, sr,
-                       _variants(args.variant) if args.train else [], _levels(args.noise_levels), args.stage1,
-                       args.num_stage1, args.max_images, seeds[0], args.dino, args.lpips_net, args.output,
-                       args.overwrite, seeds=seeds, holdout=args.holdout, class_stage1=args.class_images)
+    seeds = _grid(study_grid.seeds, args.seeds and "--seeds", "seeds", args.seeds or st.seeds)
+    levels = _grid(study_grid.levels, args.noise_levels and "--noise-levels", "noise_levels",
+                   args.noise_levels or st.noise_levels)
+    variants = _grid(study_grid.variants, args.variant and "--variant", "variants",
+                     args.variant or st.variants.split()) if args.train else []
+    pick = lambda flag, preset: preset if flag is None else flag  # noqa: E731 (0 is a value here)
+    req = StudyRequest(cfg, args.subject, args.class_noun, args.identifier, args.base, sr, variants, levels,
+                       args.stage1, pick(args.num_stage1, st.num_stage1), pick(args.max_images, st.max_images),
+                       seeds[0], args.dino, args.lpips_net, args.output, args.overwrite, seeds=seeds,
+                       holdout=args.holdout, class_stage1=pick(args.class_images, st.class_images))
     if (args.base or cfg.models.stage2) == "toy":  # the toy world: its exact readers see the SR detail
         from cascade.toy.measure import study_extras
 

@@ -54,3 +54,11 @@ def finite(low: float | None = None, high: float | None = None, **kw):
 
 seed = number(int, 0, SEED_MAX)
 noise_level = number(int, 0, 999)
+
+
+def boolean(text: str) -> bool:
+    """true/false (also yes/no, 1/0) for a flag that carries a config's bool."""
+    value = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value

@@ -26,6 +26,10 @@ PRETRAIN_HELP = {
     "threads": "torch CPU threads (1 is fastest on a shared machine)",
     "specks": "stage II: fraction of pool images with freckle-like dots on the background",
     "init": "start from this diffusers unet/ folder (e.g. cascade/toy/weights/stage2/unet); recorded in provenance",
+    "toy_specks": "stage II: the speck images also get 1..6 dots on the toy",
+    "speck_weight": "stage II: extra squared-error weight on the pixels within --speck-radius px of each dot",
+    "speck_radius": "stage II: radius (64 px units) of the --speck-weight region around each dot",
+    "speck_max_level": "stage II: --speck-weight only on examples augmented at most to this level",
 }
 # each pretraining value's range, checked as the flag is parsed
 PRETRAIN_TYPES = {
@@ -35,7 +39,8 @@ PRETRAIN_TYPES = {
     "caption_dropout": flags.finite(0, 1), "attribute_dropout": flags.finite(0, 1),
     "noise_level_max": flags.noise_level, "crop": flags.count(0), "pool_size": flags.count(1),
     "seed": flags.seed, "ckpt_every": flags.count(1), "threads": flags.count(1),
-    "specks": flags.finite(0, 1), "init": str,
+    "specks": flags.finite(0, 1), "init": str, "toy_specks": flags.boolean, "speck_weight": flags.finite(0),
+    "speck_radius": flags.finite(0), "speck_max_level": flags.noise_level,
 }
 
 
@@ -273,9 +278,12 @@ def cmd_study(args):
     sc = StudyConfig(seeds, args.samples, args.stage1_steps, args.stage2_steps, levels=levels, sr_inputs=args.sr_inputs,
                      sr_steps=args.sr_steps, sr_only=args.sr_only)
     if args.variant:
-        from cascade.cli.evaluate import _variants
+        from cascade import study_grid
 
-        sc.variants = _variants(args.variant)
+        try:
+            sc.variants = study_grid.variants(args.variant)
+        except ValueError as e:
+            raise InputError(f"--variant {e}") from None
     out = folders.prepare_output(args.output, "toy study", overwrite=args.overwrite)  # the run-folder rules
     run_study(out, sc, args.cache_dir)
     print((out / "table.md").read_text())

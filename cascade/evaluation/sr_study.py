@@ -93,11 +93,12 @@ def _train_variants(req: StudyRequest, base: str, token: str, subject: str, out:
         cfg = dataclasses.replace(req.cfg)
         cfg.models = dataclasses.replace(req.cfg.models, stage2=base)
         cfg.identifier = dataclasses.replace(req.cfg.identifier, token=token)
-        # the study measures the exports itself: one validation grid at the end, not every sample_every steps
+        # the study samples and measures the exports itself: no validation grids while training
         t = dataclasses.replace(req.cfg.stage2.train, noise_aug_min=lo, noise_aug_max=hi, seed=seed,
-                                prior_preservation=prior, sample_every=req.cfg.stage2.train.max_steps)
+                                prior_preservation=prior, validation_images=0)
         cfg.stage2 = dataclasses.replace(req.cfg.stage2, train=t, sample=dataclasses.replace(req.cfg.stage2.sample,
-                                                                                              noise_level=-1))
+                                                                                              noise_level=-1),
+                                         validation=dataclasses.replace(req.cfg.stage2.validation, best_checkpoint=False))
         validate(cfg)
         log.info("training SR variant %s (seed %d): noise augmentation %d..%d, %d steps%s", name, seed, lo, hi,
                  t.max_steps, ", prior preservation" if prior else "")

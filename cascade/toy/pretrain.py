@@ -51,6 +51,25 @@ class PretrainConfig:
     threads: int = 1
     specks: float = 0.0  # stage II: fraction of pool images with freckle-like dots on the background
     init: str = ""  # start from this diffusers unet/ folder (e.g. the committed stage II) instead of random
+    toy_specks: bool = False  # stage II: speck images also get 1..6 dots on the toy (random light-stripe rows)
+    speck_weight: float = 0.0  # stage II: extra squared-error weight within speck_radius px of each dot ...
+    speck_radius: float = 4.5  # ... (the region the dot's 16 px dip tells apart from its surroundings) ...
+    speck_max_level: int = 50  # ... for examples augmented at most to this level (where the condition shows the dot)
+
+
+def speck_weights(toys, radius: float) -> torch.Tensor:
+    """[N, 1, 64, 64] uint8: 1 within `radius` px of each toy's specks and freckles. The dots are a small
+    part of an image's squared error, too little for the small SR to learn to place them from its
+    condition; this map lets the loss weigh them more. It must stay a function of what the model sees, or
+    the optimum moves (weighing exactly the dots' pixels, unseen, teaches it to draw dots everywhere):
+    so the region is as wide as the dot's 16 px dip, and it is used only at augmentation levels where
+    the condition shows that dip (docs/toy-world.md)."""
+    yy, xx = torch.meshgrid(torch.arange(world.HI) + 0.5, torch.arange(world.HI) + 0.5, indexing="ij")
+    out = torch.zeros(len(toys), 1, world.HI, world.HI, dtype=torch.uint8)
+    for i, t in enumerate(toys):
+        for x, y in (*t.specks, *t.freckles):
+            out[i, 0][(xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2] = 1
+    return out
 
 
 def prepare(out: Path, seed: int) -> dict[str, torch.Tensor]:
@@ -87,25 +106,27 @@ def prepare(out: Path, seed: int) -> dict[str, torch.Tensor]:
 
 
 def make_batch(cfg: PretrainConfig, toys, pool: torch.Tensor, embeds, gen: torch.Generator):
-    """x0 at the stage's resolution, the 16 px view (stage II) and caption embeddings."""
+    """x0 at the stage's resolution, the 16 px view (stage II), caption embeddings and the indices."""
     idx = torch.randint(0, len(toys), (cfg.batch_size,), generator=gen)
     rng = random.Random(int(torch.randint(0, 2**31, (1,), generator=gen)))
     caps = ["" if rng.random() < cfg.caption_dropout else world.training_caption(toys[i], rng, cfg.attribute_dropout)
             for i in idx.tolist()]
     hi = pool[idx].float() / 127.5 - 1.0
     enc = torch.stack([embeds[c] for c in caps])
-    return hi, world.to_lowres(hi), enc
+    return hi, world.to_lowres(hi), enc, idx
 
 
-def _crop(x0: torch.Tensor, cond: torch.Tensor, size: int, gen: torch.Generator):
-    """The same random crop of the 64 px target and of its (already upsampled, noised) condition."""
+def _crop(x0: torch.Tensor, cond: torch.Tensor, size: int, gen: torch.Generator, extra: torch.Tensor | None = None):
+    """The same random crop of the 64 px target, of its (already upsampled, noised) condition and of
+    `extra` (a per-pixel weight map, or None)."""
     if not size or size >= x0.shape[-1]:
-        return x0, cond
-    both = torch.cat([x0, cond], dim=1)
+        return x0, cond, extra
+    parts = [x0, cond] + ([] if extra is None else [extra.to(x0.dtype)])
+    both = torch.cat(parts, dim=1)
     tops = torch.randint(0, x0.shape[-1] - size + 1, (x0.shape[0],), generator=gen).tolist()
     lefts = torch.randint(0, x0.shape[-1] - size + 1, (x0.shape[0],), generator=gen).tolist()
     both = torch.stack([b[:, t:t + size, l:l + size] for b, t, l in zip(both, tops, lefts)])
-    return both[:, :3], both[:, 3:]
+    return both[:, :3], both[:, 3:6], (None if extra is None else both[:, 6:])
 
 
 def _save_atomic(obj, path: Path):
@@ -141,6 +162,13 @@ def init_unet(unet, folder: Path):
     log.info("initialised from %s", folder)
 
 
+def _weighted_error(math_, out_, x0, noise, t, wmap, sched_config) -> torch.Tensor:
+    """[B]: the squared error of the prediction (epsilon or v, as the stage's scheduler says) within the
+    speck map `wmap`, per pixel of the image (so weight w adds w x the dots' share of the plain MSE)."""
+    target = noise if sched_config.prediction_type == "epsilon" else math_.v_target(x0, noise, t)
+    return ((out_[:, :3].float() - target.float()).pow(2) * wmap).mean(dim=(1, 2, 3))
+
+
 def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: bool = True) -> list[float]:
     """Train one stage; returns the per-step losses of this invocation."""
     from diffusers import UNet2DConditionModel
@@ -165,9 +193,10 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
     start, losses_all = 0, []
     if resume and ckpt.exists():
         state = safe_load(ckpt, "--resume: checkpoint")
-        if state["config"] != asdict(cfg):
-            changed = {k for k in asdict(cfg) if state["config"].get(k) != asdict(cfg)[k]} - {"steps", "threads",
-                                                                                            "ckpt_every"}
+        defaults = asdict(PretrainConfig())  # a key added since the checkpoint was made had its default then
+        made = {**defaults, **state["config"]}
+        if made != asdict(cfg):
+            changed = {k for k in asdict(cfg) if made.get(k) != asdict(cfg)[k]} - {"steps", "threads", "ckpt_every"}
             if changed:
                 raise InputError(f"{ckpt} was made with other settings ({', '.join(sorted(changed))}); "
                                  "resume with the same options")
@@ -176,9 +205,10 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
         opt.load_state_dict(state["opt"])
         start, losses_all = state["step"], state["losses"]
         log.info("resumed stage %d at step %d", cfg.stage, start)
-    toys, hi = world.dataset(cfg.pool_size, cfg.seed + 1, specks=cfg.specks)
+    toys, hi = world.dataset(cfg.pool_size, cfg.seed + 1, specks=cfg.specks, toy_specks=cfg.toy_specks)
     pool = ((hi + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     del hi
+    wpool = speck_weights(toys, cfg.speck_radius) if cfg.speck_weight > 0 else None
     unet.train()
     log.info("stage %d: %d params, %s", cfg.stage, sum(p.numel() for p in unet.parameters()), asdict(cfg))
     from tqdm.auto import tqdm
@@ -188,12 +218,13 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
     losses, t0 = [], time.time()
     for step in bar:
         gen = step_generator(cfg.seed, step, cfg.stage)
-        hi, lo, enc = make_batch(cfg, toys, pool, embeds, gen)
-        x0, cond, class_labels = lo, None, None
+        hi, lo, enc, idx = make_batch(cfg, toys, pool, embeds, gen)
+        x0, cond, class_labels, wmap = lo, None, None, None
         if cfg.stage == 2:
             levels = torch.randint(0, cfg.noise_level_max + 1, (hi.shape[0],), generator=gen)
             cond = noise_aug.noised_condition(lo, world.HI, levels, noising, generator=gen)
-            x0, cond = _crop(hi, cond, cfg.crop, gen)
+            wmap = None if wpool is None else wpool[idx] * (levels <= cfg.speck_max_level).view(-1, 1, 1, 1)
+            x0, cond, wmap = _crop(hi, cond, cfg.crop, gen, wmap)
             class_labels = levels
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
@@ -202,7 +233,10 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
         for g in opt.param_groups:
             g["lr"] = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup_steps)
         out_ = unet(inp, t, encoder_hidden_states=enc, class_labels=class_labels, return_dict=False)[0]
-        loss = diffusion_loss(math_, out_, x0, xt, noise, t, "hybrid", 1.0, scheduler.config.prediction_type).mean()
+        loss = diffusion_loss(math_, out_, x0, xt, noise, t, "hybrid", 1.0, scheduler.config.prediction_type)
+        if wmap is not None:
+            loss = loss + cfg.speck_weight * _weighted_error(math_, out_, x0, noise, t, wmap, scheduler.config)
+        loss = loss.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)

@@ -9,8 +9,9 @@ The subject is one specific toy with an emblem (a black spot at its centre) that
 and freckles: about 1 px dark dots at 64 px whose positions differ per photo (a dip of ~0.05 at 16 px).
 Neither the caption nor memory can place them; only the low-res view can, so they are the detail the SR
 noise-augmentation study reads (docs/toy-world.md). Class toys never carry freckles; stage II's
-pretraining pool carries the same dots as "specks" on the background only (`dataset(specks=...)`), so
-the base SR learns to sharpen a faint dot it can see without ever seeing one on a toy.
+pretraining pool carries the same dots as "specks" on the background (`dataset(specks=...)`) and, with
+`toy_specks`, at random places on its toys too, so the base SR may learn to sharpen a faint dot it can
+see without ever seeing the subject's.
 """
 from __future__ import annotations
 
@@ -174,16 +175,20 @@ def to_lowres(x: torch.Tensor) -> torch.Tensor:
     return downsample(x, LO)
 
 
-def dataset(n: int, seed: int, specks: float = 0.0) -> tuple[list[Toy], torch.Tensor]:
+def dataset(n: int, seed: int, specks: float = 0.0, toy_specks: bool = False) -> tuple[list[Toy], torch.Tensor]:
     """n random toys and their 64 px images ([-1, 1]), deterministic from `seed`. With `specks` > 0 that
     fraction of the images gets 2..8 freckle-like dots on the background (drawn from a separate stream,
-    so the toys themselves are the same as with specks=0)."""
+    so the toys themselves are the same as with specks=0); with `toy_specks` those images also get 1..6
+    of them on the toy, at random light-stripe rows (another stream: the background dots stay the same)."""
     rng = random.Random(seed)
     toys = [random_toy(rng) for _ in range(n)]
     if specks > 0:
-        srng = random.Random(f"specks-{seed}")
+        srng, trng = random.Random(f"specks-{seed}"), random.Random(f"toy-specks-{seed}")
         toys = [dataclasses.replace(t, specks=background_points(srng, t, srng.randint(2, 8)))
                 if srng.random() < specks else t for t in toys]
+        if toy_specks:
+            toys = [dataclasses.replace(t, freckles=interior_points(trng, t, trng.randint(1, 6))) if t.specks else t
+                    for t in toys]
     return toys, to_tensor([render(t) for t in toys])
 
 
