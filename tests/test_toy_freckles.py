@@ -126,3 +126,36 @@ def test_speck_weight_map_covers_every_dot_and_only_low_levels():
     on_map = exact.clone()
     on_map[:, :3] += w.float()
     assert (_weighted_error(math_, on_map, noise, noise, t, w.float(), Eps) > 0).all()
+
+
+def test_condition_sensitivity_tells_a_model_that_copies_its_condition_from_one_that_ignores_it(noising):
+    """The gate for "can this SR read a faint dot at all": a stand-in UNet whose x0 estimate is its
+    condition reads the specks exactly as the condition shows them; one whose estimate ignores the
+    condition reads nothing."""
+    from diffusers import DDPMScheduler
+
+    from cascade.toy.weights import WEIGHTS
+
+    scheduler = DDPMScheduler.from_pretrained(WEIGHTS / "stage2" / "scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    ab = scheduler.alphas_cumprod
+
+    class Stand(torch.nn.Module):
+        def __init__(self, copy: bool):
+            super().__init__()
+            self.copy = copy
+
+        def forward(self, inp, t, encoder_hidden_states, class_labels, return_dict):
+            xt, cond = inp[:, :3], inp[:, 3:]
+            a = ab[t].view(-1, 1, 1, 1)
+            x0 = cond if self.copy else torch.zeros_like(cond)
+            v = (a.sqrt() * xt - x0) / (1 - a).sqrt()  # the v that makes predict_x0 return x0
+            return (torch.cat([v, torch.zeros_like(v)], 1),)
+
+    embeds = torch.zeros(6, 77, 32)
+    copy = freckles.condition_sensitivity(Stand(True), scheduler, noising, embeds, 6)
+    ignore = freckles.condition_sensitivity(Stand(False), scheduler, noising, embeds, 6)
+    assert copy["condition"] < -0.02  # the specks darken the level-0 condition
+    for t in (300, 500, 700):
+        assert copy[t] == pytest.approx(copy["condition"], abs=1e-4)
+        assert abs(ignore[t]) < 1e-5

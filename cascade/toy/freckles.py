@@ -165,31 +165,86 @@ def background_mask(toy: world.Toy, margin: float = 2.0) -> torch.Tensor:
     return ~near & edge
 
 
+def _speck_cells(toy: world.Toy) -> torch.Tensor:
+    """[64, 64] bool: the 3 x 3 pixels around each of the toy's background specks."""
+    m = torch.zeros(world.HI, world.HI, dtype=torch.bool)
+    for x, y in toy.specks:
+        m[max(0, int(y) - 1):int(y) + 2, max(0, int(x) - 1):int(x) + 2] = True
+    return m
+
+
+@torch.no_grad()
+def condition_sensitivity(unet, scheduler, noising, embeds: torch.Tensor, n: int, timesteps=(300, 500, 700),
+                          seed: int = 0) -> dict:
+    """Does the SR read a faint dot in its condition at all? `n` fresh pool toys with background specks
+    (`embeds`: their captions, [n, 77, D]); x_t is made from the speck-free image, so only the condition
+    (level 0) shows the specks: once from the image with specks, once without. Returns, per timestep,
+    the mean change of the predicted x0 over each speck's 3 x 3 pixels (negative = darker with the specks;
+    the true dot is about -1.2 at its pixel), and under "condition" the same change of the condition itself,
+    which a model that copied its condition would show."""
+    from stages.losses import DiffusionMath
+    from stages.noise_aug import model_input, noised_condition
+
+    toys, hi = world.dataset(n, 2_000_000, specks=1.0)  # not the pretraining pool (seed 1)
+    clean = world.to_tensor([world.render(dataclasses.replace(t, specks=())) for t in toys])
+    cells = torch.stack([_speck_cells(t) for t in toys])
+    level = torch.zeros(n, dtype=torch.long)
+    cond = [noised_condition(world.to_lowres(x), world.HI, level, noising, generator=torch.Generator().manual_seed(seed))
+            for x in (hi, clean)]
+    math_ = DiffusionMath(scheduler.alphas_cumprod)
+
+    def at_specks(d):  # [n, 3, 64, 64] -> mean over channels and the speck cells
+        return float(d.mean(1)[cells].mean())
+
+    out = {"condition": at_specks(cond[0] - cond[1])}
+    gen = torch.Generator().manual_seed(seed + 1)
+    for t in timesteps:
+        tt = torch.full((n,), int(t))
+        noise = torch.randn(clean.shape, generator=gen)
+        xt = math_.q_sample(clean, noise, tt)
+        x0 = []
+        for c in cond:
+            pred = unet(model_input(xt, c), tt, encoder_hidden_states=embeds, class_labels=level,
+                        return_dict=False)[0][:, :3].float()
+            eps = math_.eps_from_v(xt, pred, tt) if scheduler.config.prediction_type == "v_prediction" else pred
+            x0.append(math_.predict_x0(xt, eps, tt))
+        out[int(t)] = at_specks(x0[0] - x0[1])
+    return out
+
+
 @torch.no_grad()
 def speck_control(sr_folder, n: int, levels: list[int], steps: int, embed) -> dict:
-    """The control for "the SR cannot draw what it sees": `n` fresh toys of the stage II pretraining
-    kind (specks on the background) upsampled by the SR model in `sr_folder` at each level; speck
-    position F1 on the background against the truth. `embed(prompts)` -> {prompt: [1, 77, D]}."""
-    import statistics
-
+    """The control for "the SR cannot draw what it sees", per level: "specks": `n` fresh toys of the stage
+    II pretraining kind (specks on the background), speck position F1 on the background; "subject": `n`
+    fresh subject views (new poses and freckles, its full caption), freckle F1 on the toy. Both upsampled
+    by the SR model in `sr_folder`, against the truth and bilinear upsampling. `embed(prompts)` ->
+    {prompt: [1, 77, D]}."""
     from diffusers import IFSuperResolutionPipeline
+
+    pipe = IFSuperResolutionPipeline.from_pretrained(sr_folder, safety_checker=None, watermarker=None,
+                                                     feature_extractor=None, requires_safety_checker=False)
+    pool, _ = world.dataset(n, 2_000_000, specks=1.0)  # not the pretraining pool (seed 1)
+    subject = world.fresh_subject_toys(n, 7)  # not the study's fresh views (seed 0)
+    return {"specks": _reads(pipe, pool, [background_mask(t) for t in pool], [list(t.specks) for t in pool],
+                             levels, steps, embed),
+            "subject": _reads(pipe, subject, [interior(t) for t in subject], [list(t.freckles) for t in subject],
+                              levels, steps, embed)}
+
+
+def _reads(pipe, toys, masks, truth, levels, steps, embed) -> dict:
+    import statistics
 
     from stages.noise_aug import upsample
     from stages.sampling import sample
 
-    pipe = IFSuperResolutionPipeline.from_pretrained(sr_folder, safety_checker=None, watermarker=None,
-                                                     feature_extractor=None, requires_safety_checker=False)
-    toys, hi = world.dataset(n, 2_000_000, specks=1.0)  # not the pretraining pool (seed 1)
-    lo = world.to_lowres(hi)
+    lo = world.to_lowres(world.to_tensor([world.render(t) for t in toys]))
     prompts = [world.caption(*t.attributes) for t in toys]
-    emb = embed(prompts)
+    emb = embed(prompts + [""])
     e = torch.cat([emb[p] for p in prompts])
-    masks = [background_mask(t) for t in toys]
-    truth = [list(t.specks) for t in toys]
-    out = {}
     bil = [f1(detect(u, m), tr) for u, m, tr in zip(upsample(lo, world.HI), masks, truth)]
+    out = {}
     for lv in levels:
-        gens = [torch.Generator().manual_seed(i) for i in range(n)]
+        gens = [torch.Generator().manual_seed(i) for i in range(len(toys))]
         ims = sample(pipe.unet, pipe.scheduler, e, emb[""], steps, 4.0, gens, world.HI, lowres=lo, noise_level=lv,
                      noising_scheduler=pipe.image_noising_scheduler)
         found = [detect(im, m) for im, m in zip(ims, masks)]
