@@ -7,7 +7,6 @@ from cascade.config import ConfigError, load_config
 from cascade.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 
-
 def _metric_args(p):
     p.add_argument("--dino", default=DEFAULT_DINO, help=f"DINO ViT: hub id in the local cache, folder, or tiny "
                                                          f"(random, meaningless); default {DEFAULT_DINO}")
