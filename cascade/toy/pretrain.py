@@ -61,9 +61,10 @@ def speck_weights(toys, radius: float) -> torch.Tensor:
     """[N, 1, 64, 64] uint8: 1 within `radius` px of each toy's specks and freckles. The dots are a small
     part of an image's squared error, too little for the small SR to learn to place them from its
     condition; this map lets the loss weigh them more. It must stay a function of what the model sees, or
-    the optimum moves (weighing exactly the dots' pixels, unseen, teaches it to draw dots everywhere):
-    so the region is as wide as the dot's 16 px dip, and it is used only at augmentation levels where
-    the condition shows that dip (docs/toy-world.md)."""
+    the optimum moves (weighing exactly the dots' pixels, which it cannot see, taught it to draw four
+    times too many dots): so the default region is as wide as the dot's 16 px dip, used only at
+    augmentation levels where the condition shows that dip. Neither taught the toy SR to place the
+    dots in the runs measured (docs/toy-world.md); the options stay for the next recipe."""
     yy, xx = torch.meshgrid(torch.arange(world.HI) + 0.5, torch.arange(world.HI) + 0.5, indexing="ij")
     out = torch.zeros(len(toys), 1, world.HI, world.HI, dtype=torch.uint8)
     for i, t in enumerate(toys):
