@@ -152,9 +152,11 @@ def test_condition_sensitivity_tells_a_model_that_copies_its_condition_from_one_
             v = (a.sqrt() * xt - x0) / (1 - a).sqrt()  # the v that makes predict_x0 return x0
             return (torch.cat([v, torch.zeros_like(v)], 1),)
 
-    embeds = torch.zeros(6, 77, 32)
-    copy = freckles.condition_sensitivity(Stand(True), scheduler, noising, embeds, 6)
-    ignore = freckles.condition_sensitivity(Stand(False), scheduler, noising, embeds, 6)
+    def embed(prompts):
+        return {p: torch.zeros(1, 77, 32) for p in prompts}
+
+    copy = freckles.condition_sensitivity(Stand(True), scheduler, noising, embed, 6)
+    ignore = freckles.condition_sensitivity(Stand(False), scheduler, noising, embed, 6)
     assert copy["condition"] < -0.02  # the specks darken the level-0 condition
     for t in (300, 500, 700):
         assert copy[t] == pytest.approx(copy["condition"], abs=1e-4)

@@ -149,7 +149,6 @@ def add_premise(toy):
 def cmd_premise(args):
     import statistics
 
-    import torch
     from diffusers import DDPMScheduler
 
     from cascade.toy import freckles, weights, world
@@ -174,18 +173,16 @@ def cmd_premise(args):
     print(f"| chance (dots at random light-stripe positions inside the toy) | - | {statistics.mean(chance):.3f} ± "
           f"{statistics.pstdev(chance):.3f} |")
     if args.sr:
-        from diffusers import UNet2DConditionModel
+        from diffusers import IFSuperResolutionPipeline
 
         from cascade.toy.check import _embeds
 
         sr = Path(args.sr)
         embed = lambda prompts: _embeds(sr.parent / "stage1", prompts, "~/.cache/cascade")  # noqa: E731
-        toys = world.dataset(args.views, 2_000_000, specks=1.0)[0]
-        caps = [world.caption(*t.attributes) for t in toys]
-        e = embed(caps)
-        sens = freckles.condition_sensitivity(UNet2DConditionModel.from_pretrained(sr / "unet").eval(),
-                                              DDPMScheduler.from_pretrained(sr / "scheduler"), noising,
-                                              torch.cat([e[c] for c in caps]), args.views)
+        pipe = IFSuperResolutionPipeline.from_pretrained(sr, safety_checker=None, watermarker=None,
+                                                         feature_extractor=None, requires_safety_checker=False)
+        sens = freckles.condition_sensitivity(pipe.unet, pipe.scheduler, pipe.image_noising_scheduler, embed,
+                                              args.views)
         print(f"\nSR {args.sr}: does it read a faint dot in its condition? change of its x0 estimate at the specks "
               f"when only the level-0 condition shows them ({args.views} pool-like toys; copying the condition: "
               f"{sens.pop('condition'):+.4f})")
@@ -193,7 +190,7 @@ def cmd_premise(args):
         for t, v in sens.items():
             print(f"| {t} | {v:+.4f} |")
 
-        reads = freckles.speck_control(sr, args.views, levels, args.sr_steps, embed)
+        reads = freckles.speck_control(pipe, args.views, levels, args.sr_steps, embed)
         for kind, what in (("specks", "pool-like toys with background specks: speck F1 on the background"),
                            ("subject", "fresh subject views (its full caption): freckle F1 on the toy")):
             print(f"\nSR {args.sr} on {args.views} {what} ({args.sr_steps} steps, guidance 4; mean ± std over images)")

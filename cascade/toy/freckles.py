@@ -174,10 +174,10 @@ def _speck_cells(toy: world.Toy) -> torch.Tensor:
 
 
 @torch.no_grad()
-def condition_sensitivity(unet, scheduler, noising, embeds: torch.Tensor, n: int, timesteps=(300, 500, 700),
+def condition_sensitivity(unet, scheduler, noising, embed, n: int, timesteps=(300, 500, 700),
                           seed: int = 0) -> dict:
     """Does the SR read a faint dot in its condition at all? `n` fresh pool toys with background specks
-    (`embeds`: their captions, [n, 77, D]); x_t is made from the speck-free image, so only the condition
+    (their captions through `embed(prompts)` -> {prompt: [1, 77, D]}); x_t is made from the speck-free image, so only the condition
     (level 0) shows the specks: once from the image with specks, once without. Returns, per timestep,
     the mean change of the predicted x0 over each speck's 3 x 3 pixels (negative = darker with the specks;
     the true dot is about -1.2 at its pixel), and under "condition" the same change of the condition itself,
@@ -187,6 +187,9 @@ def condition_sensitivity(unet, scheduler, noising, embeds: torch.Tensor, n: int
 
     toys, hi = world.dataset(n, 2_000_000, specks=1.0)  # not the pretraining pool (seed 1)
     clean = world.to_tensor([world.render(dataclasses.replace(t, specks=())) for t in toys])
+    prompts = [world.caption(*t.attributes) for t in toys]
+    emb = embed(prompts)
+    embeds = torch.cat([emb[p] for p in prompts])
     cells = torch.stack([_speck_cells(t) for t in toys])
     level = torch.zeros(n, dtype=torch.long)
     cond = [noised_condition(world.to_lowres(x), world.HI, level, noising, generator=torch.Generator().manual_seed(seed))
@@ -213,16 +216,12 @@ def condition_sensitivity(unet, scheduler, noising, embeds: torch.Tensor, n: int
 
 
 @torch.no_grad()
-def speck_control(sr_folder, n: int, levels: list[int], steps: int, embed) -> dict:
+def speck_control(pipe, n: int, levels: list[int], steps: int, embed) -> dict:
     """The control for "the SR cannot draw what it sees", per level: "specks": `n` fresh toys of the stage
     II pretraining kind (specks on the background), speck position F1 on the background; "subject": `n`
     fresh subject views (new poses and freckles, its full caption), freckle F1 on the toy. Both upsampled
-    by the SR model in `sr_folder`, against the truth and bilinear upsampling. `embed(prompts)` ->
-    {prompt: [1, 77, D]}."""
-    from diffusers import IFSuperResolutionPipeline
-
-    pipe = IFSuperResolutionPipeline.from_pretrained(sr_folder, safety_checker=None, watermarker=None,
-                                                     feature_extractor=None, requires_safety_checker=False)
+    by the SR pipeline `pipe` (an IFSuperResolutionPipeline), against the truth and bilinear upsampling.
+    `embed(prompts)` -> {prompt: [1, 77, D]}."""
     pool, _ = world.dataset(n, 2_000_000, specks=1.0)  # not the pretraining pool (seed 1)
     subject = world.fresh_subject_toys(n, 7)  # not the study's fresh views (seed 0)
     return {"specks": _reads(pipe, pool, [background_mask(t) for t in pool], [list(t.specks) for t in pool],
