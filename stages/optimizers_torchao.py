@@ -1,0 +1,97 @@
+"""torchao's low-bit AdamW (8-bit / 4-bit / fp8 moments, optional bf16 stochastic rounding of the
+weights) with a state dict of plain tensors.
+
+Why torchao for these paths (docs/precision.md, "the library comparison"): its quantised moments
+are tensor subclasses that FSDP2's DTensor wraps (our `_State8bit` builds plain tensors and fails
+there), its bf16 stochastic rounding is the same unbiased scheme as ours, and its update matches
+ours within the 8-bit quantisation error on the same gradients.
+
+What we add: torchao's moments pickle as `OptimState8bit` objects, which a weights-only load accepts
+only because torchao adds the class to torch's allow-list. Our checkpoints hold plain tensors only
+(nothing is unpickled from a file a user was handed), so `state_dict` writes each quantised moment
+as its inner tensors plus a kind name and `load_state_dict` rebuilds it from a fixed table.
+
+Two things to know when wiring it in: the learning rate is a tensor (set it with
+`group["lr"].fill_(x)`, which torch's LR schedulers do; assigning a float raises at the next step),
+and the stochastic rounding draws from torch's global RNG (accelerate's checkpoint saves it, so a
+resumed run rounds as the uninterrupted one would)."""
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from stages.errors import InputError
+
+KINDS = ("8bit", "4bit", "fp8")
+_TAG = "__torchao__"
+
+
+def check_available():
+    if importlib.util.find_spec("torchao") is None:
+        raise InputError("torchao's optimizers need the torchao package: pip install 'cascade-dreambooth[torchao]'")
+
+
+def _classes() -> dict:
+    """kind -> (optimizer class, state subclass): the only classes a loaded state is rebuilt into."""
+    from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8
+    from torchao.optim.subclass_4bit import OptimState4bit
+    from torchao.optim.subclass_8bit import OptimState8bit
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    return {"8bit": (AdamW8bit, OptimState8bit), "4bit": (AdamW4bit, OptimState4bit), "fp8": (AdamWFp8, OptimStateFp8)}
+
+
+def _to_plain(v):
+    """A quantised moment as {tag: kind, inner tensors..., ctx: its flatten context in plain types}."""
+    for kind, (_, sub) in _classes().items():
+        if type(v) is sub:
+            names, ctx = v.__tensor_flatten__()
+            plain_ctx = [str(c).removeprefix("torch.") if isinstance(c, torch.dtype) else
+                         (list(c) if isinstance(c, torch.Size) else c) for c in ctx]
+            return {_TAG: kind, **{n: getattr(v, n) for n in names}, "ctx": plain_ctx}
+    return v
+
+
+def _from_plain(d):
+    if not (isinstance(d, dict) and _TAG in d):
+        return d
+    sub = _classes()[d[_TAG]][1]
+    ctx = [getattr(torch, c) if isinstance(c, str) and isinstance(getattr(torch, c, None), torch.dtype) else
+           (torch.Size(c) if isinstance(c, list) else c) for c in d["ctx"]]
+    return sub.__tensor_unflatten__({n: d[n] for n in sub.tensor_attrs}, ctx, None, None)
+
+
+class _PlainStates:
+    """Mixin: the optimizer's state dict holds tensors, numbers and strings only."""
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["state"] = {i: {k: _to_plain(v) for k, v in st.items()} for i, st in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state = {i: {k: _from_plain(v) for k, v in st.items()} for i, st in state_dict["state"].items()}
+        super().load_state_dict({**state_dict, "state": state})
+
+
+_WRAPPED: dict = {}
+
+
+def _wrapped(kind: str):
+    if kind not in _WRAPPED:
+        base = _classes()[kind][0]
+        _WRAPPED[kind] = type(f"Plain{base.__name__}", (_PlainStates, base), {})
+    return _WRAPPED[kind]
+
+
+def make(params, lr: float, weight_decay: float = 0.0, states: str = "8bit", bf16_stochastic_round: bool = True,
+         betas=(0.9, 0.999), eps: float = 1e-8):
+    """torchao AdamW with `states` moments (tensors under 4096 values, or not a multiple of the block
+    size, keep moments in the parameter's dtype, as bitsandbytes does). bf16 weights are written with
+    stochastic rounding when `bf16_stochastic_round`; fp32 weights are written exactly."""
+    check_available()
+    if states not in KINDS:
+        raise ValueError(f"states must be one of {KINDS}, not {states!r}")
+    return _wrapped(states)(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                            bf16_stochastic_round=bf16_stochastic_round)
