@@ -29,7 +29,7 @@ _TAG = "__torchao__"
 
 def check_available():
     if importlib.util.find_spec("torchao") is None:
-        raise InputError("torchao's optimizers need the torchao package: pip install 'cascade-dreambooth[torchao]'")
+        raise InputError("torchao's optimizers need the torchao package: pip install 'torchao>=0.18,<0.19'")
 
 
 def _classes() -> dict:
@@ -95,3 +95,17 @@ def make(params, lr: float, weight_decay: float = 0.0, states: str = "8bit", bf1
         raise ValueError(f"states must be one of {KINDS}, not {states!r}")
     return _wrapped(states)(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                             bf16_stochastic_round=bf16_stochastic_round)
+
+
+def make_offload(params, optimizer_class=torch.optim.AdamW, **kwargs):
+    """torchao's CPUOffloadOptimizer: `optimizer_class` itself steps each parameter's host copy (the
+    chosen optimizer is kept; DeepSpeed's offload replaces any client optimizer by its CPU Adam).
+    Single GPU only, and it needs CUDA (or XPU) for its copy streams; on a machine without one it is
+    refused in one line here (torchao asserts). Not run on a GPU by us yet (docs/precision.md)."""
+    check_available()
+    if not torch.cuda.is_available():
+        raise InputError("train.offload_optimizer through torchao's CPUOffloadOptimizer needs a CUDA GPU "
+                         "(it moves each gradient to the host and the updated weight back)")
+    from torchao.optim import CPUOffloadOptimizer
+
+    return CPUOffloadOptimizer(params, optimizer_class, **kwargs)
