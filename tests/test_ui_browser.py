@@ -1,8 +1,8 @@
 """`cascade ui` driven as a user would, in headless Chromium: upload the toy subject, train stage I
 for a few steps, watch it finish (validation grid, loss plot), sample "a [V] toy" through the chain,
 move the noise slider (with a `<script>` prompt, which must stay text), run a small SR study, open
-the run in the Runs tab; a screenshot of each tab is saved. The served-files rule is checked on
-the same server over plain HTTP.
+the run in the Runs tab; a screenshot of each tab is saved. (What the server serves and accepts,
+over plain HTTP: tests/test_ui_server.py.)
 
 Screenshots go to a temporary folder (printed); `CASCADE_UI_SCREENSHOTS=docs/img` also writes the
 small PNGs the docs embed (docs/img/ui-*.png)."""
@@ -11,9 +11,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.ui_server import get, start, stop
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
                                 reason="gradio is not installed (pip install -e '.[ui]' or '.[dev]')")
 
@@ -32,58 +30,12 @@ def _browser() -> tuple[str, str] | None:
     return (exe, driver) if exe and driver else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-def _start(base: Path, **env_extra):
-    """`cascade ui --config toy` on a free local port over base/runs; (process, url, log file)."""
-    runs = base / "runs"
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("CASCADE_UI_AUTH", None)
-    env.update(env_extra)
-    log = open(base / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cascade", "ui", "--config", "toy", "--runs", str(runs),
-                             "--port", str(port)], cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if _get(url + "/") == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"cascade ui did not start: {(base / 'ui.log').read_text()[-2000:]}")
-    return proc, url, log
-
-
-def _stop(proc, log):
-    proc.terminate()
-    proc.wait(20)
-    log.close()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("ui")
-    proc, url, log = _start(base)
+    proc, url, log = start(base)
     yield url, base / "runs", base
-    _stop(proc, log)
+    stop(proc, log)
 
 
 def test_a_login_guards_pages_api_and_files(tmp_path):
@@ -91,11 +43,11 @@ def test_a_login_guards_pages_api_and_files(tmp_path):
     import http.cookiejar
     import urllib.parse
 
-    proc, url, log = _start(tmp_path, CASCADE_UI_AUTH="ann:s3cret")
+    proc, url, log = start(tmp_path, CASCADE_UI_AUTH="ann:s3cret")
     try:
-        (tmp_path / "runs" / "note.txt").write_text("inside")
-        for path in ("/config", "/gradio_api/info", f"/gradio_api/file={tmp_path / 'runs' / 'note.txt'}"):
-            assert _get(url + path) == 401, path
+        (tmp_path / "runs" / "note.json").write_text("{}")
+        for path in ("/config", "/gradio_api/info", f"/gradio_api/file={tmp_path / 'runs' / 'note.json'}"):
+            assert get(url + path) == 401, path
         jar = http.cookiejar.CookieJar()
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
         bad = urllib.parse.urlencode({"username": "ann", "password": "wrong"}).encode()
@@ -106,18 +58,7 @@ def test_a_login_guards_pages_api_and_files(tmp_path):
         assert opener.open(url + "/config", timeout=10).status == 200
         assert "login required (user ann)" in (tmp_path / "ui.log").read_text()
     finally:
-        _stop(proc, log)
-
-
-def test_files_are_served_from_the_runs_folder_only(server):
-    url, runs, base = server
-    (base / "secret.txt").write_text("outside")
-    inside = runs / "note.txt"
-    inside.write_text("inside")
-    assert _get(f"{url}/gradio_api/file={inside}") == 200
-    for bad in (f"{runs}/../secret.txt", f"{runs}/%2e%2e/secret.txt", str(base / "secret.txt"), "/etc/passwd",
-                "../secret.txt", str(ROOT / "pyproject.toml")):
-        assert _get(f"{url}/gradio_api/file={bad}") in (403, 404), bad
+        stop(proc, log)
 
 
 class Page:
