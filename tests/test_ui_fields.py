@@ -3,10 +3,8 @@ quoted; the check marks each field at fault; values starting with '-' reach the 
 image upload is refused in one line; cancel and resume act on the running, then the stopped job."""
 from __future__ import annotations
 
-import struct
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import pytest
 from cascade.ui import commands
 from cascade.ui.jobs import Job, JobQueue
 from tests.conftest import error_line
+from tests.helpers.ui_server import png_header
 
 SECRET = "hunter2"
 # files a user could name in the preset field: their text must never come back in a message
@@ -94,13 +93,6 @@ def test_values_starting_with_a_dash_reach_the_command(tmp_path, subject):
     assert commands.check_train(commands.Subject(str(subject), "toy", "toy", "-sks"), commands.TrainSettings()) == {}
 
 
-def _png_header(width: int, height: int) -> bytes:
-    """A PNG that declares width x height pixels (no pixel data: PIL reads the size from the header)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
-
-
 def test_a_huge_image_upload_is_refused_in_one_line(tmp_path):
     from PIL import Image
 
@@ -110,8 +102,8 @@ def test_a_huge_image_upload_is_refused_in_one_line(tmp_path):
     good = tmp_path / "photo.png"
     Image.new("RGB", (64, 64), "red").save(good)
     bombs = [tmp_path / "huge.png", tmp_path / "big.png"]
-    bombs[0].write_bytes(_png_header(20000, 20000))  # beyond twice PIL's limit: it raises
-    bombs[1].write_bytes(_png_header(9000, 9000))  # under PIL's limit (it only warns), over ours
+    bombs[0].write_bytes(png_header(20000, 20000))  # beyond twice PIL's limit: it raises
+    bombs[1].write_bytes(png_header(9000, 9000))  # under PIL's limit (it only warns), over ours
     ctx = Context(tmp_path / "runs", "toy", queue=None)
     with __import__("warnings").catch_warnings():
         __import__("warnings").simplefilter("error")  # no warning escapes either

@@ -7,19 +7,12 @@ import importlib.util
 
 import pytest
 
+from tests.helpers.ui_server import server  # noqa: F401 (the module's server fixture)
 from tests.helpers.ui_server import ROOT, get, start, stop
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
                                 reason="gradio is not installed (pip install -e '.[ui]' or '.[dev]')")
 EVIL = b"<html><script>window.__xss=1</script></html>"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ui")
-    proc, url, log = start(base)
-    yield url, base / "runs", base
-    stop(proc, log)
 
 
 def _fetch(url: str):
@@ -95,3 +88,16 @@ def test_no_post_from_another_sites_page(server):
         assert r.status_code == 403, headers
     assert _upload(url, "photo.png", b"x", Origin=url, **{"Sec-Fetch-Site": "same-origin"}).status_code == 200
     assert _upload(url, "photo.png", b"x").status_code == 200  # no browser: no other site drove it
+
+
+def test_the_upload_cache_is_private_and_removed_when_the_ui_ends(tmp_path):
+    from pathlib import Path
+
+    proc, url, log = start(tmp_path)
+    try:
+        stored = Path(_upload(url, "photo.png", b"x").json()[0])
+        cache = next(p for p in stored.parents if p.name.startswith("cascade-ui-uploads-"))
+        assert cache.stat().st_mode & 0o777 == 0o700
+    finally:
+        stop(proc, log)  # SIGTERM
+    assert not cache.exists()

@@ -6,8 +6,10 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +91,8 @@ def serve(runs: str | Path, preset: str, host: str, port: int | None, auth: tupl
     runs = Path(runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)  # the jobs' working folder
     prepare_environment(runs)
+    if block and threading.current_thread() is threading.main_thread():  # SIGTERM ends it as Ctrl-C does:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the exit handlers remove the upload cache
     import gradio as gr
     from starlette.middleware import Middleware
 

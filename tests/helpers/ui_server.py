@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,20 @@ def stop(proc, log):
     proc.terminate()
     proc.wait(20)
     log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One `cascade ui --config toy` for a test module: (url, runs folder, its parent)."""
+    base = tmp_path_factory.mktemp("ui")
+    proc, url, log = start(base)
+    yield url, base / "runs", base
+    stop(proc, log)
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels and holds none (PIL reads the size from the header)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
