@@ -101,3 +101,18 @@ def test_the_upload_cache_is_private_and_removed_when_the_ui_ends(tmp_path):
     finally:
         stop(proc, log)  # SIGTERM
     assert not cache.exists()
+
+
+def test_without_a_login_only_loopback_host_names_are_answered(server):
+    """A page of evil.example whose name is pointed at 127.0.0.1 (DNS rebinding) is same-origin to the
+    browser; its requests still say Host: evil.example."""
+    import httpx
+
+    url, runs, _ = server
+    (runs / "seen.png").write_bytes(b"x")
+    for host in ("evil.example", "evil.example:7860", "127.0.0.1.evil.example"):
+        assert httpx.get(f"{url}/config", headers={"Host": host}, timeout=10).status_code == 403, host
+        assert httpx.get(f"{url}/gradio_api/file={runs / 'seen.png'}", headers={"Host": host}, timeout=10).status_code == 403
+    port = url.rsplit(":", 1)[1]
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost"):
+        assert httpx.get(f"{url}/config", headers={"Host": host}, timeout=10).status_code == 200, host

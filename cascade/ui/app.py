@@ -103,10 +103,11 @@ def serve(runs: str | Path, preset: str, host: str, port: int | None, auth: tupl
     app.queue(default_concurrency_limit=1)
     where = "this machine only" if host in safety.LOCAL_HOSTS else "the network (login required)"
     print(f"cascade ui: serving {runs} on http://{host}:{port or 7860} ({where}); no share link", file=sys.stderr)
-    # the guard (guard.py) sits in front of every route: files by type, no cross-origin posts; the
-    # runs folder's old upload cache (before uploads moved out of it) is never served
+    # the guard (guard.py) sits in front of every route: files by type, no cross-origin posts, without
+    # a login loopback Host names only; the runs folder's old upload cache (before uploads moved out
+    # of it) is never served
     app.launch(server_name=host, server_port=port, auth=auth, share=False, allowed_paths=[str(runs)],
                blocked_paths=[str(runs / UI_DIR / "gradio")], max_file_size=f"{safety.MAX_UPLOAD_MB}mb",
                prevent_thread_lock=not block, quiet=True, inbrowser=False, theme=gr.themes.Default(),
-               ssr_mode=False, app_kwargs={"middleware": [Middleware(Guard, runs=runs)]})
+               ssr_mode=False, app_kwargs={"middleware": [Middleware(Guard, runs=runs, local_hosts=None if auth else safety.LOCAL_HOSTS)]})
     return app, ctx

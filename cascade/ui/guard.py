@@ -12,7 +12,10 @@ post from another site still lands). So, before Gradio sees a request:
 - a request that can change something (any method but GET, HEAD, OPTIONS) coming from a page of
   another origin (its Origin header, or the browser's Sec-Fetch-Site) is 403: uploads and queued
   jobs come only from this app's own page (or from a client that is no browser, which no other
-  site can drive).
+  site can drive);
+- on loopback (no login), a request whose Host is not a loopback name is 403: a page of evil.example
+  whose name an attacker points at 127.0.0.1 (DNS rebinding) is then same-origin to the browser,
+  but its requests name evil.example as their Host.
 """
 from __future__ import annotations
 
@@ -58,16 +61,27 @@ def cross_origin(headers: dict[bytes, bytes]) -> bool:
     return urlsplit(origin_s).netloc.lower() != host
 
 
-class Guard:
-    """ASGI middleware: the two rules above, around the Gradio app `app`."""
+def host_name(host: str) -> str:
+    """The name of a Host header: without its port, IPv6 brackets kept off."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
-    def __init__(self, app, runs: str | Path):
-        self.app, self.runs = app, Path(runs).resolve()
+
+class Guard:
+    """ASGI middleware: the rules above, around the Gradio app `app`; `local_hosts`: the Host names
+    accepted (None: any, for a server behind a login)."""
+
+    def __init__(self, app, runs: str | Path, local_hosts: set[str] | None = None):
+        self.app, self.runs, self.local_hosts = app, Path(runs).resolve(), local_hosts
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if self.local_hosts is not None and host_name(headers.get(b"host", b"").decode("latin-1")) not in self.local_hosts:
+            return await _refuse(send, "this server answers only to a loopback host name")
         if scope["method"] not in _SAFE_METHODS and cross_origin(headers):
             return await _refuse(send, "cross-origin request refused")
         m = _FILE_ROUTE.search(scope.get("path", ""))
