@@ -328,8 +328,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as e:
         if e.key in source:
             raise ConfigError(f"{source[e.key]}: {e.detail} (config key {e.key})", e.key, e.detail) from None
-        raise
+        raise _unquoted(e, cfg) from None
     return cfg
+
+
+def _unquoted(e: ConfigError, cfg: Config) -> ConfigError:
+    """A check's error about a value that came from the config file, with the value's text left out:
+    the checks quote the value (which helps for a typed flag), but a file's text is never shown."""
+    value = cfg
+    for part in (e.key or "").split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, str):
+        return e
+    text = re.sub(r"'([^']*)'", lambda m: "<text from the file>" if m.group(1) and m.group(1) in value else m.group(0),
+                  str(e))
+    return ConfigError(text, e.key, e.detail)
 
 
 def dump_config(cfg: Config, path: Path):
