@@ -5,6 +5,7 @@ The dataclass defaults are the `tiny` preset, so the offline default needs no fi
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -193,24 +194,32 @@ def _allowed(tp) -> tuple:
 
 def type_name(tp) -> str:
     """A readable name for a field annotation ("an integer", not "<class 'int'>")."""
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null",
+             list: "a list", dict: "a mapping"}
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(type_name(a) for a in typing.get_args(tp))
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _merge(obj, data: dict, where: str, prefix: str = ""):
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,39}$")
+
+
+def _merge(obj, data: dict, where: str, prefix: str = "", from_file: bool = False):
+    """Merge `data` into the dataclass `obj`. Values read from a file (`from_file`) are never quoted
+    in an error, only their type: the UI lets anyone name any readable file as the preset."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'top level'}' must be a mapping")
     hints = typing.get_type_hints(type(obj))
     for key, value in data.items():
         dotted = prefix + str(key)
         if key not in hints:
+            if from_file and not _KEY.match(str(key)):  # not a setting's name: say where, not what
+                raise ConfigError(f"{where}: an unknown config key under '{prefix.rstrip('.') or 'top level'}'")
             raise ConfigError(f"{where}: unknown config key '{dotted}'")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, where, dotted + ".")
+            _merge(current, value, where, dotted + ".", from_file)
             continue
         allowed = _allowed(hints[key])
         if float in allowed and isinstance(value, str):
@@ -219,7 +228,8 @@ def _merge(obj, data: dict, where: str, prefix: str = ""):
             except ValueError:
                 pass
         if isinstance(value, bool) and bool not in allowed or not isinstance(value, allowed):
-            raise ConfigError(f"{where}: '{dotted}' must be {type_name(hints[key])}, got {value!r}", dotted)
+            got = type_name(type(value)) if from_file else repr(value)
+            raise ConfigError(f"{where}: '{dotted}' must be {type_name(hints[key])}, got {got}", dotted)
         setattr(obj, key, float(value) if allowed[0] is float and not isinstance(value, bool) else value)
 
 
@@ -269,6 +279,18 @@ def set_value(cfg: Config, key: str, value, flag: str):
     _merge(cfg, _nested(key.split("."), value), flag)
 
 
+def yaml_where(e: Exception) -> str:
+    """Where in a file a YAML error is, and what kind, in one line; never the file's text (PyYAML's
+    message quotes the offending line and any quoted token, which may be a secret of any file)."""
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    if mark is None and getattr(e, "position", None) is not None:  # a ReaderError: a character YAML cannot read
+        at = f" at character {e.position + 1}"
+    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or ""
+    problem = re.sub(r"\s*'(?!<)[^']*'", "", str(problem)).strip()
+    return at + (f": {problem}" if problem else "")
+
+
 def resolve_path(name: str | Path) -> Path:
     """A preset name (tiny, if-xl) or a YAML path."""
     p = Path(name)
@@ -289,10 +311,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML ({e})") from None
+            raise ConfigError(f"{p}: not valid YAML{yaml_where(e)}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
-        _merge(cfg, data, str(p))
+        _merge(cfg, data, str(p), from_file=True)
     source = {}
     for flag, key, value in flags or []:
         set_value(cfg, key, value, flag)
@@ -306,8 +328,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     except ConfigError as e:
         if e.key in source:
             raise ConfigError(f"{source[e.key]}: {e.detail} (config key {e.key})", e.key, e.detail) from None
-        raise
+        raise _unquoted(e, cfg) from None
     return cfg
+
+
+def _unquoted(e: ConfigError, cfg: Config) -> ConfigError:
+    """A check's error about a value that came from the config file, with the value's text left out:
+    the checks quote the value (which helps for a typed flag), but a file's text is never shown."""
+    value = cfg
+    for part in (e.key or "").split("."):
+        value = getattr(value, part, None)
+    if not isinstance(value, str):
+        return e
+    text = re.sub(r"'([^']*)'", lambda m: "<text from the file>" if m.group(1) and m.group(1) in value else m.group(0),
+                  str(e))
+    return ConfigError(text, e.key, e.detail)
 
 
 def dump_config(cfg: Config, path: Path):

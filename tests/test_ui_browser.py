@@ -1,8 +1,10 @@
-"""`cascade ui` driven as a user would, in headless Chromium: upload the toy subject, train stage I
-for a few steps, watch it finish (validation grid, loss plot), sample "a [V] toy" through the chain,
+"""`cascade ui` driven as a user would, in headless Chromium: upload the toy subject (and a
+20000x20000 PNG, refused by name), name a secret file as the preset (named, never quoted), identifier
+`-sks`; queue stage I and II, cancel and resume (they act on the running, then the stopped job);
+train stage I for a few steps, watch it finish (validation grid, loss plot), sample "a [V] toy" through the chain,
 move the noise slider (with a `<script>` prompt, which must stay text), run a small SR study, open
-the run in the Runs tab; a screenshot of each tab is saved. The served-files rule is checked on
-the same server over plain HTTP.
+the run in the Runs tab; a screenshot of each tab is saved. (What the server serves and accepts,
+over plain HTTP: tests/test_ui_server.py.)
 
 Screenshots go to a temporary folder (printed); `CASCADE_UI_SCREENSHOTS=docs/img` also writes the
 small PNGs the docs embed (docs/img/ui-*.png)."""
@@ -11,9 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,7 +20,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.ui_server import server  # noqa: F401 (the module's server fixture)
+from tests.helpers.ui_server import get, png_header, start, stop
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("gradio") is None,
                                 reason="gradio is not installed (pip install -e '.[ui]' or '.[dev]')")
 
@@ -32,70 +33,16 @@ def _browser() -> tuple[str, str] | None:
     return (exe, driver) if exe and driver else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-
-
-def _start(base: Path, **env_extra):
-    """`cascade ui --config toy` on a free local port over base/runs; (process, url, log file)."""
-    runs = base / "runs"
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("CASCADE_UI_AUTH", None)
-    env.update(env_extra)
-    log = open(base / "ui.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "cascade", "ui", "--config", "toy", "--runs", str(runs),
-                             "--port", str(port)], cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if _get(url + "/") == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail(f"cascade ui did not start: {(base / 'ui.log').read_text()[-2000:]}")
-    return proc, url, log
-
-
-def _stop(proc, log):
-    proc.terminate()
-    proc.wait(20)
-    log.close()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    base = tmp_path_factory.mktemp("ui")
-    proc, url, log = _start(base)
-    yield url, base / "runs", base
-    _stop(proc, log)
-
-
 def test_a_login_guards_pages_api_and_files(tmp_path):
     """With CASCADE_UI_AUTH set, nothing but the login answers until one logs in."""
     import http.cookiejar
     import urllib.parse
 
-    proc, url, log = _start(tmp_path, CASCADE_UI_AUTH="ann:s3cret")
+    proc, url, log = start(tmp_path, CASCADE_UI_AUTH="ann:s3cret")
     try:
-        (tmp_path / "runs" / "note.txt").write_text("inside")
-        for path in ("/config", "/gradio_api/info", f"/gradio_api/file={tmp_path / 'runs' / 'note.txt'}"):
-            assert _get(url + path) == 401, path
+        (tmp_path / "runs" / "note.json").write_text("{}")
+        for path in ("/config", "/gradio_api/info", f"/gradio_api/file={tmp_path / 'runs' / 'note.json'}"):
+            assert get(url + path) == 401, path
         jar = http.cookiejar.CookieJar()
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
         bad = urllib.parse.urlencode({"username": "ann", "password": "wrong"}).encode()
@@ -106,18 +53,7 @@ def test_a_login_guards_pages_api_and_files(tmp_path):
         assert opener.open(url + "/config", timeout=10).status == 200
         assert "login required (user ann)" in (tmp_path / "ui.log").read_text()
     finally:
-        _stop(proc, log)
-
-
-def test_files_are_served_from_the_runs_folder_only(server):
-    url, runs, base = server
-    (base / "secret.txt").write_text("outside")
-    inside = runs / "note.txt"
-    inside.write_text("inside")
-    assert _get(f"{url}/gradio_api/file={inside}") == 200
-    for bad in (f"{runs}/../secret.txt", f"{runs}/%2e%2e/secret.txt", str(base / "secret.txt"), "/etc/passwd",
-                "../secret.txt", str(ROOT / "pyproject.toml")):
-        assert _get(f"{url}/gradio_api/file={bad}") in (403, 404), bad
+        stop(proc, log)
 
 
 class Page:
@@ -213,6 +149,15 @@ def _small_png(src: Path, dst: Path, width: int = 960):
     im.quantize(64, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
 
 
+def job_state(p: Page, title: str) -> str:
+    """The state of the newest job whose title starts with `title`, read from the job table's text
+    (the header, then five cells a row, newest first; the table's rows are virtual)."""
+    lines = p.css("#train-queue")[0].text.split("\n")
+    cells = lines[lines.index("progress") + 1:]
+    rows = [cells[i:i + 5] for i in range(0, len(cells) - 4, 5)]
+    return next((r[3] for r in rows if r[2].startswith(title)), "")
+
+
 def test_toy_walkthrough_in_a_browser(server, tmp_path_factory):
     found = _browser()
     if found is None or importlib.util.find_spec("selenium") is None:
@@ -221,6 +166,7 @@ def test_toy_walkthrough_in_a_browser(server, tmp_path_factory):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
 
     from cascade.toy.world import subject_photos
 
@@ -229,6 +175,10 @@ def test_toy_walkthrough_in_a_browser(server, tmp_path_factory):
     photos.mkdir()
     for i, im in enumerate(subject_photos()):
         im.save(photos / f"toy-{i}.png")
+    huge = base / "huge.png"  # declares 20000x20000 pixels: refused in one line beside the photos
+    huge.write_bytes(png_header(20000, 20000))
+    secret = base / "secret.txt"  # named as the preset: its text never comes back
+    secret.write_text("password = hunter2\nfoo: [\n")
     opts = webdriver.ChromeOptions()
     opts.binary_location = found[0]
     for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1100"):
@@ -239,22 +189,52 @@ def test_toy_walkthrough_in_a_browser(server, tmp_path_factory):
     t0 = time.time()
     try:
         driver.get(url)
-        # Subject: upload the 5 photos; the CLI's checks pass
+        # Subject: upload the 5 photos and a 20000x20000 PNG (refused by name); the CLI's checks pass
         upload = p.wait(lambda: p.css("#subject-upload input[type=file]")[0], 60, "the upload field")
-        upload.send_keys("\n".join(str(f) for f in sorted(photos.iterdir())))
+        upload.send_keys("\n".join(str(f) for f in [*sorted(photos.iterdir()), huge]))
         folder = p.wait(lambda: p.value("subject-folder"), 60, "the uploaded subject folder")
         assert Path(folder).parent.parent == runs / ".cascade-ui" and len(list(Path(folder).iterdir())) == 5
         p.wait(lambda: p.images("subject-preview") == 5, 30, "the photos' preview")
+        assert "huge.png: far over the 64 megapixel limit" in p.css("#msg-photos")[0].text
         p.type("subject-identifier", "the")  # a common word: the CLI's message, beside the field
+        p.type("subject-preset", str(secret))  # any file as the preset: named, never quoted
+        p.field("subject-preset").send_keys(Keys.ENTER)
         p.click("subject-check")
         p.wait(lambda: "is a common word" in p.css("#msg-identifier")[0].text, 60, "the identifier message")
-        p.type("subject-identifier", "")
+        p.wait(lambda: "not valid YAML at line 2, column 4" in p.css("#msg-preset")[0].text, 60, "the preset message")
+        assert "hunter2" not in driver.page_source
+        assert p.css("#subject-verdict")[0].text == "fix the fields marked above: preset, identifier"
+        p.choose("subject-preset", "toy")
+        p.type("subject-identifier", "-sks")  # a value starting with '-': the job gets --identifier=-sks
         p.click("subject-check")
         p.wait(lambda: "passes" in p.css("#subject-verdict")[0].text, 60, "the checks to pass")
         p.shot("subject")
 
-        # Train: stage I, a few steps, no prior preservation (fast); grids every 2 steps
+        # Train: stage I running, stage II queued: cancel stops stage I, resume continues stage I
         p.tab("Train")
+        p.wait(lambda: [lb for lb in p.css("#train-stages label") if lb.text.strip() == "stage II"], 10,
+               "stage II")[0].click()
+        p.type("train-steps", "1000")
+        p.click("train-start")
+        p.wait(lambda: job_state(p, "stage 1:") == "running" and job_state(p, "stage 2:") == "queued", 60, "two jobs")
+        p.click("train-cancel")
+        p.wait(lambda: "cancelled job" in p.css("#train-msg")[0].text, 30, "the cancel")
+        assert "(stage 1:" in p.css("#train-msg")[0].text
+        p.wait(lambda: job_state(p, "stage 1:") == "cancelled" and job_state(p, "stage 2:") == "running", 60,
+               "stage II to run")
+        p.click("train-resume")
+        p.wait(lambda: "(resumed)" in p.css("#train-msg")[0].text, 30, "the resume")
+        assert "stage 1:" in p.css("#train-msg")[0].text
+        for stage in ("stage 2:", "stage 1:"):  # stop both: stage II, then the resumed stage I
+            p.wait(lambda: job_state(p, stage) == "running", 60, f"{stage} running")
+            p.click("train-cancel")
+            p.wait(lambda: "cancelled job" in p.css("#train-msg")[0].text and stage in p.css("#train-msg")[0].text,
+                   30, f"the cancel of {stage}")
+        p.wait(lambda: "running" not in [job_state(p, s) for s in ("stage 1:", "stage 2:")], 60, "the jobs to end")
+        p.wait(lambda: [lb for lb in p.css("#train-stages label") if lb.text.strip() == "stage II"], 10,
+               "stage II")[0].click()
+
+        # Train: stage I, a few steps, no prior preservation (fast); grids every 2 steps
         p.type("train-steps", "4")
         p.wait(lambda: [lb for lb in p.css("label") if lb.text.strip() == "off"], 10, "radio")[0].click()
         p.type("train-extra", "stage1.train.sample_every=2\nstage1.train.checkpoint_every=2\n"
@@ -267,7 +247,7 @@ def test_toy_walkthrough_in_a_browser(server, tmp_path_factory):
         assert p.css("#train-loss-live canvas, #train-loss-live svg"), "the live loss plot"
         train_s = time.time() - t0
         p.shot("train")
-        run = next(runs.glob("*-stage1-toy"))
+        run = max(runs.glob("*-stage1-toy"))  # the newest: the cancelled one came before
         assert sorted(f.name for f in (run / "samples").glob("*.png")) == ["step-000002.png", "step-000004.png"]
 
         # Sample: the fine-tuned stage I, base stage II, 2 seeds side by side
@@ -277,14 +257,15 @@ def test_toy_walkthrough_in_a_browser(server, tmp_path_factory):
         p.click("sample-go")
         p.wait(lambda: p.images("sample-out1") == 2 and p.images("sample-out2") == 2, 180, "stage I and II samples")
         info = p.value("sample-info")
-        assert "stage II noise level: 20" in info and "prompt: a " in info and "[V]" not in info
+        assert "stage II noise level: 20" in info and "prompt: a -sks toy" in info  # the identifier typed
         # the noise slider re-samples; a <script> prompt is shown as the text typed, never run
-        evil = 'a [V] toy <script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
+        evil = '-a [V] toy <script>window.__xss=1</script><img src=x onerror="window.__xss=2">'
         p.type("sample-prompt", evil)
         slider = p.css("#sample-noise input[type=range]")[0]
         ActionChains(driver).click_and_hold(slider).move_by_offset(-slider.size["width"] // 4, 0).release().perform()
         p.wait(lambda: "stage II noise level: 20\n" not in p.value("sample-info") and "<script>" in p.value("sample-info"),
                180, "the re-sample at the new level")
+        assert "prompt: -a -sks toy <script>" in p.value("sample-info")  # a prompt starting with '-'
         assert driver.execute_script("return window.__xss === undefined")
         assert not driver.execute_script("return [...document.scripts].some(s => s.text.includes('__xss'))")
         assert p.images("sample-out2") == 2

@@ -1,10 +1,15 @@
 """The Gradio app: five tabs over one runs folder, launched safe by default (loopback only unless a
-login is set, no share link, uploads images-only with a size limit, files served from the runs
-folder alone)."""
+login is set, no share link, uploads images-only with a size limit and kept outside the runs
+folder, only images, CSV and JSON served, no cross-origin posts)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,12 +41,15 @@ class Context:
 
 
 def prepare_environment(runs: Path) -> Path:
-    """Gradio's upload and cache folder inside the runs folder (so nothing served lies outside it),
-    and no usage reporting. Must run before gradio is imported."""
-    cache = runs / UI_DIR / "gradio"
-    cache.mkdir(parents=True, exist_ok=True)
+    """Gradio's upload cache in a private temporary folder outside the runs folder (the runs folder
+    is served; an upload must never be: guard.py serves only images from the cache), removed at
+    exit; no usage reporting; no static-file worker processes (they would bypass the guard). Must
+    run before gradio is imported."""
+    cache = Path(tempfile.mkdtemp(prefix="cascade-ui-uploads-"))  # mode 0700
+    atexit.register(shutil.rmtree, cache, ignore_errors=True)
     os.environ["GRADIO_TEMP_DIR"] = str(cache)
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ.pop("GRADIO_NUM_WORKERS", None)
     return cache
 
 
@@ -81,15 +89,25 @@ def build(ctx: Context):
 def serve(runs: str | Path, preset: str, host: str, port: int | None, auth: tuple[str, str] | None,
           block: bool = True):
     runs = Path(runs).resolve()
+    runs.mkdir(parents=True, exist_ok=True)  # the jobs' working folder
     prepare_environment(runs)
+    if block and threading.current_thread() is threading.main_thread():  # SIGTERM ends it as Ctrl-C does:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # the exit handlers remove the upload cache
     import gradio as gr
+    from starlette.middleware import Middleware
+
+    from cascade.ui.guard import Guard
 
     ctx = Context(runs, preset, JobQueue(runs, job_env()))
     app = build(ctx)
     app.queue(default_concurrency_limit=1)
     where = "this machine only" if host in safety.LOCAL_HOSTS else "the network (login required)"
     print(f"cascade ui: serving {runs} on http://{host}:{port or 7860} ({where}); no share link", file=sys.stderr)
+    # the guard (guard.py) sits in front of every route: files by type, no cross-origin posts, without
+    # a login loopback Host names only; the runs folder's old upload cache (before uploads moved out
+    # of it) is never served
     app.launch(server_name=host, server_port=port, auth=auth, share=False, allowed_paths=[str(runs)],
-               max_file_size=f"{safety.MAX_UPLOAD_MB}mb", prevent_thread_lock=not block, quiet=True,
-               inbrowser=False, theme=gr.themes.Default())
+               blocked_paths=[str(runs / UI_DIR / "gradio")], max_file_size=f"{safety.MAX_UPLOAD_MB}mb",
+               prevent_thread_lock=not block, quiet=True, inbrowser=False, theme=gr.themes.Default(),
+               ssr_mode=False, app_kwargs={"middleware": [Middleware(Guard, runs=runs, local_hosts=None if auth else safety.LOCAL_HOSTS)]})
     return app, ctx

@@ -69,21 +69,27 @@ def _int(v, flag: str) -> int | None:
         raise InputError(f"argument {flag}: invalid int value: {v!r}") from None
 
 
+def _opt(flag: str, value) -> list[str]:
+    """A flag with a typed value as one argument, `--flag=VALUE`: argparse reads a separate value
+    that starts with '-' ("-sks", "-a photo of ...") as another flag."""
+    return [f"{flag}={value}"]
+
+
 def train_argv(subject: Subject, s: TrainSettings, stage: int, output: Path) -> list[str]:
-    argv = ["train", f"stage{stage}", "--config", subject.preset, "--subject", subject.folder,
-            "--class-noun", subject.class_noun, "--output", str(output)]
+    argv = ["train", f"stage{stage}", *_opt("--config", subject.preset), *_opt("--subject", subject.folder),
+            *_opt("--class-noun", subject.class_noun), *_opt("--output", output)]
     if subject.identifier.strip():
-        argv += ["--identifier", subject.identifier.strip()]
+        argv += _opt("--identifier", subject.identifier.strip())
     if _num(s.max_steps) is not None:
-        argv += ["--max-steps", str(_int(s.max_steps, "--max-steps"))]
+        argv += _opt("--max-steps", _int(s.max_steps, "--max-steps"))
     if _num(s.lora_rank) is not None:
-        argv += ["--lora-rank", str(_int(s.lora_rank, "--lora-rank"))]
+        argv += _opt("--lora-rank", _int(s.lora_rank, "--lora-rank"))
     if stage == 2 and s.noise_aug.strip():
-        argv += ["--noise-aug", s.noise_aug.strip()]
+        argv += _opt("--noise-aug", s.noise_aug.strip())
     if stage == 2 and _num(s.sample_noise_level) is not None:
-        argv += ["--sample-noise-level", str(_int(s.sample_noise_level, "--sample-noise-level"))]
+        argv += _opt("--sample-noise-level", _int(s.sample_noise_level, "--sample-noise-level"))
     for o in _overrides(s, stage):
-        argv += ["--set", o]
+        argv += _opt("--set", o)
     return argv
 
 
@@ -133,10 +139,10 @@ def field_of(e: Exception) -> str:
     msg = str(e)
     if isinstance(e, IdentifierError) or msg.startswith("--identifier"):
         return "identifier"
+    if "--class-noun" in msg:  # before photos: its message speaks of "the subject's class"
+        return "class_noun"
     if isinstance(e, ImageInputError) or "subject" in msg.split(":")[0]:
         return "photos"
-    if "--class-noun" in msg:
-        return "class_noun"
     if isinstance(e, ConfigError) and ("config file" in msg or msg.startswith("--config")):
         return "preset"
     return "settings"
@@ -164,6 +170,11 @@ def check_train(subject: Subject, s: TrainSettings) -> dict[str, str]:
             note(e)
     if not s.stages:
         errors["settings"] = "choose stage I, stage II or both"
+    try:  # the preset alone first: whatever it gets wrong is the preset field's
+        load_config(subject.preset)
+    except InputError as e:
+        errors["preset"] = f"cascade train stage{(s.stages or (1,))[0]}: error: {e}"
+        return errors
     for stage in s.stages:
         try:
             cfg = load_config(subject.preset, _overrides(s, stage), _flags(subject, s, stage))
@@ -184,18 +195,18 @@ def check_train(subject: Subject, s: TrainSettings) -> dict[str, str]:
 def sample_argv(preset: str, prompt: str, num_images: int, seed: int, stage1: str | None, stage2: str | None,
                 stage3: str | None, guidance: float | None, noise_level: int | None, output: Path,
                 extra: list[str] = ()) -> list[str]:
-    argv = ["sample", "--config", preset, "--prompt", prompt, "--num-images", str(int(num_images)),
-            "--seed", str(int(seed)), "--output", str(output)]
+    argv = ["sample", *_opt("--config", preset), *_opt("--prompt", prompt), *_opt("--num-images", int(num_images)),
+            *_opt("--seed", int(seed)), *_opt("--output", output)]
     for flag, v in (("--stage1", stage1), ("--stage2", stage2), ("--stage3", stage3)):
         if v:
-            argv += [flag, v]
+            argv += _opt(flag, v)
     if _num(guidance) is not None:
-        argv += ["--set", f"stage1.sample.guidance_scale={_real(guidance)}",
-                 "--set", f"stage2.sample.guidance_scale={_real(guidance)}"]
+        argv += [*_opt("--set", f"stage1.sample.guidance_scale={_real(guidance)}"),
+                 *_opt("--set", f"stage2.sample.guidance_scale={_real(guidance)}")]
     if noise_level is not None:
-        argv += ["--set", f"stage2.sample.noise_level={int(noise_level)}"]
+        argv += _opt("--set", f"stage2.sample.noise_level={int(noise_level)}")
     for o in extra:
-        argv += ["--set", o]
+        argv += _opt("--set", o)
     return argv
 
 
@@ -203,18 +214,19 @@ def study_argv(subject: Subject, exports: list[str], train_variants: str, max_st
                levels: str, output: Path, dino: str = "none", extra: list[str] = ()) -> list[str]:
     """`cascade study-sr`: the base SR model always (the study's reference), fine-tuned exports,
     and variants it trains itself ("low=0:0, high=0:250")."""
-    argv = ["study-sr", "--config", subject.preset, "--subject", subject.folder, "--class-noun",
-            subject.class_noun, "--output", str(output), "--noise-levels", levels.replace(" ", "")]
+    argv = ["study-sr", *_opt("--config", subject.preset), *_opt("--subject", subject.folder),
+            *_opt("--class-noun", subject.class_noun), *_opt("--output", output),
+            *_opt("--noise-levels", levels.replace(" ", ""))]
     if subject.identifier.strip():
-        argv += ["--identifier", subject.identifier.strip()]
+        argv += _opt("--identifier", subject.identifier.strip())
     for e in exports:
-        argv += ["--sr", e]
+        argv += _opt("--sr", e)
     variants = [v.strip() for v in re.split(r"[,\s]+", train_variants or "") if v.strip()]
     if variants:
-        argv += ["--train"] + [a for v in variants for a in ("--variant", v)]
+        argv += ["--train"] + [a for v in variants for a in _opt("--variant", v)]
         if _num(max_steps) is not None:
-            argv += ["--max-steps", str(_int(max_steps, "--max-steps"))]
-    argv += ["--dino", dino or "none"]
+            argv += _opt("--max-steps", _int(max_steps, "--max-steps"))
+    argv += _opt("--dino", dino or "none")
     for o in extra:
-        argv += ["--set", o]
+        argv += _opt("--set", o)
     return argv

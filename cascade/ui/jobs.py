@@ -164,6 +164,25 @@ class JobQueue:
     def running(self) -> Job | None:
         return next((j for j in self.jobs if j.state == "running"), None)
 
+    def to_cancel(self, kind: str) -> Job | None:
+        """The job a cancel button stops: the running one of that kind, else the newest queued one."""
+        jobs = [j for j in self.jobs if j.kind == kind]
+        return next((j for j in jobs if j.state == "running"), None) or \
+            next((j for j in reversed(jobs) if j.state == "queued"), None)
+
+    def to_resume(self, kind: str) -> Job | None:
+        """The job a resume button continues: the newest cancelled or failed one of that kind whose run
+        folder no later job has taken up (so a second press reaches the one stopped before it)."""
+        jobs = [j for j in self.jobs if j.kind == kind]
+        return next((j for i, j in reversed(list(enumerate(jobs))) if j.state in ("cancelled", "failed")
+                     and not any(k.run_dir == j.run_dir for k in jobs[i + 1:])), None)
+
+    def resume(self, job: Job) -> Job:
+        """Queue `job` again: from its last checkpoint (`--resume`) when it ran, as first given when it
+        was cancelled before it started."""
+        argv, how = (job.resume_argv(), "resumed") if job.started else (job.argv, "started again")
+        return self.submit(Job(job.kind, argv, f"{job.title} ({how})", job.run_dir))
+
     def pending(self) -> list[Job]:
         return [j for j in self.jobs if j.state in ("queued", "running")]
 

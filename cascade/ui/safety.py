@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import os
+import warnings
 from pathlib import Path
 
 from stages.errors import InputError
@@ -11,6 +12,7 @@ from stages.errors import InputError
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 AUTH_ENV = "CASCADE_UI_AUTH"  # USER:PASS, so the password need not appear in the process list
 MAX_UPLOAD_MB = 20  # per file
+MAX_UPLOAD_PIXELS = 64_000_000  # per image: a phone photo is 12-50 MP; a 20 MB PNG can declare billions
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
 
@@ -58,8 +60,15 @@ def check_upload(path: Path | str, max_mb: float = MAX_UPLOAD_MB) -> str | None:
     if p.stat().st_size > max_mb * 1024 * 1024:
         return f"{name}: {p.stat().st_size / 2**20:.1f} MB, over the {max_mb:g} MB limit"
     try:
-        with Image.open(p) as im:
-            im.verify()
+        with warnings.catch_warnings():  # PIL warns, then refuses, above its pixel limit: we say it once
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(p) as im:
+                if im.width * im.height > MAX_UPLOAD_PIXELS:
+                    return (f"{name}: {im.width}x{im.height} pixels, over the {MAX_UPLOAD_PIXELS / 1e6:g} "
+                            f"megapixel limit; scale it down")
+                im.verify()
+    except Image.DecompressionBombError:  # beyond twice PIL's limit, refused while the header is read
+        return f"{name}: far over the {MAX_UPLOAD_PIXELS / 1e6:g} megapixel limit; scale it down"
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         return f"{name}: not an image ({e.__class__.__name__})"
     return None

@@ -14,7 +14,7 @@ def show(ctx, choice: str | None):
     if not choice or not safety.inside(run, ctx.runs) or not run.is_dir():
         return None, "", None, [], [], None, "", ""
     d = describe(run)
-    report = (f"[open report.html](/gradio_api/file={safety.text(d['report'])})" if d["report"] else
+    report = (f"[download report.html](/gradio_api/file={safety.text(d['report'])})" if d["report"] else
               "no report.html in this folder")
     return (d["settings"], d["config"], str(d["loss_png"]) if d["loss_png"] else None,
             [(str(p), p.stem) for p in d["validation"]], [(str(p), p.stem) for p in d["grids"]], d["summary"],

@@ -10,6 +10,7 @@ from cascade.ui import commands, safety
 from cascade.ui.runs_view import UI_DIR
 
 FIELDS = ("photos", "class_noun", "preset", "identifier")
+LABELS = {"photos": "photos", "class_noun": "class noun", "preset": "preset", "identifier": "identifier"}
 
 
 @dataclass
@@ -62,6 +63,18 @@ def messages(errors: dict[str, str]) -> list[str]:
     return [safety.text(errors[f]) if f in errors else "" for f in FIELDS]
 
 
+def check_subject(folder, class_noun, preset, identifier) -> list[str]:
+    """The check button: the message beside each field at fault, and a verdict naming those fields.
+    The tab's only settings are the preset's (its models, its training settings), so an error about
+    them is marked beside the preset."""
+    errors = commands.check_train(to_subject(folder, class_noun, preset, identifier), commands.TrainSettings(stages=(1,)))
+    if "settings" in errors:
+        errors.setdefault("preset", errors.pop("settings"))
+    marked = [LABELS[f] for f in FIELDS if f in errors]
+    verdict = "fix the fields marked above: " + ", ".join(marked) if marked else "the subject passes the stage I checks"
+    return [*messages(errors), verdict]
+
+
 def build(ctx) -> SubjectFields:
     import gradio as gr
 
@@ -103,11 +116,6 @@ def build(ctx) -> SubjectFields:
         return [str(f) for f in sorted(p.iterdir()) if f.suffix.lower() in safety.IMAGE_SUFFIXES][:10] \
             if p.is_dir() and safety.inside(p, ctx.runs) else []
 
-    def on_check(*values):
-        errors = commands.check_train(to_subject(*values), commands.TrainSettings(stages=(1,)))
-        ok = "the subject passes the stage I checks" if not errors else "fix the fields marked above"
-        return *messages(errors), ok
-
     def on_pick(preset_v, noun, s):
         try:
             return pick_identifier(preset_v, noun, int(s or 0)), ""
@@ -116,6 +124,6 @@ def build(ctx) -> SubjectFields:
 
     upload.upload(on_upload, upload, [folder, msg_photos, preview])
     folder.change(on_folder, folder, preview)
-    check_btn.click(on_check, fields.inputs(), [*msgs, verdict])
+    check_btn.click(check_subject, fields.inputs(), [*msgs, verdict])
     pick_btn.click(on_pick, [preset, class_noun, seed], [identifier, msg_ident])
     return fields

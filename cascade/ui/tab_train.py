@@ -119,19 +119,18 @@ def build(ctx, subject):
         return "queued: " + ", ".join(f"stage {st}" for st in s.stages), "", "", "", ""
 
     def on_cancel():
-        job = next((j for j in reversed(ctx.queue.jobs) if j.kind == "train" and j.state in ("running", "queued")),
-                   None)
+        job = ctx.queue.to_cancel("train")
         if job is None:
             return "no training job to cancel"
         job.cancel()
-        return f"cancelled job {job.id}; resume continues its run from the last checkpoint"
+        return f"cancelled job {job.id} ({safety.text(job.title)}); resume continues its run from the last checkpoint"
 
     def on_resume():
-        job = next((j for j in reversed(ctx.queue.jobs) if j.kind == "train"), None)
-        if job is None or job.state not in ("cancelled", "failed"):
-            return "nothing to resume: the newest training job was not cancelled or failed"
-        ctx.queue.submit(Job("train", job.resume_argv(), job.title + " (resumed)", job.run_dir))
-        return f"resuming {safety.text(job.run_dir.name)}"
+        job = ctx.queue.to_resume("train")
+        if job is None:
+            return "nothing to resume: no cancelled or failed training job"
+        again = ctx.queue.resume(job)
+        return f"job {again.id}: {safety.text(again.title)}"
 
     def on_tick(last):
         job = shown_job(ctx)
