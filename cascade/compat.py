@@ -91,8 +91,9 @@ RULES = (
     Rule(("weights", "engine"), lambda c: c.weights in _LOW and c.engine == "fsdp2",
          "accelerate's FSDP2 upcasts trainable parameters to fp32 DTensors: 8-bit/bf16 states crash on them "
          "and bf16 master weights silently become fp32; use weights_dtype=float32"),
-    Rule(("optimizer", "engine"), lambda c: c.optimizer == "adamw8bit" and c.engine == "fsdp2",
-         "bitsandbytes' 8-bit update has no DTensor sharding rule (crash at step 1); use DeepSpeed ZeRO or DDP"),
+    Rule(("optimizer", "engine"), lambda c: c.optimizer != "adamw" and c.engine == "fsdp2",
+         "FSDP2's parameters are DTensors, which only torch's AdamW steps here (bitsandbytes' 8-bit update has "
+         "no sharding rule, Prodigy and Adafactor mix in plain tensors: crash at step 1); use DeepSpeed ZeRO or DDP"),
     Rule(("states", "engine"), lambda c: c.states == "bf16" and c.engine == "fsdp2",
          "the bf16 moments are plain tensors, FSDP2's parameters DTensors (crash at step 1)"),
     Rule(("weights", "engine"), lambda c: c.weights in _LOW and c.engine in DEEPSPEED,
@@ -101,6 +102,10 @@ RULES = (
     Rule(("weights", "mixed_precision"), lambda c: c.weights == "float16" and c.mixed_precision == "fp16",
          "fp16 mixed precision's gradient scaler cannot unscale fp16 gradients (fails at step 1); "
          "use mixed_precision=bf16 or no"),
+    Rule(("weights", "mixed_precision"), lambda c: (c.weights, c.mixed_precision) in (("float16", "bf16"),
+                                                                                     ("bfloat16", "fp16")),
+         "autocast to the other 16-bit type over these weights fails in IF's attention pooling (torch.cat: "
+         "'Unexpected floating ScalarType'); use the weights' own type or mixed_precision=no"),
     Rule(("in_backward", "mixed_precision"), lambda c: c.in_backward and c.mixed_precision == "fp16",
          "the scaled gradients would step unscaled and inf steps would not be skipped; use bf16"),
     Rule(("optimizer", "weights"), lambda c: c.optimizer in ("prodigy", "adafactor") and c.weights != "float32",

@@ -89,8 +89,9 @@ def test_auto_precision_resolving_to_fp16_is_judged_as_fp16(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     with pytest.raises(ConfigError, match="weights_dtype=float16 and train.mixed_precision=fp16"):
         load_config("tiny", sets, engine="single")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert load_config("tiny", sets, engine="single").stage1.train.weights_dtype == "float16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # auto is bf16: bf16 weights run
+    assert load_config("tiny", ["stage1.train.weights_dtype=bfloat16", "stage1.train.mixed_precision=auto"],
+                       engine="single").stage1.train.weights_dtype == "bfloat16"
 
 
 def test_the_engine_comes_from_the_launchers_environment(monkeypatch, tmp_path):
@@ -151,3 +152,16 @@ def test_if_presets_map_the_papers_sr_levels_as_the_study_does():
     for preset in ("if-xl", "if-l", "if-m"):
         text = (CONFIG_DIR / f"{preset}.yaml").read_text()
         assert "IF levels ~1 -> 0" not in text and "1e-3 is IF level 0" in text, preset
+
+
+def test_a_refused_launch_is_one_line_before_any_folder(cli, photos, tmp_path, monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/deepspeed-zero2.yaml` with in-backward: exit 2,
+    one line naming both settings, no run folder (it crashed at step 1 before)."""
+    from tests.conftest import error_line
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")
+    code, err = cli("train", "stage1", "--subject", photos, "--class-noun", "dog", "--output", tmp_path / "o",
+                    "--set", "stage1.train.optimizer_in_backward=true")
+    assert code == 2 and "optimizer_in_backward=true and engine zero2" in error_line(err)
+    assert not (tmp_path / "o").exists()
