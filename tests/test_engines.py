@@ -163,8 +163,8 @@ def test_offload_optimizer_goes_through_deepspeed_zero_offload(monkeypatch):
 
     cfg = train_cfg(offload_optimizer=True)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    with pytest.raises(InputError, match="deepspeed-zero2-offload.yaml"):
-        setup.early_checks(cfg)
+    with pytest.raises(ConfigError, match="deepspeed-zero2-offload.yaml"):
+        load_config("tiny", ["stage1.train.offload_optimizer=true"])
     with pytest.raises(ConfigError, match="offload_optimizer"):
         load_config("tiny", ["stage1.train.offload_optimizer=true", "stage1.train.weights_dtype=bfloat16"])
     conf = {"zero_optimization": {"stage": 2}}
