@@ -96,6 +96,9 @@ RULES = (
          "no sharding rule, Prodigy and Adafactor mix in plain tensors: crash at step 1); use DeepSpeed ZeRO or DDP"),
     Rule(("states", "engine"), lambda c: c.states == "bf16" and c.engine == "fsdp2",
          "the bf16 moments are plain tensors, FSDP2's parameters DTensors (crash at step 1)"),
+    Rule(("optimizer", "engine"), lambda c: c.optimizer == "adafactor" and c.engine in DEEPSPEED,
+         "DeepSpeed hands the optimizer flat partitions, so Adafactor's per-matrix factoring and update "
+         "clipping act on one long vector (its 2-step update was 36% off Adafactor's); use DDP"),
     Rule(("weights", "engine"), lambda c: c.weights in _LOW and c.engine in DEEPSPEED,
          "DeepSpeed keeps its own fp32 master weights (set mixed_precision=bf16 for a 16-bit module); "
          "use weights_dtype=float32"),

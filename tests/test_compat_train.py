@@ -7,6 +7,7 @@ The default suite trains a covering set (every pair of option values that some r
 in one trained cell); `pytest -m slow tests/test_compat_train.py` walks every running cell CPU can run."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -21,7 +22,8 @@ import torch
 from cascade import compat
 
 HELPER = Path(__file__).parent / "helpers" / "compat_cells.py"
-LR = {"adamw": 1e-3, "adamw8bit": 1e-3, "prodigy": 1.0, "adafactor": 1e-3}
+# 1e-2: a step of several 16-bit ulps, so the rounding of 16-bit weights stays small beside it
+LR = {"adamw": 1e-2, "adamw8bit": 1e-2, "prodigy": 1.0, "adafactor": 1e-2}
 
 
 def on_cpu(cell: compat.Cell, offload: bool) -> bool:
@@ -64,8 +66,9 @@ def sets_of(cell: compat.Cell) -> list[str]:
 
 
 def reference_of(cell: compat.Cell) -> compat.Cell:
-    """One process, fp32 weights and states, no in-backward or offload; the rest as the cell."""
-    return compat.Cell("single", cell.optimizer, "float32", "fp32", False, False, cell.adapter, cell.ema,
+    """One process, fp32 states, no in-backward or offload; the rest as the cell (16-bit weights too: the
+    library optimizer then rounds to nearest, cascade's stochastically)."""
+    return compat.Cell("single", cell.optimizer, cell.weights, "fp32", False, False, cell.adapter, cell.ema,
                        cell.mixed_precision)
 
 
@@ -129,32 +132,45 @@ def walk(cells: list[compat.Cell], subject: Path, cache: Path, out: Path) -> dic
         results.update(_launch(many, common, out, 2)[0])
     assert all(rc == 0 for rc in results.values()), {k: v for k, v in results.items() if v}
     base = _base(cache)
-    errors = {}
+    errors, swaps = {}, {}
     for cell in cells:
         got, ref = _trained(out / name_of(cell)), _trained(out / name_of(reference_of(cell), True))
         assert got.keys() == ref.keys() and ref, cell
-        start = {k: base.get(k, torch.zeros_like(v)) for k, v in ref.items()}  # LoRA B starts at zero
-        moved = sum(((ref[k] - start[k]) ** 2).sum() for k in ref).sqrt()
-        apart = sum(((got[k] - ref[k]) ** 2).sum() for k in ref).sqrt()
-        assert moved > 0, cell
-        errors[cell] = float(apart / moved)
-    return errors
+        errors[cell] = _error(got, ref, base)
+        # the error a swap to another optimizer would show: the other references of the same settings
+        # (AdamW and 8-bit AdamW take the same first steps, ~lr x sign(g), so they are not told apart)
+        for other in refs:
+            if other != reference_of(cell) and dataclasses.replace(other, optimizer=cell.optimizer) == reference_of(cell) \
+                    and {other.optimizer, cell.optimizer} != {"adamw", "adamw8bit"}:
+                swaps[(cell, other.optimizer)] = _error(_trained(out / name_of(other, True)), ref, base)
+    return errors, swaps
+
+
+def _error(got: dict, ref: dict, base: dict) -> float:
+    """|got - ref| / |ref - start| over the trained tensors (LoRA B starts at zero)."""
+    start = {k: base.get(k, torch.zeros_like(v)) for k, v in ref.items()}
+    moved = sum(((ref[k] - start[k]) ** 2).sum() for k in ref).sqrt()
+    assert moved > 0
+    return float(sum(((got[k] - ref[k]) ** 2).sum() for k in ref).sqrt() / moved)
 
 
 def tolerance(cell: compat.Cell) -> float:
-    """Relative update error allowed against the reference: float rounding of the reduction order for
-    fp32 cells; the bf16/fp16 weights' rounding (stochastic, ~1 ulp of a weight against a 1e-3 step) and
-    bf16 moments where the cell has them."""
-    if cell.weights != "float32":
-        return 0.5
-    if cell.states != "fp32" or cell.mixed_precision == "bf16":
-        return 0.2
+    """Relative update error allowed against the reference: the reduction order's float rounding for fp32
+    cells; with 16-bit weights, bf16 moments or bf16 autocast also the rounding (stochastic against
+    nearest) and the engines' own bf16 numerics (DeepSpeed casts the module, FSDP2 has its own policy),
+    which flip the sign of Adam's first, ~lr x sign(g), step where a gradient is near zero. A swap to
+    another optimizer (Adafactor, Prodigy) shows 0.5 and above (measured in `walk`)."""
+    if cell.weights != "float32" or cell.states != "fp32" or cell.mixed_precision == "bf16":
+        return 0.25
     return 0.05
 
 
-def _check(errors: dict):
+def _check(errors: dict, swaps: dict):
     bad = {name_of(c): round(e, 4) for c, e in errors.items() if not e < tolerance(c)}
     assert not bad, bad
+    # the comparison tells the optimizers apart: a swapped one would fail
+    blind = {f"{name_of(c)} as {o}": round(e, 4) for (c, o), e in swaps.items() if not e > tolerance(c)}
+    assert swaps and not blind, blind
 
 
 def test_covering_set_covers_every_pair_of_running_values():
@@ -169,15 +185,16 @@ def test_covering_set_covers_every_pair_of_running_values():
 def test_covering_set_trains_and_matches_the_reference_optimizers(tiny, cache_dir, subject_dir, tmp_path):
     pytest.importorskip("deepspeed", reason="the ZeRO cells need DeepSpeed (pip install 'cascade-dreambooth[deepspeed]')")
     t0 = time.time()
-    errors = walk(covering_set(running_cells()), subject_dir, cache_dir, tmp_path)
-    print(f"covering set: {len(errors)} cells in {time.time() - t0:.0f} s; worst error {max(errors.values()):.3g}")
-    _check(errors)
+    errors, swaps = walk(covering_set(running_cells()), subject_dir, cache_dir, tmp_path)
+    print(f"covering set: {len(errors)} cells in {time.time() - t0:.0f} s; worst error {max(errors.values()):.3g}, "
+          f"smallest swap error {min(swaps.values()):.3g}")
+    _check(errors, swaps)
 
 
 @pytest.mark.slow
 def test_every_running_cell_trains_and_matches_the_reference_optimizers(tiny, cache_dir, subject_dir, tmp_path):
     pytest.importorskip("deepspeed")
     t0 = time.time()
-    errors = walk(running_cells(offload=True), subject_dir, cache_dir, tmp_path)
-    print(f"full walk: {len(errors)} cells in {time.time() - t0:.0f} s")
-    _check(errors)
+    errors, swaps = walk(running_cells(offload=True), subject_dir, cache_dir, tmp_path)
+    print(f"full walk: {len(errors)} cells in {time.time() - t0:.0f} s; worst error {max(errors.values()):.3g}")
+    _check(errors, swaps)
