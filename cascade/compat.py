@@ -99,6 +99,9 @@ RULES = (
     Rule(("optimizer", "engine"), lambda c: c.optimizer == "adafactor" and c.engine in DEEPSPEED,
          "DeepSpeed hands the optimizer flat partitions, so Adafactor's per-matrix factoring and update "
          "clipping act on one long vector (its 2-step update was 36% off Adafactor's); use DDP"),
+    Rule(("optimizer", "engine"), lambda c: c.optimizer == "prodigy" and c.engine in DEEPSPEED,
+         "each process would estimate Prodigy's step size from its own shard (prodigyopt sums the estimate "
+         "over shards only on CUDA, untested here); use DDP"),
     Rule(("weights", "engine"), lambda c: c.weights in _LOW and c.engine in DEEPSPEED,
          "DeepSpeed keeps its own fp32 master weights (set mixed_precision=bf16 for a 16-bit module); "
          "use weights_dtype=float32"),

@@ -29,18 +29,6 @@ def check_available(name: str):
             raise InputError(f"train.optimizer={name} needs the {package} package: {how}")
 
 
-def sharded_processes() -> bool:
-    """Each process steps a shard of the parameters (DeepSpeed ZeRO, FSDP) in a group of several: Prodigy
-    must then sum its step-size estimate over all shards (its fsdp_in_use all-reduce), or every process
-    estimates its own step size from its own part. Under DDP every process holds all parameters."""
-    import torch.distributed as dist
-
-    from stages import engines
-
-    return (engines.engine() != "ddp" and dist.is_available() and dist.is_initialized()
-            and dist.get_world_size() > 1)
-
-
 def make_extra(params, cfg):
     """(optimizer, name) for optimizer=adafactor|prodigy."""
     name = cfg.optimizer
@@ -56,6 +44,5 @@ def make_extra(params, cfg):
         if cfg.learning_rate < 0.1:
             log.warning("optimizer=prodigy estimates the step size itself; learning_rate=%g scales that estimate "
                         "(1.0 is the usual setting)", cfg.learning_rate)
-        return Prodigy(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
-                       fsdp_in_use=sharded_processes()), "prodigy"
+        return Prodigy(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay), "prodigy"
     raise ValueError(f"not an extra optimizer: {name!r}")

@@ -68,21 +68,3 @@ def test_bad_combinations_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match="optimizer_in_backward"):
         load_config("tiny", ["stage1.train.optimizer=prodigy", "stage1.train.optimizer_in_backward=true"])
 
-
-@pytest.mark.parametrize("env,sharded", [({"ACCELERATE_USE_DEEPSPEED": "true"}, True),
-                                         ({"ACCELERATE_USE_FSDP": "true"}, True), ({}, False)])
-def test_prodigy_sums_its_step_size_estimate_over_shards(monkeypatch, env, sharded):
-    """Under ZeRO/FSDP with several processes each one steps a shard: Prodigy's estimate must be all-reduced
-    (fsdp_in_use), or each process estimates its own step size from its part. Under DDP every process
-    holds all parameters, so a sum would count them N times."""
-    import torch.distributed as dist
-
-    for key in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda *a: 2)
-    cfg = load_config("tiny", ["stage1.train.optimizer=prodigy", "stage1.train.learning_rate=1.0"], engine="ddp")
-    opt, name = optim.make([torch.nn.Parameter(torch.zeros(3))], cfg.stage1.train)
-    assert name == "prodigy" and opt.param_groups[0]["fsdp_in_use"] is sharded
