@@ -77,6 +77,9 @@ RULES = (
     Rule(("offload", "engine"), lambda c: c.offload and c.engine not in DEEPSPEED,
          "the optimizer offload runs through DeepSpeed ZeRO-Offload: launch with "
          "configs/accelerate/deepspeed-zero2-offload.yaml"),
+    Rule(("offload", "engine"), lambda c: c.offload and c.engine == "zero3",
+         "ZeRO-3 with the optimizer offloaded hung (a gloo send timed out) in the CPU walk and is untested on "
+         "GPUs; use configs/accelerate/deepspeed-zero2-offload.yaml"),
     *_offload_rules("optimizer", lambda c: c.optimizer != "adamw",
                     "accelerate replaces any optimizer with DeepSpeedCPUAdam under offload, so it would silently "
                     "run Adam; offload only plain AdamW"),
