@@ -4,6 +4,7 @@ The dataclass defaults are the `tiny` preset, so the offline default needs no fi
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -79,7 +80,7 @@ class Train:
     hflip: bool = False
     # stage II only: noise augmentation of the low-res condition, an integer level in 0..999
     noise_aug_min: int = 0
-    noise_aug_max: int = 0  # the paper lowers SR augmentation to ~0 (1e-3 -> 1e-5 = IF levels ~1 -> 0)
+    noise_aug_max: int = 0  # the paper lowers SR augmentation 1e-3 -> 1e-5: IF level 0 is the closest (docs/sr-study.md)
     random_crop: bool = False  # random 256 crops of larger photos (condition from the same crop)
     crop_source_size: int = 320  # short side the photo is resized to before random cropping
     allow_upscale: bool = False  # accept photos smaller than the stage resolution (upscaled, warned)
@@ -175,6 +176,10 @@ class Config:
     stage2: Stage = field(default_factory=_stage2_default)
     stage3: Sample = field(default_factory=lambda: Sample(steps=10, guidance_scale=9.0, noise_level=100))
     study: Study = field(default_factory=Study)
+    # train settings per engine (cascade/compat.py names them: ddp, fsdp2, zero2, zero2-offload, zero3),
+    # applied to both stages when the launcher runs that engine, before flags and --set: a preset
+    # carries the variant each shipped accelerate config needs (docs/engines.md)
+    engine_settings: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -300,9 +305,10 @@ def resolve_path(name: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                flags: list[tuple[str, str, object]] | None = None) -> Config:
-    """Preset/YAML, then typed `flags` (flag name, dotted key, value), then `--set` overrides. An
-    invalid value is reported with the flag or `--set` the user typed, when it came from one."""
+                flags: list[tuple[str, str, object]] | None = None, engine: str | None = None) -> Config:
+    """Preset/YAML (with its engine_settings for `engine`, default: the launcher's), then typed `flags`
+    (flag name, dotted key, value), then `--set` overrides. An invalid value is reported with the flag
+    or `--set` the user typed, when it came from one."""
     cfg = Config()
     if path is not None:
         p = resolve_path(path)
@@ -315,6 +321,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
         _merge(cfg, data, str(p), from_file=True)
+        _apply_engine_settings(cfg, str(p), engine)
     source = {}
     for flag, key, value in flags or []:
         set_value(cfg, key, value, flag)
@@ -324,7 +331,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     from cascade.config_checks import validate
 
     try:
-        validate(cfg)
+        validate(cfg, engine)
     except ConfigError as e:
         if e.key in source:
             raise ConfigError(f"{source[e.key]}: {e.detail} (config key {e.key})", e.key, e.detail) from None
@@ -343,6 +350,20 @@ def _unquoted(e: ConfigError, cfg: Config) -> ConfigError:
     text = re.sub(r"'([^']*)'", lambda m: "<text from the file>" if m.group(1) and m.group(1) in value else m.group(0),
                   str(e))
     return ConfigError(text, e.key, e.detail)
+
+
+def _apply_engine_settings(cfg: Config, where: str, engine: str | None = None):
+    """Every engine's entry is checked (a typo fails on any machine); this process's engine's is applied."""
+    from cascade import compat
+
+    engine = engine or compat.current_engine()
+    for name, settings in cfg.engine_settings.items():
+        if name not in compat.ENGINES:
+            raise ConfigError(f"{where}: engine_settings.{name}: not an engine ({'|'.join(compat.ENGINES)})")
+        for stage in ("stage1", "stage2"):
+            _merge(copy.deepcopy(getattr(cfg, stage).train), settings, where, f"engine_settings.{name}.", True)
+            if name == engine:
+                _merge(getattr(cfg, stage).train, settings, where, f"engine_settings.{name}.", True)
 
 
 def dump_config(cfg: Config, path: Path):

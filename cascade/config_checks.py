@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from cascade import compat
 from cascade.config import Config, ConfigError, Sample, Train, Validation
 
 
@@ -12,7 +13,8 @@ def _check(ok: bool, key: str, msg: str):
         raise ConfigError(f"config '{key}': {msg}", key, msg)
 
 
-def validate(cfg: Config):
+def validate(cfg: Config, engine: str | None = None):
+    """`engine`: the one the training will run on (default: what the launcher exported; cascade/compat.py)."""
     _check(cfg.models.dtype in ("float32", "float16", "bfloat16"), "models.dtype", "float32|float16|bfloat16")
     _check(cfg.models.variant in (None, "fp16", "bf16"), "models.variant", "null, fp16 or bf16")
     _check(cfg.models.text_encoder_device in ("auto", "cpu"), "models.text_encoder_device", "auto|cpu")
@@ -39,13 +41,6 @@ def validate(cfg: Config):
         _check(t.export_variant in ("none", "fp16", "bf16"), k + "export_variant", "none|fp16|bf16")
         _check(not (t.optimizer_in_backward and t.gradient_accumulation_steps > 1), k + "optimizer_in_backward",
                "cannot be combined with gradient_accumulation_steps > 1")
-        _check(not t.offload_optimizer or (t.weights_dtype == "float32" and not t.use_8bit_adam
-                                            and not t.optimizer_in_backward),
-               k + "offload_optimizer", "keeps fp32 master weights in host memory: needs weights_dtype=float32, "
-               "use_8bit_adam=false and optimizer_in_backward=false")
-        _check(not (t.optimizer_in_backward and t.mixed_precision == "fp16"), k + "optimizer_in_backward",
-               "cannot be combined with mixed_precision=fp16 (its gradients would step unscaled and inf steps "
-               "would not be skipped); use bf16")
         _check(t.lora_rank >= 0, k + "lora_rank", "must be >= 0 (0 = full fine-tuning)")
         _check(t.prior_weight >= 0, k + "prior_weight", "must be >= 0")
         _check(t.num_class_images >= 1, k + "num_class_images", "must be >= 1")
@@ -68,6 +63,9 @@ def validate(cfg: Config):
         _check(t.validation_steps >= 1, k + "validation_steps", "must be >= 1")
         _check(t.seed >= 0, k + "seed", "must be >= 0")
         _check_features(t, k)
+        refused = compat.check_train(t, k, engine)  # the table of what composes
+        if refused is not None:
+            _check(False, refused[0], refused[1])
         _check(math.isfinite(s.guidance_scale) and s.guidance_scale >= 0, f"{stage}.sample.guidance_scale",
                "must be >= 0")
         _check(s.steps >= 1, f"{stage}.sample.steps", "must be >= 1")
@@ -117,12 +115,6 @@ def _check_features(t: Train, k: str):
            "adamw|adamw8bit|adafactor|prodigy")
     _check(not (t.use_8bit_adam and t.optimizer not in ("adamw", "adamw8bit")), k + "use_8bit_adam",
            f"conflicts with optimizer={t.optimizer} (use_8bit_adam means optimizer=adamw8bit)")
-    _check(t.optimizer in ("adamw", "adamw8bit") or t.weights_dtype == "float32", k + "optimizer",
-           f"{t.optimizer} needs weights_dtype=float32 (the low-precision update is for AdamW)")
-    _check(t.optimizer in ("adamw", "adamw8bit") or t.optimizer_states == "fp32", k + "optimizer_states",
-           f"bf16 moments are for AdamW, not {t.optimizer}")
-    _check(not (t.optimizer == "prodigy" and t.optimizer_in_backward), k + "optimizer_in_backward",
-           "cannot be combined with optimizer=prodigy (it estimates one step size over all parameters)")
     if t.optimizer == "adamw8bit" or t.use_8bit_adam:  # two spellings of one setting, kept in step
         t.optimizer, t.use_8bit_adam = "adamw8bit", True
     _check(t.lora_type in ("lora", "dora"), k + "lora_type", "lora|dora")

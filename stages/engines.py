@@ -178,7 +178,10 @@ def make_optimizer_and_scheduler(accelerator, params, cfg, make_optimizer):
 
         optimizer, name = DummyOptim(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay), "deepspeed-config"
         if "scheduler" in conf:
-            return optimizer, DummyScheduler(optimizer, total_num_steps=cfg.max_steps,
+            # accelerate divides total_num_steps by the process count (it assumes a dataloader split across
+            # processes); the loop makes max_steps optimizer steps on every process, so undo that division
+            total = cfg.max_steps * getattr(accelerator, "num_processes", 1)
+            return optimizer, DummyScheduler(optimizer, total_num_steps=total,
                                              warmup_num_steps=cfg.lr_warmup_steps), name
         # DeepSpeed builds the optimizer, so it must build (and step) our schedule on it too
         return optimizer, DummyScheduler(optimizer, lr_scheduler_callable=schedule), name

@@ -92,17 +92,10 @@ def early_checks(train_cfg):
     from stages.optimizers import check_available
 
     check_available(getattr(train_cfg, "optimizer", "adamw"))
-    if getattr(train_cfg, "ema", False):
-        from stages import engines
-        from stages.ema import check_engine
-
-        check_engine(engines.engine())
-    if getattr(train_cfg, "offload_optimizer", False):
-        from stages import engines
-
-        if engines.engine() != "deepspeed" or importlib.util.find_spec("deepspeed") is None:
-            raise InputError("train.offload_optimizer runs through DeepSpeed ZeRO-Offload: pip install deepspeed and "
-                             "launch with accelerate launch --config_file configs/accelerate/deepspeed-zero2-offload.yaml")
+    # which engines an option composes with is cascade/compat.py's table, checked with the config
+    if getattr(train_cfg, "offload_optimizer", False) and importlib.util.find_spec("deepspeed") is None:
+        raise InputError("train.offload_optimizer runs through DeepSpeed ZeRO-Offload: pip install deepspeed and "
+                         "launch with accelerate launch --config_file configs/accelerate/deepspeed-zero2-offload.yaml")
 
 
 def check_tracker(report_to: str):

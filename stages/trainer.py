@@ -144,6 +144,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
                disable=not accelerator.is_local_main_process)
     for step in bar:
         inst_acc = prior_acc = 0.0
+        lr_used = lr_sched.get_last_lr()[0]  # the rate this step's update uses (step_lr then moves it on)
         for micro in range(cfg.gradient_accumulation_steps):
             gen = step_generator(cfg.seed, step * cfg.gradient_accumulation_steps + micro, accelerator.process_index)
             batch = task.batch(n_inst, prior_on, gen)
@@ -180,7 +181,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
         done = step + 1
         # losses logged per rank-0 batch; ranks see different data but share weights
         rows.append({"step": done, "instance_loss": round(inst_acc, 6),
-                     "prior_loss": round(prior_acc, 6) if prior_on else "", "lr": lr_sched.get_last_lr()[0]})
+                     "prior_loss": round(prior_acc, 6) if prior_on else "", "lr": lr_used})
         bar.set_postfix(loss=f"{inst_acc:.4f}")
         if report_to:
             accelerator.log({k: v for k, v in rows[-1].items() if v != ""}, step=done)
@@ -215,8 +216,9 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
 
             keeper.record = broadcast_object_list([keeper.record], from_process=0)[0]
         chosen = keeper.restore(accelerator.unwrap_model(unet))
+        fallback = "the EMA weights are exported" if ema is not None else "the last step's weights are exported"
         meta["best_checkpoint"] = chosen or {"step": None, "reason": f"no validation step had {best_rule.drift} <= "
-                                             f"{best_rule.budget:g}: the last step's weights are exported"}
+                                             f"{best_rule.budget:g}: {fallback}"}
         log.info("best checkpoint: %s", chosen["reason"] if chosen else meta["best_checkpoint"]["reason"])
     if ema is not None and chosen is None:  # the export holds the average, not the last step's weights
         ema.copy_to_model()

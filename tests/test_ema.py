@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from stages.ema import TrainingEMA
+from stages.ema import TrainingEMA, check_engine
 from tests.test_stage1_training import train
 
 SETS = ("stage1.train.max_steps=4", "stage1.train.checkpoint_every=2", "stage1.train.sample_every=100",
@@ -78,13 +78,14 @@ def test_bf16_weights_keep_an_fp32_average():
 
 
 def test_ema_refused_under_sharded_engines(monkeypatch):
-    from cascade.config import load_config
-    from stages import setup
+    from cascade.config import ConfigError, load_config
     from stages.errors import InputError
 
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # the config check refuses it (cascade/compat.py's table)
+    with pytest.raises(ConfigError, match="train.ema=true and engine fsdp2: the EMA averages whole weights"):
+        load_config("tiny", ["stage1.train.ema=true"])
     with pytest.raises(InputError, match="train.ema works in one process or under DDP, not under fsdp"):
-        setup.early_checks(load_config("tiny", ["stage1.train.ema=true"]).stage1.train)
+        check_engine("fsdp")  # and the stage, used without cascade's config check
 
 
 @pytest.mark.parametrize("on_cpu", [False, True])

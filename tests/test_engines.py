@@ -2,6 +2,7 @@
 schedule per optimizer step, sharded exports, process-group settings, stage III's device."""
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -64,10 +65,13 @@ def test_optimizer_and_scheduler_follow_deepspeed_conventions():
         built.step()
         lrs.append(built.get_last_lr()[0])
     assert lrs == pytest.approx([3e-6 * k / 5 for k in (1, 2, 3, 4)] + [3e-6, 3e-6])
-    # optimizer and scheduler both in the config: DeepSpeed's WarmupLR gets our warmup and length
-    opt, sched, _ = engines.make_optimizer_and_scheduler(
-        _fake_accelerator({"optimizer": {}, "scheduler": {}}), params, cfg, setup.make_optimizer)
-    assert sched.warmup_num_steps == 5 and sched.total_num_steps == 40
+    # optimizer and scheduler both in the config: DeepSpeed's WarmupLR gets our warmup and length. On 4
+    # processes accelerate writes ceil(total_num_steps / 4) into the config (split_batches off): that must
+    # still be max_steps, or the schedule ends 4x too early
+    acc = _fake_accelerator({"optimizer": {}, "scheduler": {}})
+    acc.num_processes = 4
+    opt, sched, _ = engines.make_optimizer_and_scheduler(acc, params, cfg, setup.make_optimizer)
+    assert sched.warmup_num_steps == 5 and math.ceil(sched.total_num_steps / acc.num_processes) == 40
     with pytest.raises(InputError, match="scheduler but no optimizer"):
         engines.make_optimizer_and_scheduler(_fake_accelerator({"scheduler": {}}), params, cfg, setup.make_optimizer)
 
@@ -159,8 +163,8 @@ def test_offload_optimizer_goes_through_deepspeed_zero_offload(monkeypatch):
 
     cfg = train_cfg(offload_optimizer=True)
     monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
-    with pytest.raises(InputError, match="deepspeed-zero2-offload.yaml"):
-        setup.early_checks(cfg)
+    with pytest.raises(ConfigError, match="deepspeed-zero2-offload.yaml"):
+        load_config("tiny", ["stage1.train.offload_optimizer=true"])
     with pytest.raises(ConfigError, match="offload_optimizer"):
         load_config("tiny", ["stage1.train.offload_optimizer=true", "stage1.train.weights_dtype=bfloat16"])
     conf = {"zero_optimization": {"stage": 2}}

@@ -33,10 +33,11 @@ def _lrs(run) -> list[float]:
 
 def test_cosine_lr_follows_formula_and_resume_continues_it(make_cfg, subject_dir, tmp_path):
     full = train(make_cfg, subject_dir, tmp_path / "full", *SETS)
-    # row n is logged after optimizer step n: the LR the next step will use
-    expected = [cosine(n, 1, 4, 1e-3) for n in range(1, 5)]
+    # row n holds the LR optimizer step n used (the schedule's value before its n-th step): warmup
+    # starts at 0, and the cosine reaches 0 only after the last step
+    expected = [cosine(n - 1, 1, 4, 1e-3) for n in range(1, 5)]
     assert _lrs(full) == pytest.approx(expected, rel=1e-9, abs=1e-15)
-    assert _lrs(full)[0] == pytest.approx(1e-3) and _lrs(full)[-1] == 0.0  # the schedule really acts
+    assert _lrs(full)[:2] == pytest.approx([0.0, 1e-3]) and _lrs(full)[-1] > 0  # the schedule really acts
 
     killed = tmp_path / "killed"
     shutil.copytree(full, killed)

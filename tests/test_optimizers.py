@@ -67,3 +67,4 @@ def test_bad_combinations_are_refused_naming_the_key():
         load_config("tiny", ["stage1.train.optimizer=adafactor", "stage1.train.weights_dtype=bfloat16"])
     with pytest.raises(ConfigError, match="optimizer_in_backward"):
         load_config("tiny", ["stage1.train.optimizer=prodigy", "stage1.train.optimizer_in_backward=true"])
+

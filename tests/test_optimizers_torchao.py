@@ -5,6 +5,8 @@ import zipfile
 import pytest
 import torch
 
+# torchao is the optional extra [torchao]; its step compiles per shape (minutes cold), so these run with -m slow
+pytestmark = pytest.mark.slow
 pytest.importorskip("torchao")
 
 from cascade.perf import optimizer_compare as oc  # noqa: E402

@@ -150,6 +150,28 @@ def test_best_checkpoint_exports_the_chosen_steps_weights(make_cfg, tiny, subjec
         assert all(torch.equal(exported[k], ckpt[k]) for k in ckpt) == same, step
 
 
+def test_best_checkpoint_with_ema_and_no_eligible_step_names_the_ema_weights(make_cfg, subject_dir, tmp_path,
+                                                                              one_thread):
+    """EMA and best checkpoint both on, every validation step over the drift budget: the export holds
+    the EMA average, and cascade.json says so in both places (it used to name the last step's weights)."""
+    def measure(subject, klass):
+        return {"fidelity": 0.5, "drift": 0.9}
+
+    cfg = _sets(make_cfg, "stage1.train.max_steps=2", "stage1.train.sample_every=1", "stage1.train.checkpoint_every=2",
+                "stage1.train.learning_rate=1e-3", "stage1.validation.chain=false", "stage1.train.ema=true",
+                "stage1.train.ema_decay=0.5", "stage1.validation.best_checkpoint=true",
+                "stage1.validation.drift_budget=0.3")
+    run = tmp_path / "run"
+    train(TrainRequest(1, cfg, str(subject_dir), "dog", output=str(run),
+                       measures=Measures(("fidelity", "drift"), measure, "scripted")))
+    meta = json.loads((run / "export" / "cascade.json").read_text())
+    assert meta["weights"] == "ema" and meta["best_checkpoint"]["step"] is None
+    assert meta["best_checkpoint"]["reason"].endswith("the EMA weights are exported"), meta["best_checkpoint"]
+    exported = load_file(str(run / "export" / "unet" / "diffusion_pytorch_model.safetensors"))
+    last = load_file(str(run / "checkpoints" / "checkpoint-000002" / "model.safetensors"))
+    assert not all(torch.equal(exported[k], last[k]) for k in last)  # not the last step's weights
+
+
 def test_stage2_validation_upsamples_held_out_photo_and_stage1_samples(make_cfg, tiny, subject_dir, tmp_path,
                                                                       one_thread):
     """holdout=1: one photo leaves the training set; the grid's columns are that photo and stage I's

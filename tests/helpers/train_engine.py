@@ -27,6 +27,8 @@ def force_fsdp_on_cpu():
 
     def init(self, *args, **kwargs):
         original(self, *args, **kwargs)
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":  # compat_cells.py: other engines too
+            return
         state = AcceleratorState()
         state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* environment
         state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
