@@ -63,6 +63,7 @@ class StudyRequest:
     # {name: fn(output, truth) -> float} on inputs with ground truth (toy: freckle position F1)
     truth_readers: dict = field(default_factory=dict)
     class_dir: str | None = None  # class pairs for prior-preservation variants (made by the frozen cascade)
+    settings: list = field(default_factory=list)  # which step settings applied and why (study_grid.steps), logged
 
 
 def _identifier(req: StudyRequest, sr_paths: list[str], stage1_path: str, text_source: str) -> str:
@@ -250,6 +251,8 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     out = folders.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite,
                                  identity={"command": "study-sr"}, protected=inputs)
     folders.start_logging(out, cfg)
+    for line in req.settings:
+        log.info("study-sr setting: %s", line)
     subject = _write_training_photos(photos, train_idx, out / "training-photos") if held_idx else req.subject
 
     truth = data.stack(photos, high)
@@ -327,7 +330,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
                                       for p in [base, paths.text_encoder] + ([s1] if s1 != "none" else [])),
                 "dino": dino_line, "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package",
                 "readers": list(req.readers), "truth_readers": list(req.truth_readers),
-                "variants": [list(v) for v in req.variants]}
+                "variants": [list(v) for v in req.variants], "settings": list(req.settings)}
         # after every seed, so a cut-off sweep keeps what it measured
         sr_study_report.write(out, rows, info, shown["lowres"], gts, kinds, views, shown["outputs"], shown["reference"])
     return out, rows

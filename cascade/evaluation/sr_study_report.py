@@ -124,6 +124,7 @@ def markdown(agg: list[dict], info: dict, found: list[str]) -> str:
              f"{info['resolutions'][1]} px; seeds {info['seeds']} (values: mean ± std over seeds)",
              f"- training photos {info['training_photos']}, held-out photos {info['heldout_photos']}, "
              f"fresh held-out views {info['fresh_views']}", f"- {info['dino']}", f"- LPIPS: {info['lpips']}"]
+    lines += [f"- {s}" for s in info.get("settings", ())]
     if info["random_weights"]:
         lines.append("- **The cascade weights are tiny and random: every number below describes noise.**")
     if info["dino_random"]:
