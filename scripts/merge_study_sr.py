@@ -9,7 +9,10 @@ from cascade.evaluation.sr_study_report import merge
 COLUMNS = [("held-out", "freckle_f1", "held-out: freckle F1"), ("held-out", "hp_corr", "held-out: high-pass corr."),
            ("held-out", "psnr", "held-out: PSNR (dB)"), ("held-out", "ssim", "held-out: SSIM"),
            ("training", "freckle_f1", "training views: freckle F1"),
-           ("class", "freckles", "other toys: freckles drawn"), ("class", "emblem", "other toys: emblem drawn"), ("stage I sample", "freckles", "stage I samples: freckles drawn")]
+           ("class", "freckles", "other toys, class prompt: freckles drawn"),
+           ("class", "emblem", "other toys, class prompt: emblem drawn"),
+           ("instance prompt", "emblem", "other toys, instance prompt: emblem drawn"),
+           ("stage I sample", "freckles", "stage I samples: freckles drawn")]
 
 
 def main(argv: list[str]) -> int:

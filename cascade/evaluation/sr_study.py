@@ -32,6 +32,7 @@ from stages import components, data, noise_aug, sampling
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
+INSTANCE_VIEW = sr_study_report.INSTANCE_VIEW  # other objects upsampled under the instance prompt
 
 
 @dataclass
@@ -147,9 +148,10 @@ def _hms(s: float) -> str:
 
 @torch.no_grad()
 def _upsample_all(path: str, cfg: Config, lowres: torch.Tensor, embeds, negative, levels: list[int],
-                  seed: int, progress: Progress | None = None) -> dict[int, torch.Tensor]:
-    """level -> SR outputs for every input; one model resident for the whole sweep; image i always
-    uses seed + i, whatever the model or level."""
+                  seed: int, noise_ids: list[int], progress: Progress | None = None) -> dict[int, torch.Tensor]:
+    """level -> SR outputs for every input (`embeds` [N, L, D]: each input's prompt); one model resident
+    for the whole sweep; image i always uses seed + noise_ids[i], whatever the model or level (an input
+    upsampled under two prompts keeps its sampling noise)."""
     s = cfg.stage2.sample
     out = {}
     with runner.resident(path, cfg, ("scheduler", "image_noising_scheduler")) as (unet, sched, noising):
@@ -157,8 +159,8 @@ def _upsample_all(path: str, cfg: Config, lowres: torch.Tensor, embeds, negative
             parts = []
             for start in range(0, lowres.shape[0], s.batch_size):
                 sl = slice(start, min(lowres.shape[0], start + s.batch_size))
-                gens = [torch.Generator().manual_seed(seed + i) for i in range(sl.start, sl.stop)]
-                parts.append(sampling.sample(unet, sched, embeds.expand(sl.stop - sl.start, -1, -1), negative,
+                gens = [torch.Generator().manual_seed(seed + noise_ids[i]) for i in range(sl.start, sl.stop)]
+                parts.append(sampling.sample(unet, sched, embeds[sl], negative,
                                              s.steps, s.guidance_scale, gens, resolution=unet.config.sample_size,
                                              lowres=lowres[sl], noise_level=level, noising_scheduler=noising).cpu())
                 if progress:
@@ -167,12 +169,13 @@ def _upsample_all(path: str, cfg: Config, lowres: torch.Tensor, embeds, negative
     return out
 
 
-def _measure(images: torch.Tensor, kinds: list[str], views: list[str], truth: list, truth_hf: list[float], mean_hf,
-             dino, real_dino, lpips: Lpips, readers: dict, truth_readers: dict) -> list[dict]:
+def _measure(images: torch.Tensor, kinds: list[str], views: list[str], prompts: list[str], truth: list,
+             truth_hf: list[float], mean_hf, dino, real_dino, lpips: Lpips, readers: dict, truth_readers: dict) -> list[dict]:
     rows = []
     d = metrics.mean_cosine(dino.embed(data.to_pil(images)), real_dino).tolist() if dino else [None] * len(kinds)
     for i, (kind, view) in enumerate(zip(kinds, views)):
-        row = {"input": kind, "view": view, "heldout": view.startswith("held-out"), "image": i, "dino": d[i],
+        row = {"input": kind, "view": view, "heldout": view.startswith("held-out"), "image": i, "prompt": prompts[i],
+               "dino": d[i],
                **{name: float(fn(images[i])) for name, fn in readers.items()}}
         if truth[i] is not None:
             gt = truth[i]
@@ -280,6 +283,16 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     kinds += ["stage1"] * n_s1 + ["class"] * n_cls
     views += ["stage I sample"] * n_s1 + ["class (base stage I 'a <class>')"] * n_cls
     gts += [None] * (n_s1 + n_cls)
+    # drift is read under the class prompt; the same other objects again under the instance prompt,
+    # labelled apart (the SR told "this is the subject": not class-prompt drift)
+    prompts = [class_prompt if k == "class" else prompt for k in kinds]
+    again = [i for i, k in enumerate(kinds) if k == "class"]
+    noise_ids = list(range(len(kinds))) + again
+    kinds += ["class"] * len(again)
+    views += [INSTANCE_VIEW + views[i][len("class"):] for i in again]
+    gts += [None] * len(again)
+    prompts += [prompt] * len(again)
+    input_embeds = torch.cat([embeds[p] for p in prompts])
     truth_hf = [hf_energy(x) if x is not None else None for x in gts]  # once, not per model and level
     mean_hf = sum(truth_hf[:len(photos)]) / len(photos)
     real_dino = dino.embed(photos) if dino else None
@@ -298,6 +311,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
             inputs.append(runner.run_stage1(paths.stage1, cfg, embeds[class_prompt].expand(n_cls, -1, -1), embeds[""],
                                             [seed * 100_000 + 20_000 + i for i in range(n_cls)]))
         lowres = torch.cat(inputs)
+        lowres = torch.cat([lowres, lowres[again]])
         progress.skip()
         trained = _train_variants(req, base, token, subject, out, seed, progress) if req.variants else []
         folders.start_logging(out, cfg)  # training runs log into their own folders; back to the study's log
@@ -305,7 +319,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
                     [(label, p, {"train_aug": "given", "prior": False}) for label, p in given] + trained
         info_models.update({label: p for label, p, _ in trained})
         reference = noise_aug.upsample(lowres, high).clamp(-1, 1)  # plain bilinear upsampling, no model
-        for r in _measure(reference, kinds, views, gts, truth_hf, mean_hf, dino, real_dino, lpips, req.readers,
+        for r in _measure(reference, kinds, views, prompts, gts, truth_hf, mean_hf, dino, real_dino, lpips, req.readers,
                           req.truth_readers):
             rows.append({"seed": seed, "model": "bilinear upsampling (no model)", "train_aug": "none", "prior": False,
                          "noise_level": None, **r})
@@ -313,10 +327,10 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
         for label, path, meta in sr_models:
             log.info("seed %d, SR model %s (%s): %d inputs x noise levels %s", seed, label, path, lowres.shape[0],
                      req.levels)
-            outputs[label] = _upsample_all(path, cfg, lowres, embeds[prompt], embeds[""], req.levels,
-                                           seed * 100_000, progress)
+            outputs[label] = _upsample_all(path, cfg, lowres, input_embeds, embeds[""], req.levels,
+                                           seed * 100_000, noise_ids, progress)
             for level in req.levels:
-                for r in _measure(outputs[label][level], kinds, views, gts, truth_hf, mean_hf, dino, real_dino, lpips,
+                for r in _measure(outputs[label][level], kinds, views, prompts, gts, truth_hf, mean_hf, dino, real_dino, lpips,
                                   req.readers, req.truth_readers):
                     rows.append({"seed": seed, "model": label, **meta, "noise_level": level, **r})
         if not shown:  # grids of the first seed

@@ -22,11 +22,15 @@ NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "hp_corr": "high-pass corr.", "lpi
          "dino": "DINO", "freckle_f1": "freckle F1", "freckles": "freckles drawn"}
 TILE = 128
 T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+INSTANCE_VIEW = "instance prompt"  # views of other objects upsampled under "a [V] <class>"
 SECTIONS = (("held-out", "Held-out views: subject photos never trained on, and fresh views (ground truth exists)"),
             ("training", "Training views: the photos the variants fine-tuned on (reconstruction, not generalisation)"),
             ("subject photo", "Subject photos (training use of the given models unknown)"),
             ("stage I sample", "Stage I samples of 'a [V] <class>' (no ground truth; HF ratio vs the photos' mean)"),
-            ("class", "Other objects (drift: the subject's detail where there is no subject)"))
+            ("class", "Other objects, upsampled with the class prompt 'a <class>' (drift: the subject's detail "
+                      "where there is no subject)"),
+            (INSTANCE_VIEW, "The same other objects, upsampled with the instance prompt 'a [V] <class>' (what the "
+                            "SR draws when told the input is the subject; not class-prompt drift)"))
 
 
 def _mean(values):
@@ -215,7 +219,7 @@ def write(out: Path, rows: list[dict], info: dict, lowres, truth: list, kinds, v
     rd, trd = info["readers"], info.get("truth_readers", [])
     agg = aggregate(rows, rd, trd)
     found = findings(agg)
-    fields = ["seed", "input", "view", "heldout", "image", "model", "train_aug", "prior", "noise_level", "psnr", "ssim",
+    fields = ["seed", "input", "view", "heldout", "image", "prompt", "model", "train_aug", "prior", "noise_level", "psnr", "ssim",
               "hp_corr", "lpips", "hf_ratio", "dino", *trd, *rd]
     tmp = out / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:
