@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from cascade.evaluation import paired
-from cascade.evaluation.sr_study_report import merge, paired_rows
+from cascade.evaluation import paired, sr_control
+from cascade.evaluation.sr_study_report import control_markdown, merge, paired_rows
 
 COLUMNS = [("held-out", "freckle_f1", "held-out: freckle F1"), ("held-out", "hp_corr", "held-out: high-pass corr."),
            ("held-out", "psnr", "held-out: PSNR (dB)"), ("held-out", "ssim", "held-out: SSIM"),
@@ -31,6 +31,11 @@ def main(argv: list[str]) -> int:
     folders = [Path(a) for a in argv]
     seeds, means = merge(folders)
     info = json.loads((folders[0] / "results.json").read_text())
+    controls = [c for f in folders for c in json.loads((f / "results.json").read_text()).get("controls", [])]
+    verdicts = sr_control.summary(controls)
+
+    def label(model):  # a model that fails the positive control is not evidence of "no effect"
+        return f"{model} ({sr_control.CANNOT})" if verdicts.get(model) == sr_control.CANNOT else model
     pairs = paired_rows(seeds, info["readers"], info.get("truth_readers", ()), reference)
 
     def cell(view, model, level, metric):
@@ -47,7 +52,7 @@ def main(argv: list[str]) -> int:
     for model in dict.fromkeys(a["model"] for a in means):
         for level in dict.fromkeys(a["noise_level"] for a in means if a["model"] == model):
             aug = next(a["train_aug"] for a in means if a["model"] == model)
-            print(f"| {model} | {aug} | {'-' if level is None else level} | "
+            print(f"| {label(model)} | {aug} | {'-' if level is None else level} | "
                   + " | ".join(cell(v, model, level, m) for v, m, _ in COLUMNS) + " |")
     print("\npaired differences A - B, same seed and inputs: mean over seeds [95% paired t interval]")
     print("| A - B | sampling level | seeds | " + " | ".join(c[2] for c in COLUMNS) + " |")
@@ -55,10 +60,12 @@ def main(argv: list[str]) -> int:
     for a, level in dict.fromkeys((p["a"], p["noise_level"]) for p in pairs):
         sel = {p["view"]: p for p in pairs if (p["a"], p["noise_level"]) == (a, level)}
         any_p = next(iter(sel.values()))
-        print(f"| {a} - {any_p['b']} | {level} | {len(any_p['seeds'])} | "
+        print(f"| {label(a)} - {label(any_p['b'])} | {level} | {len(any_p['seeds'])} | "
               + " | ".join(paired.cell(sel[v], m) if v in sel else "-" for v, m, _ in COLUMNS) + " |")
+    print("\n".join(control_markdown(controls)))
     if out:
-        Path(out).write_text(json.dumps({"per_seed": seeds, "means": means, "paired": pairs}, indent=1))
+        Path(out).write_text(json.dumps({"per_seed": seeds, "means": means, "paired": pairs, "controls": controls},
+                                        indent=1))
     return 0
 
 

@@ -46,6 +46,12 @@ def test_study_sr_train_end_to_end(tmp_path, make_cfg, write_subject, capsys, mo
     real, _, cls, inst = sampled[-4:]  # the last model's last level: 4 inputs
     assert torch.equal(real, inst) and not torch.equal(real, cls)
     assert "class prompt 'a <class>'" in (out / "table.md").read_text()
+    # the positive control ran for every SR model (tiny random weights: whatever it says is about noise)
+    controls = json.loads((out / "results.json").read_text())["controls"]
+    assert [c["model"] for c in controls] == ["base", "low (aug 0..0)", "high (aug 0..250)"]
+    assert all(c["levels"] == [0, 250] and c["level_effect"] is not None and set(c["shares"]) == {"300", "500", "999"}
+               for c in controls)
+    assert "## Positive control" in (out / "table.md").read_text()
     printed = capsys.readouterr().out
     assert "describes noise" in printed and "mean nothing" in printed
     for name, rng in (("low", [0, 0]), ("high", [0, 250])):

@@ -23,7 +23,7 @@ import torch
 
 from cascade import identifier as ident
 from cascade import model_sources, models, resolutions, runner
-from cascade.evaluation import metrics, sr_study_report
+from cascade.evaluation import metrics, sr_control, sr_study_report
 from cascade.runs import folders
 from cascade.config import Config
 from cascade.evaluation.image_metrics import Lpips, hf_energy, hf_ratio, hp_correlation, psnr, ssim
@@ -33,6 +33,7 @@ from stages.errors import InputError
 
 log = logging.getLogger(__name__)
 INSTANCE_VIEW = sr_study_report.INSTANCE_VIEW  # other objects upsampled under the instance prompt
+CONTROL_IMAGES = 8  # photos the positive control reads per model and seed
 
 
 @dataclass
@@ -148,13 +149,17 @@ def _hms(s: float) -> str:
 
 @torch.no_grad()
 def _upsample_all(path: str, cfg: Config, lowres: torch.Tensor, embeds, negative, levels: list[int],
-                  seed: int, noise_ids: list[int], progress: Progress | None = None) -> dict[int, torch.Tensor]:
-    """level -> SR outputs for every input (`embeds` [N, L, D]: each input's prompt); one model resident
-    for the whole sweep; image i always uses seed + noise_ids[i], whatever the model or level (an input
-    upsampled under two prompts keeps its sampling noise)."""
+                  seed: int, noise_ids: list[int], progress: Progress | None = None,
+                  control=None) -> tuple[dict[int, torch.Tensor], dict | None]:
+    """(level -> SR outputs for every input (`embeds` [N, L, D]: each input's prompt), the positive
+    control's condition read on `control` = (photos, their embeds, low-res size), or None); one model
+    resident for the whole sweep; image i always uses seed + noise_ids[i], whatever the model or level
+    (an input upsampled under two prompts keeps its sampling noise)."""
     s = cfg.stage2.sample
-    out = {}
+    out, read = {}, None
     with runner.resident(path, cfg, ("scheduler", "image_noising_scheduler")) as (unet, sched, noising):
+        if control is not None:
+            read = sr_control.condition_read(unet, sched, noising, control[1], control[0], control[2], seed=seed)
         for level in levels:
             parts = []
             for start in range(0, lowres.shape[0], s.batch_size):
@@ -166,7 +171,7 @@ def _upsample_all(path: str, cfg: Config, lowres: torch.Tensor, embeds, negative
                 if progress:
                     progress.done("image", sl.stop - sl.start)
             out[level] = torch.cat(parts)
-    return out
+    return out, read
 
 
 def _measure(images: torch.Tensor, kinds: list[str], views: list[str], prompts: list[str], truth: list,
@@ -187,6 +192,15 @@ def _measure(images: torch.Tensor, kinds: list[str], views: list[str], prompts: 
             row.update(psnr=None, ssim=None, hp_corr=None, hf_ratio=hf_ratio(images[i], mean_hf), lpips=None)
         rows.append(row)
     return rows
+
+
+def _control_row(seed: int, model: str, read: dict | None, outputs: dict, levels: list[int], n: int) -> dict:
+    """The positive control of one model and seed: condition read and sampling-level effect, verdict."""
+    lo, hi = min(levels), max(levels)
+    effect = sr_control.level_effect(outputs[lo][:n], outputs[hi][:n]) if hi > lo else None
+    r = read["read"] if read else None
+    return {"seed": seed, "model": model, "read": r, "shares": read["shares"] if read else None,
+            "level_effect": effect, "levels": [lo, hi], "verdict": sr_control.verdict(r, effect)}
 
 
 def split_holdout(n: int, holdout: int | None, training: bool) -> tuple[list[int], list[int]]:
@@ -300,7 +314,10 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     progress = Progress(len(seeds) * len(req.variants), len(seeds) * n_models * len(req.levels) * len(kinds),
                         train_weight=max(1.0, cfg.stage2.train.max_steps * cfg.stage2.train.batch_size
                                          / max(1, cfg.stage2.sample.steps * 2)))
-    rows, shown = [], {}
+    rows, shown, controls = [], {}, []
+    # the positive control reads the subject's photos (and fresh views), at most CONTROL_IMAGES of them
+    n_photos = min(CONTROL_IMAGES, len(truth))
+    control = (truth[:n_photos], input_embeds[:n_photos], low)
     info_models = {"base": base, **dict(given)}
     for seed in seeds:
         inputs = list(fixed)
@@ -327,8 +344,9 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
         for label, path, meta in sr_models:
             log.info("seed %d, SR model %s (%s): %d inputs x noise levels %s", seed, label, path, lowres.shape[0],
                      req.levels)
-            outputs[label] = _upsample_all(path, cfg, lowres, input_embeds, embeds[""], req.levels,
-                                           seed * 100_000, noise_ids, progress)
+            outputs[label], read = _upsample_all(path, cfg, lowres, input_embeds, embeds[""], req.levels,
+                                                 seed * 100_000, noise_ids, progress, control)
+            controls.append(_control_row(seed, label, read, outputs[label], req.levels, n_photos))
             for level in req.levels:
                 for r in _measure(outputs[label][level], kinds, views, prompts, gts, truth_hf, mean_hf, dino, real_dino, lpips,
                                   req.readers, req.truth_readers):
@@ -344,7 +362,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
                                       for p in [base, paths.text_encoder] + ([s1] if s1 != "none" else [])),
                 "dino": dino_line, "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package",
                 "readers": list(req.readers), "truth_readers": list(req.truth_readers),
-                "variants": [list(v) for v in req.variants], "settings": list(req.settings)}
+                "variants": [list(v) for v in req.variants], "settings": list(req.settings), "controls": controls}
         # after every seed, so a cut-off sweep keeps what it measured
         sr_study_report.write(out, rows, info, shown["lowres"], gts, kinds, views, shown["outputs"], shown["reference"])
     return out, rows

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cascade.evaluation import paired
+from cascade.evaluation import paired, sr_control
 from stages import data
 
 METRICS = {"real": ("psnr", "ssim", "hp_corr", "lpips", "hf_ratio", "dino"), "stage1": ("hf_ratio", "dino"),
@@ -127,7 +127,7 @@ def paired_rows(seeds: list[dict], readers=(), truth_readers=(), reference: str 
 def paired_markdown(pairs: list[dict], info: dict) -> list[str]:
     """One table per view section: 'A - B', the level, the seeds, then per metric the mean difference
     over seeds and its 95% paired t interval."""
-    lines = []
+    lines, verdicts = [], sr_control.summary(info.get("controls", []))
     for sec, title in SECTIONS:
         sel = [p for p in pairs if p["view"] == sec]
         if not sel:
@@ -137,13 +137,37 @@ def paired_markdown(pairs: list[dict], info: dict) -> list[str]:
         lines += ["", f"### Paired: {sec} views", "",
                   "| A - B | noise_level | seeds | " + " | ".join(NAMES.get(m, m) for m in ms) + " |",
                   "|---|---|---|" + "---|" * len(ms)]
-        lines += [f"| {p['a']} - {p['b']} | {p['noise_level']} | {len(p['seeds'])} | "
+        lines += [f"| {_label(p['a'], verdicts)} - {_label(p['b'], verdicts)} | {p['noise_level']} | {len(p['seeds'])} | "
                   + " | ".join(paired.cell(p, m) for m in ms) + " |" for p in sel]
     if lines:
         lines = ["", "## Paired differences (same seed, same inputs, same sampling noise)", "",
                  "Per seed A - B, then the mean over seeds [95% paired t interval, Student t with seeds - 1 "
                  "degrees of freedom]; an interval that excludes 0 is a difference the seeds agree on."] + lines
     return lines
+
+
+def control_markdown(controls: list[dict]) -> list[str]:
+    """The positive control per SR model and seed (sr_control): can the model show a noise effect?"""
+    if not controls:
+        return []
+    lines = ["", "## Positive control: can each SR model show a noise effect?", "",
+             f"Condition read: faint marks (one low-res pixel {sr_control.MARK:+.1f}) added to the level-0 condition of "
+             "the subject's photos; the share of the condition's change at the marks that reaches the model's x0 "
+             f"estimate (1 = copies it, 0 = blind to it; bar {sr_control.READ_BAR}), largest over t = "
+             f"{', '.join(map(str, sr_control.TIMESTEPS))}. Level effect: 1 - high-pass correlation of the same "
+             f"photos upsampled at the lowest and highest sampling level (bar {sr_control.LEVEL_BAR}). A model "
+             f"below both bars is labelled '{sr_control.CANNOT}' in every table: its rows cannot show the "
+             "effect, so they are not evidence of no effect.", "",
+             "| model | seed | condition read (t: share) | level effect (levels) | verdict |", "|---|---|---|---|---|"]
+    for c in controls:
+        shares = ", ".join(f"{t}: {v:+.3f}" for t, v in (c["shares"] or {}).items()) or "-"
+        eff = "-" if c["level_effect"] is None else f"{c['level_effect']:.3f} ({c['levels'][0]} vs {c['levels'][1]})"
+        lines.append(f"| {c['model']} | {c['seed']} | {shares} | {eff} | {c['verdict']} |")
+    return lines
+
+
+def _label(model: str, verdicts: dict) -> str:
+    return f"{model} ({sr_control.CANNOT})" if verdicts.get(model) == sr_control.CANNOT else model
 
 
 def markdown(agg: list[dict], info: dict, found: list[str], pairs: list[dict] = ()) -> str:
@@ -157,6 +181,7 @@ def markdown(agg: list[dict], info: dict, found: list[str], pairs: list[dict] = 
         lines.append("- **The cascade weights are tiny and random: every number below describes noise.**")
     if info["dino_random"]:
         lines.append("- The DINO model is random: its similarities mean nothing.")
+    verdicts = sr_control.summary(info.get("controls", []))
     for sec, title in SECTIONS:
         sel = [a for a in agg if a["view"] == sec]
         if not sel:
@@ -167,8 +192,9 @@ def markdown(agg: list[dict], info: dict, found: list[str], pairs: list[dict] = 
         for a in sel:
             cells = [("unavailable" if m in ("lpips", "dino") and a[m] is None else _fmt(a[m], a[m + "_std"]))
                      for m in ms]
-            lines.append(f"| {a['model']} | {a['train_aug']} | {_fmt(a['noise_level'])} | {a['n']} | "
+            lines.append(f"| {_label(a['model'], verdicts)} | {a['train_aug']} | {_fmt(a['noise_level'])} | {a['n']} | "
                          + " | ".join(cells) + " |")
+    lines += control_markdown(info.get("controls", []))
     lines += paired_markdown(list(pairs), info)
     lines += ["", "## What the sweep found", ""] + [f"- {f}" for f in found]
     lines += ["", "HF ratio: high-frequency spectrum energy (above 0.25 x Nyquist) of the output over the "
