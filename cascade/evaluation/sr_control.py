@@ -29,6 +29,7 @@ TIMESTEPS = (300, 500, 999)
 READ_BAR = 0.25  # share of a copy's change the x0 estimate must show at some timestep
 LEVEL_BAR = 0.05  # 1 - high-pass correlation of the low- and high-level outputs
 CANNOT = "cannot show a noise effect"
+MIN_ALPHA_BAR = 1e-4  # epsilon-prediction models are not read where alpha_bar(t) is below this
 
 
 def _device(unet):
@@ -55,6 +56,9 @@ def x0_shift(unet, scheduler, noising, embeds, clean: torch.Tensor, lowres_marke
     out = {"condition": at_cells(cond[0] - cond[1])}
     gen = torch.Generator().manual_seed(seed + 1)
     for t in timesteps:
+        if scheduler.config.prediction_type != "v_prediction" and float(math_.alphas_cumprod[int(t)]) < MIN_ALPHA_BAR:
+            out[int(t)] = None  # an epsilon model's x0 there is its noise divided by ~0: not a read
+            continue
         tt = torch.full((n,), int(t))
         xt = math_.q_sample(clean.float(), torch.randn(clean.shape, generator=gen), tt)
         x0 = []
@@ -101,8 +105,8 @@ def condition_read(unet, scheduler, noising, embeds, photos: torch.Tensor, low: 
     delta = (upsample(marked, photos.shape[-1]) - upsample(lowres, photos.shape[-1])).mean(1)
     cells = delta < MARK / 2  # the marks' footprint in the upsampled condition
     shift = x0_shift(unet, scheduler, noising, embeds, photos, marked, lowres, cells, timesteps, seed)
-    shares = {t: shift[t] / shift["condition"] for t in timesteps}
-    return {"shares": shares, "read": max(shares.values())}
+    shares = {t: shift[t] / shift["condition"] for t in timesteps if shift[t] is not None}
+    return {"shares": shares, "read": max(shares.values()) if shares else None}
 
 
 def level_effect(low_outputs: torch.Tensor, high_outputs: torch.Tensor) -> float:
