@@ -27,7 +27,7 @@ MARK = -0.3  # the mark: one low-res pixel this much darker (on [-1, 1]); 15 % o
 MARKS = 4  # per image
 TIMESTEPS = (300, 500, 999)
 READ_BAR = 0.25  # share of a copy's change the x0 estimate must show at some timestep
-LEVEL_BAR = 0.05  # 1 - high-pass correlation of the low- and high-level outputs
+LEVEL_BAR = 0.25  # 1 - high-pass correlation of the low- and high-level outputs (docs/sr-study.md: why not lower)
 CANNOT = "cannot show a noise effect"
 MIN_ALPHA_BAR = 1e-4  # epsilon-prediction models are not read where alpha_bar(t) is below this
 
