@@ -366,5 +366,28 @@ def _apply_engine_settings(cfg: Config, where: str, engine: str | None = None):
                 _merge(getattr(cfg, stage).train, settings, where, f"engine_settings.{name}.", True)
 
 
+def given_keys(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, tuple[int, str]]:
+    """Where each setting a user gave came from: dotted key -> (rank, source), rank 1 for the config file
+    (its path) and 2 for `--set` (which load_config applies last); keys absent are the dataclass defaults
+    (rank 0). For settings that stand in for one another (study.max_steps, stage2.train.max_steps), so
+    the one the user actually gave wins. Call after load_config has validated the same arguments."""
+    out: dict[str, tuple[int, str]] = {}
+
+    def walk(data, prefix, source):
+        for key, value in data.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.", source)
+            else:
+                out[prefix + str(key)] = (1, source)
+
+    if path is not None:
+        p = resolve_path(path)
+        walk(yaml.safe_load(p.read_text(encoding="utf-8")) or {}, "", str(p))
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        out[key] = (2, f"--set {key}")
+    return out
+
+
 def dump_config(cfg: Config, path: Path):
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,23 +1,42 @@
-"""Merge `cascade study-sr` folders (e.g. one seed each, run in parallel) and print the means over
-seeds of the toy world's SR table: python scripts/merge_study_sr.py DIR [DIR ...] [--json OUT]."""
+"""Merge `cascade study-sr` folders (e.g. one seed each, run in parallel) and print the toy world's SR
+table: means over seeds, then the paired differences of every SR model against a reference (default
+the first variant fine-tuned; per seed A - B, mean and 95% paired t interval):
+python scripts/merge_study_sr.py DIR [DIR ...] [--reference MODEL] [--json OUT]."""
 import json
 import sys
 from pathlib import Path
 
-from cascade.evaluation.sr_study_report import merge
+from cascade.evaluation import paired, sr_control
+from cascade.evaluation.sr_study_report import control_markdown, merge, paired_rows
 
 COLUMNS = [("held-out", "freckle_f1", "held-out: freckle F1"), ("held-out", "hp_corr", "held-out: high-pass corr."),
            ("held-out", "psnr", "held-out: PSNR (dB)"), ("held-out", "ssim", "held-out: SSIM"),
            ("training", "freckle_f1", "training views: freckle F1"),
-           ("class", "freckles", "other toys: freckles drawn"), ("class", "emblem", "other toys: emblem drawn"), ("stage I sample", "freckles", "stage I samples: freckles drawn")]
+           ("class", "freckles", "other toys, class prompt: freckles drawn"),
+           ("class", "emblem", "other toys, class prompt: emblem drawn"),
+           ("instance prompt", "emblem", "other toys, instance prompt: emblem drawn"),
+           ("stage I sample", "freckles", "stage I samples: freckles drawn")]
+
+
+def _option(argv: list[str], name: str):
+    if name not in argv:
+        return None, argv
+    i = argv.index(name)
+    return argv[i + 1], argv[:i] + argv[i + 2:]
 
 
 def main(argv: list[str]) -> int:
-    out = None
-    if "--json" in argv:
-        i = argv.index("--json")
-        out, argv = argv[i + 1], argv[:i] + argv[i + 2:]
-    seeds, means = merge([Path(a) for a in argv])
+    out, argv = _option(argv, "--json")
+    reference, argv = _option(argv, "--reference")
+    folders = [Path(a) for a in argv]
+    seeds, means = merge(folders)
+    info = json.loads((folders[0] / "results.json").read_text())
+    controls = [c for f in folders for c in json.loads((f / "results.json").read_text()).get("controls", [])]
+    verdicts = sr_control.summary(controls)
+
+    def label(model):  # a model that fails the positive control is not evidence of "no effect"
+        return f"{model} ({sr_control.CANNOT})" if verdicts.get(model) == sr_control.CANNOT else model
+    pairs = paired_rows(seeds, info["readers"], info.get("truth_readers", ()), reference)
 
     def cell(view, model, level, metric):
         a = next((a for a in means if (a["view"], a["model"], a["noise_level"]) == (view, model, level)), None)
@@ -33,10 +52,20 @@ def main(argv: list[str]) -> int:
     for model in dict.fromkeys(a["model"] for a in means):
         for level in dict.fromkeys(a["noise_level"] for a in means if a["model"] == model):
             aug = next(a["train_aug"] for a in means if a["model"] == model)
-            print(f"| {model} | {aug} | {'-' if level is None else level} | "
+            print(f"| {label(model)} | {aug} | {'-' if level is None else level} | "
                   + " | ".join(cell(v, model, level, m) for v, m, _ in COLUMNS) + " |")
+    print("\npaired differences A - B, same seed and inputs: mean over seeds [95% paired t interval]")
+    print("| A - B | sampling level | seeds | " + " | ".join(c[2] for c in COLUMNS) + " |")
+    print("|---|---|---|" + "---|" * len(COLUMNS))
+    for a, level in dict.fromkeys((p["a"], p["noise_level"]) for p in pairs):
+        sel = {p["view"]: p for p in pairs if (p["a"], p["noise_level"]) == (a, level)}
+        any_p = next(iter(sel.values()))
+        print(f"| {label(a)} - {label(any_p['b'])} | {level} | {len(any_p['seeds'])} | "
+              + " | ".join(paired.cell(sel[v], m) if v in sel else "-" for v, m, _ in COLUMNS) + " |")
+    print("\n".join(control_markdown(controls)))
     if out:
-        Path(out).write_text(json.dumps({"per_seed": seeds, "means": means}, indent=1))
+        Path(out).write_text(json.dumps({"per_seed": seeds, "means": means, "paired": pairs, "controls": controls},
+                                        indent=1))
     return 0
 
 

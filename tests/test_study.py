@@ -13,15 +13,46 @@ FAST = ["--set", "stage1.sample.steps=1", "--set", "stage2.sample.steps=1", "--s
         "--set", "stage2.train.checkpoint_every=100"]
 
 
-def test_study_sr_train_end_to_end(tmp_path, make_cfg, write_subject, capsys):
+def test_study_sr_train_end_to_end(tmp_path, make_cfg, write_subject, capsys, monkeypatch):
+    """Also: other objects are read for drift under 'a <class>' (issue 28: they were upsampled with
+    'a [V] <class>'), and again, labelled apart, under the instance prompt. The sampler is wrapped to see
+    which embeddings each input really got (batch size 1: one call per input)."""
+    import torch
+
+    from stages import sampling
+
+    calls, real_sample = [], sampling.sample
+
+    def recording(unet, sched, embeds, *a, **k):
+        calls.append(embeds.clone())
+        return real_sample(unet, sched, embeds, *a, **k)
+
+    monkeypatch.setattr(sampling, "sample", recording)
     subject = write_subject(tmp_path / "subject", 2, 256)
     out = tmp_path / "study"
     code = main(["study-sr", "--subject", str(subject), "--class-noun", "toy", "--train",
                  "--variant", "low=0:0", "--variant", "high=0:250", "--max-steps", "1", "--noise-levels", "0,250",
                  "--num-stage1", "1", "--max-images", "1", "--dino", "tiny", "--output", str(out), "--seeds", "0",
-                 "--class-images", "0",
+                 "--class-images", "1", "--set", "stage2.sample.batch_size=1",
                  "--set", f"models.cache_dir={make_cfg().models.cache_dir}", *FAST])
     assert code == 0
+    base = [r for r in csv.DictReader(open(out / "results.csv")) if r["model"] == "base" and r["noise_level"] == "0"]
+    assert [(r["input"], r["view"]) for r in base] == [
+        ("real", "training"), ("stage1", "stage I sample"), ("class", "class (base stage I 'a <class>')"),
+        ("class", "instance prompt (base stage I 'a <class>')")]
+    token = json.loads((out / "results.json").read_text())["identifier"]
+    assert [r["prompt"] for r in base] == [f"a {token} toy", f"a {token} toy", "a toy", f"a {token} toy"]
+    sampled = [c for c in calls if c.shape[0] == 1]  # stage I's samples are batched apart
+    real, _, cls, inst = sampled[-4:]  # the last model's last level: 4 inputs
+    assert torch.equal(real, inst) and not torch.equal(real, cls)
+    assert "class prompt 'a <class>'" in (out / "table.md").read_text()
+    # the positive control ran for every SR model (tiny random weights: whatever it says is about noise)
+    controls = json.loads((out / "results.json").read_text())["controls"]
+    assert [c["model"] for c in controls] == ["base", "low (aug 0..0)", "high (aug 0..250)"]
+    # tiny is an epsilon model: at t = 999 (alpha_bar 2e-9) its x0 is no read, so 300 and 500 only
+    assert all(c["levels"] == [0, 250] and c["level_effect"] is not None and set(c["shares"]) == {"300", "500"}
+               for c in controls)
+    assert "## Positive control" in (out / "table.md").read_text()
     printed = capsys.readouterr().out
     assert "describes noise" in printed and "mean nothing" in printed
     for name, rng in (("low", [0, 0]), ("high", [0, 250])):
@@ -30,10 +61,10 @@ def test_study_sr_train_end_to_end(tmp_path, make_cfg, write_subject, capsys):
     rows = list(csv.DictReader(open(out / "results.csv")))
     models = list(dict.fromkeys(r["model"] for r in rows))
     assert models == ["bilinear upsampling (no model)", "base", "low (aug 0..0)", "high (aug 0..250)"]
-    assert len(rows) == 2 + 3 * 2 * 2  # bilinear + 3 models x 2 levels x (1 real + 1 stage I) inputs
+    assert len(rows) == 4 + 3 * 2 * 4  # bilinear + 3 models x 2 levels x (real, stage I, class under 2 prompts)
     real = [r for r in rows if r["input"] == "real"]
     assert all(r["psnr"] and r["ssim"] and r["hf_ratio"] for r in real)
-    assert all(r["psnr"] == "" and r["hf_ratio"] for r in rows if r["input"] == "stage1")
+    assert all(r["psnr"] == "" and r["hf_ratio"] for r in rows if r["input"] in ("stage1", "class"))
     assert {r["train_aug"] for r in rows} == {"none", "pretrained", "0:0", "0:250"} and {r["seed"] for r in rows} == {"0"}
     assert all(r["view"] == "training" and r["heldout"] == "False" for r in real)  # one photo: nothing held out
     # fine-tuning changed the SR model: same input, seed and level, different output
@@ -150,3 +181,4 @@ def test_presets_size_the_study_grid_and_bad_settings_name_their_key(capsys):
             load_config("tiny", [f"{key}={bad}"])
     code = main(["study-sr", "--subject", "nowhere", "--class-noun", "toy", "--train", "--variant", "x=5:1"])
     assert code == 2 and "--variant" in capsys.readouterr().err
+

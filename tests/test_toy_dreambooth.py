@@ -48,7 +48,7 @@ def test_toy_study_measures_the_three_claims_with_study_sr(tmp_path, one_thread)
     rows = list(csv.DictReader(open(out / "results.csv")))
     claims = {r["claim"] for r in rows}
     assert claims == {"a fidelity", "b drift", "c SR (held-out views)", "c SR (training views)",
-                      "c SR (stage I samples)", "c SR (other toys)"}
+                      "c SR (stage I samples)", "c SR (other toys, class prompt)", "c SR (other toys, instance prompt)"}
     sr = [r for r in rows if r["claim"].startswith("c SR")]
     assert {r["model"] for r in sr} == {"bilinear upsampling (no model)", "base", "low (aug 0..0)",
                                         "high (aug 250..250, prior)"}

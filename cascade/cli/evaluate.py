@@ -3,7 +3,7 @@ argument parsing and the calls into cascade.evaluation.dreambench / cascade.eval
 from __future__ import annotations
 
 from cascade.cli import flags
-from cascade.config import ConfigError, load_config
+from cascade.config import ConfigError, given_keys, load_config
 from cascade.evaluation.metrics import DEFAULT_CLIP, DEFAULT_DINO
 
 
@@ -93,11 +93,7 @@ def cmd_study_sr(args):
 
     cfg = load_config(args.config, args.overrides)
     st = cfg.study
-    steps = args.max_steps or st.max_steps
-    if steps:
-        cfg.stage2.train.max_steps = steps
-    if st.sample_steps:
-        cfg.stage2.sample.steps = st.sample_steps
+    settings = study_grid.steps(cfg, given_keys(args.config, args.overrides), {"--max-steps": args.max_steps})
     sr = []
     for item in args.sr:
         label, sep, path = item.partition("=")
@@ -113,7 +109,7 @@ def cmd_study_sr(args):
     req = StudyRequest(cfg, args.subject, args.class_noun, args.identifier, args.base, sr, variants, levels,
                        args.stage1, pick(args.num_stage1, st.num_stage1), pick(args.max_images, st.max_images),
                        seeds[0], args.dino, args.lpips_net, args.output, args.overwrite, seeds=seeds,
-                       holdout=args.holdout, class_stage1=pick(args.class_images, st.class_images))
+                       holdout=args.holdout, class_stage1=pick(args.class_images, st.class_images), settings=settings)
     if (args.base or cfg.models.stage2) == "toy":  # the toy world: its exact readers see the SR detail
         from cascade.toy.measure import study_extras
 

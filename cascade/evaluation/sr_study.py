@@ -23,7 +23,7 @@ import torch
 
 from cascade import identifier as ident
 from cascade import model_sources, models, resolutions, runner
-from cascade.evaluation import metrics, sr_study_report
+from cascade.evaluation import metrics, sr_control, sr_study_report
 from cascade.runs import folders
 from cascade.config import Config
 from cascade.evaluation.image_metrics import Lpips, hf_energy, hf_ratio, hp_correlation, psnr, ssim
@@ -32,6 +32,8 @@ from stages import components, data, noise_aug, sampling
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
+INSTANCE_VIEW = sr_study_report.INSTANCE_VIEW  # other objects upsampled under the instance prompt
+CONTROL_IMAGES = 8  # photos the positive control reads per model and seed
 
 
 @dataclass
@@ -63,6 +65,7 @@ class StudyRequest:
     # {name: fn(output, truth) -> float} on inputs with ground truth (toy: freckle position F1)
     truth_readers: dict = field(default_factory=dict)
     class_dir: str | None = None  # class pairs for prior-preservation variants (made by the frozen cascade)
+    settings: list = field(default_factory=list)  # which step settings applied and why (study_grid.steps), logged
 
 
 def _identifier(req: StudyRequest, sr_paths: list[str], stage1_path: str, text_source: str) -> str:
@@ -146,32 +149,38 @@ def _hms(s: float) -> str:
 
 @torch.no_grad()
 def _upsample_all(path: str, cfg: Config, lowres: torch.Tensor, embeds, negative, levels: list[int],
-                  seed: int, progress: Progress | None = None) -> dict[int, torch.Tensor]:
-    """level -> SR outputs for every input; one model resident for the whole sweep; image i always
-    uses seed + i, whatever the model or level."""
+                  seed: int, noise_ids: list[int], progress: Progress | None = None,
+                  control=None) -> tuple[dict[int, torch.Tensor], dict | None]:
+    """(level -> SR outputs for every input (`embeds` [N, L, D]: each input's prompt), the positive
+    control's condition read on `control` = (photos, their embeds, low-res size), or None); one model
+    resident for the whole sweep; image i always uses seed + noise_ids[i], whatever the model or level
+    (an input upsampled under two prompts keeps its sampling noise)."""
     s = cfg.stage2.sample
-    out = {}
+    out, read = {}, None
     with runner.resident(path, cfg, ("scheduler", "image_noising_scheduler")) as (unet, sched, noising):
+        if control is not None:
+            read = sr_control.condition_read(unet, sched, noising, control[1], control[0], control[2], seed=seed)
         for level in levels:
             parts = []
             for start in range(0, lowres.shape[0], s.batch_size):
                 sl = slice(start, min(lowres.shape[0], start + s.batch_size))
-                gens = [torch.Generator().manual_seed(seed + i) for i in range(sl.start, sl.stop)]
-                parts.append(sampling.sample(unet, sched, embeds.expand(sl.stop - sl.start, -1, -1), negative,
+                gens = [torch.Generator().manual_seed(seed + noise_ids[i]) for i in range(sl.start, sl.stop)]
+                parts.append(sampling.sample(unet, sched, embeds[sl], negative,
                                              s.steps, s.guidance_scale, gens, resolution=unet.config.sample_size,
                                              lowres=lowres[sl], noise_level=level, noising_scheduler=noising).cpu())
                 if progress:
                     progress.done("image", sl.stop - sl.start)
             out[level] = torch.cat(parts)
-    return out
+    return out, read
 
 
-def _measure(images: torch.Tensor, kinds: list[str], views: list[str], truth: list, truth_hf: list[float], mean_hf,
-             dino, real_dino, lpips: Lpips, readers: dict, truth_readers: dict) -> list[dict]:
+def _measure(images: torch.Tensor, kinds: list[str], views: list[str], prompts: list[str], truth: list,
+             truth_hf: list[float], mean_hf, dino, real_dino, lpips: Lpips, readers: dict, truth_readers: dict) -> list[dict]:
     rows = []
     d = metrics.mean_cosine(dino.embed(data.to_pil(images)), real_dino).tolist() if dino else [None] * len(kinds)
     for i, (kind, view) in enumerate(zip(kinds, views)):
-        row = {"input": kind, "view": view, "heldout": view.startswith("held-out"), "image": i, "dino": d[i],
+        row = {"input": kind, "view": view, "heldout": view.startswith("held-out"), "image": i, "prompt": prompts[i],
+               "dino": d[i],
                **{name: float(fn(images[i])) for name, fn in readers.items()}}
         if truth[i] is not None:
             gt = truth[i]
@@ -183,6 +192,15 @@ def _measure(images: torch.Tensor, kinds: list[str], views: list[str], truth: li
             row.update(psnr=None, ssim=None, hp_corr=None, hf_ratio=hf_ratio(images[i], mean_hf), lpips=None)
         rows.append(row)
     return rows
+
+
+def _control_row(seed: int, model: str, read: dict | None, outputs: dict, levels: list[int], n: int) -> dict:
+    """The positive control of one model and seed: condition read and sampling-level effect, verdict."""
+    lo, hi = min(levels), max(levels)
+    effect = sr_control.level_effect(outputs[lo][:n], outputs[hi][:n]) if hi > lo else None
+    r = read["read"] if read else None
+    return {"seed": seed, "model": model, "read": r, "shares": read["shares"] if read else None,
+            "level_effect": effect, "levels": [lo, hi], "verdict": sr_control.verdict(r, effect)}
 
 
 def split_holdout(n: int, holdout: int | None, training: bool) -> tuple[list[int], list[int]]:
@@ -250,6 +268,8 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     out = folders.prepare_output(req.output, f"study-sr-{req.class_noun}", overwrite=req.overwrite,
                                  identity={"command": "study-sr"}, protected=inputs)
     folders.start_logging(out, cfg)
+    for line in req.settings:
+        log.info("study-sr setting: %s", line)
     subject = _write_training_photos(photos, train_idx, out / "training-photos") if held_idx else req.subject
 
     truth = data.stack(photos, high)
@@ -277,6 +297,16 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     kinds += ["stage1"] * n_s1 + ["class"] * n_cls
     views += ["stage I sample"] * n_s1 + ["class (base stage I 'a <class>')"] * n_cls
     gts += [None] * (n_s1 + n_cls)
+    # drift is read under the class prompt; the same other objects again under the instance prompt,
+    # labelled apart (the SR told "this is the subject": not class-prompt drift)
+    prompts = [class_prompt if k == "class" else prompt for k in kinds]
+    again = [i for i, k in enumerate(kinds) if k == "class"]
+    noise_ids = list(range(len(kinds))) + again
+    kinds += ["class"] * len(again)
+    views += [INSTANCE_VIEW + views[i][len("class"):] for i in again]
+    gts += [None] * len(again)
+    prompts += [prompt] * len(again)
+    input_embeds = torch.cat([embeds[p] for p in prompts])
     truth_hf = [hf_energy(x) if x is not None else None for x in gts]  # once, not per model and level
     mean_hf = sum(truth_hf[:len(photos)]) / len(photos)
     real_dino = dino.embed(photos) if dino else None
@@ -284,7 +314,10 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
     progress = Progress(len(seeds) * len(req.variants), len(seeds) * n_models * len(req.levels) * len(kinds),
                         train_weight=max(1.0, cfg.stage2.train.max_steps * cfg.stage2.train.batch_size
                                          / max(1, cfg.stage2.sample.steps * 2)))
-    rows, shown = [], {}
+    rows, shown, controls = [], {}, []
+    # the positive control reads the subject's photos (and fresh views), at most CONTROL_IMAGES of them
+    n_photos = min(CONTROL_IMAGES, len(truth))
+    control = (truth[:n_photos], input_embeds[:n_photos], low)
     info_models = {"base": base, **dict(given)}
     for seed in seeds:
         inputs = list(fixed)
@@ -295,6 +328,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
             inputs.append(runner.run_stage1(paths.stage1, cfg, embeds[class_prompt].expand(n_cls, -1, -1), embeds[""],
                                             [seed * 100_000 + 20_000 + i for i in range(n_cls)]))
         lowres = torch.cat(inputs)
+        lowres = torch.cat([lowres, lowres[again]])
         progress.skip()
         trained = _train_variants(req, base, token, subject, out, seed, progress) if req.variants else []
         folders.start_logging(out, cfg)  # training runs log into their own folders; back to the study's log
@@ -302,7 +336,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
                     [(label, p, {"train_aug": "given", "prior": False}) for label, p in given] + trained
         info_models.update({label: p for label, p, _ in trained})
         reference = noise_aug.upsample(lowres, high).clamp(-1, 1)  # plain bilinear upsampling, no model
-        for r in _measure(reference, kinds, views, gts, truth_hf, mean_hf, dino, real_dino, lpips, req.readers,
+        for r in _measure(reference, kinds, views, prompts, gts, truth_hf, mean_hf, dino, real_dino, lpips, req.readers,
                           req.truth_readers):
             rows.append({"seed": seed, "model": "bilinear upsampling (no model)", "train_aug": "none", "prior": False,
                          "noise_level": None, **r})
@@ -310,10 +344,11 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
         for label, path, meta in sr_models:
             log.info("seed %d, SR model %s (%s): %d inputs x noise levels %s", seed, label, path, lowres.shape[0],
                      req.levels)
-            outputs[label] = _upsample_all(path, cfg, lowres, embeds[prompt], embeds[""], req.levels,
-                                           seed * 100_000, progress)
+            outputs[label], read = _upsample_all(path, cfg, lowres, input_embeds, embeds[""], req.levels,
+                                                 seed * 100_000, noise_ids, progress, control)
+            controls.append(_control_row(seed, label, read, outputs[label], req.levels, n_photos))
             for level in req.levels:
-                for r in _measure(outputs[label][level], kinds, views, gts, truth_hf, mean_hf, dino, real_dino, lpips,
+                for r in _measure(outputs[label][level], kinds, views, prompts, gts, truth_hf, mean_hf, dino, real_dino, lpips,
                                   req.readers, req.truth_readers):
                     rows.append({"seed": seed, "model": label, **meta, "noise_level": level, **r})
         if not shown:  # grids of the first seed
@@ -327,7 +362,7 @@ def run_study(req: StudyRequest) -> tuple[Path, list[dict]]:
                                       for p in [base, paths.text_encoder] + ([s1] if s1 != "none" else [])),
                 "dino": dino_line, "dino_random": bool(dino and dino.random), "lpips": lpips.reason or "lpips package",
                 "readers": list(req.readers), "truth_readers": list(req.truth_readers),
-                "variants": [list(v) for v in req.variants]}
+                "variants": [list(v) for v in req.variants], "settings": list(req.settings), "controls": controls}
         # after every seed, so a cut-off sweep keeps what it measured
         sr_study_report.write(out, rows, info, shown["lowres"], gts, kinds, views, shown["outputs"], shown["reference"])
     return out, rows

@@ -9,11 +9,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-import statistics
 from pathlib import Path
 
 import torch
 
+from cascade.evaluation import paired, sr_control
 from stages import data
 
 METRICS = {"real": ("psnr", "ssim", "hp_corr", "lpips", "hf_ratio", "dino"), "stage1": ("hf_ratio", "dino"),
@@ -21,12 +21,15 @@ METRICS = {"real": ("psnr", "ssim", "hp_corr", "lpips", "hf_ratio", "dino"), "st
 NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "hp_corr": "high-pass corr.", "lpips": "LPIPS", "hf_ratio": "HF ratio",
          "dino": "DINO", "freckle_f1": "freckle F1", "freckles": "freckles drawn"}
 TILE = 128
-T95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+INSTANCE_VIEW = "instance prompt"  # views of other objects upsampled under "a [V] <class>"
 SECTIONS = (("held-out", "Held-out views: subject photos never trained on, and fresh views (ground truth exists)"),
             ("training", "Training views: the photos the variants fine-tuned on (reconstruction, not generalisation)"),
             ("subject photo", "Subject photos (training use of the given models unknown)"),
             ("stage I sample", "Stage I samples of 'a [V] <class>' (no ground truth; HF ratio vs the photos' mean)"),
-            ("class", "Other objects (drift: the subject's detail where there is no subject)"))
+            ("class", "Other objects, upsampled with the class prompt 'a <class>' (drift: the subject's detail "
+                      "where there is no subject)"),
+            (INSTANCE_VIEW, "The same other objects, upsampled with the instance prompt 'a [V] <class>' (what the "
+                            "SR draws when told the input is the subject; not class-prompt drift)"))
 
 
 def _mean(values):
@@ -88,9 +91,7 @@ def over_seeds(seeds: list[dict], readers=(), truth_readers=()) -> list[dict]:
         for m in metrics_of(sel[0]["input"], readers, truth_readers):
             vals = [s[m] for s in sel if s[m] is not None]
             a[m] = _mean(vals)
-            sd = statistics.stdev(vals) if len(vals) > 1 else None
-            a[m + "_std"] = sd
-            a[m + "_ci95"] = T95.get(len(vals), 1.96) * sd / math.sqrt(len(vals)) if sd is not None else None
+            _, a[m + "_std"], a[m + "_ci95"] = paired.interval(vals) if vals else (None, None, None)
         out.append(a)
     return out
 
@@ -118,16 +119,69 @@ def _fmt(v, sd=None) -> str:
     return s + (f" ± {sd:.3f}" if sd is not None else "")
 
 
-def markdown(agg: list[dict], info: dict, found: list[str]) -> str:
+def paired_rows(seeds: list[dict], readers=(), truth_readers=(), reference: str | None = None) -> list[dict]:
+    """Per-seed differences of every SR model against the reference model (paired.differences)."""
+    return paired.differences(seeds, lambda kind: metrics_of(kind, readers, truth_readers), reference)
+
+
+def paired_markdown(pairs: list[dict], info: dict) -> list[str]:
+    """One table per view section: 'A - B', the level, the seeds, then per metric the mean difference
+    over seeds and its 95% paired t interval."""
+    lines, verdicts = [], sr_control.summary(info.get("controls", []))
+    for sec, title in SECTIONS:
+        sel = [p for p in pairs if p["view"] == sec]
+        if not sel:
+            continue
+        ms = [m for m in metrics_of(sel[0]["input"], info["readers"], info.get("truth_readers", ()))
+              if any(p.get(m) is not None for p in sel)]
+        lines += ["", f"### Paired: {sec} views", "",
+                  "| A - B | noise_level | seeds | " + " | ".join(NAMES.get(m, m) for m in ms) + " |",
+                  "|---|---|---|" + "---|" * len(ms)]
+        lines += [f"| {_label(p['a'], verdicts)} - {_label(p['b'], verdicts)} | {p['noise_level']} | {len(p['seeds'])} | "
+                  + " | ".join(paired.cell(p, m) for m in ms) + " |" for p in sel]
+    if lines:
+        lines = ["", "## Paired differences (same seed, same inputs, same sampling noise)", "",
+                 "Per seed A - B, then the mean over seeds [95% paired t interval, Student t with seeds - 1 "
+                 "degrees of freedom]; an interval that excludes 0 is a difference the seeds agree on."] + lines
+    return lines
+
+
+def control_markdown(controls: list[dict]) -> list[str]:
+    """The positive control per SR model and seed (sr_control): can the model show a noise effect?"""
+    if not controls:
+        return []
+    lines = ["", "## Positive control: can each SR model show a noise effect?", "",
+             f"Condition read: faint marks (one low-res pixel {sr_control.MARK:+.1f}) added to the level-0 condition of "
+             "the subject's photos; the share of the condition's change at the marks that reaches the model's x0 "
+             f"estimate (1 = copies it, 0 = blind to it; bar {sr_control.READ_BAR}), largest over t = "
+             f"{', '.join(map(str, sr_control.TIMESTEPS))}. Level effect: 1 - high-pass correlation of the same "
+             f"photos upsampled at the lowest and highest sampling level (bar {sr_control.LEVEL_BAR}). A model "
+             f"below both bars is labelled '{sr_control.CANNOT}' in every table: its rows cannot show the "
+             "effect, so they are not evidence of no effect.", "",
+             "| model | seed | condition read (t: share) | level effect (levels) | verdict |", "|---|---|---|---|---|"]
+    for c in controls:
+        shares = ", ".join(f"{t}: {v:+.3f}" for t, v in (c["shares"] or {}).items()) or "-"
+        eff = "-" if c["level_effect"] is None else f"{c['level_effect']:.3f} ({c['levels'][0]} vs {c['levels'][1]})"
+        lines.append(f"| {c['model']} | {c['seed']} | {shares} | {eff} | {c['verdict']} |")
+    return lines
+
+
+def _label(model: str, verdicts: dict) -> str:
+    return f"{model} ({sr_control.CANNOT})" if verdicts.get(model) == sr_control.CANNOT else model
+
+
+def markdown(agg: list[dict], info: dict, found: list[str], pairs: list[dict] = ()) -> str:
     lines = ["# Super-resolution study", "",
              f"- subject: {info['subject']} (prompt '{info['prompt']}'), SR {info['resolutions'][0]} -> "
              f"{info['resolutions'][1]} px; seeds {info['seeds']} (values: mean ± std over seeds)",
              f"- training photos {info['training_photos']}, held-out photos {info['heldout_photos']}, "
              f"fresh held-out views {info['fresh_views']}", f"- {info['dino']}", f"- LPIPS: {info['lpips']}"]
+    lines += [f"- {s}" for s in info.get("settings", ())]
     if info["random_weights"]:
         lines.append("- **The cascade weights are tiny and random: every number below describes noise.**")
     if info["dino_random"]:
         lines.append("- The DINO model is random: its similarities mean nothing.")
+    verdicts = sr_control.summary(info.get("controls", []))
     for sec, title in SECTIONS:
         sel = [a for a in agg if a["view"] == sec]
         if not sel:
@@ -138,8 +192,10 @@ def markdown(agg: list[dict], info: dict, found: list[str]) -> str:
         for a in sel:
             cells = [("unavailable" if m in ("lpips", "dino") and a[m] is None else _fmt(a[m], a[m + "_std"]))
                      for m in ms]
-            lines.append(f"| {a['model']} | {a['train_aug']} | {_fmt(a['noise_level'])} | {a['n']} | "
+            lines.append(f"| {_label(a['model'], verdicts)} | {a['train_aug']} | {_fmt(a['noise_level'])} | {a['n']} | "
                          + " | ".join(cells) + " |")
+    lines += control_markdown(info.get("controls", []))
+    lines += paired_markdown(list(pairs), info)
     lines += ["", "## What the sweep found", ""] + [f"- {f}" for f in found]
     lines += ["", "HF ratio: high-frequency spectrum energy (above 0.25 x Nyquist) of the output over the "
               "reference's; below 1 = blurred, near 1 with low PSNR = detail that is not the subject's. "
@@ -214,7 +270,7 @@ def write(out: Path, rows: list[dict], info: dict, lowres, truth: list, kinds, v
     rd, trd = info["readers"], info.get("truth_readers", [])
     agg = aggregate(rows, rd, trd)
     found = findings(agg)
-    fields = ["seed", "input", "view", "heldout", "image", "model", "train_aug", "prior", "noise_level", "psnr", "ssim",
+    fields = ["seed", "input", "view", "heldout", "image", "prompt", "model", "train_aug", "prior", "noise_level", "psnr", "ssim",
               "hp_corr", "lpips", "hf_ratio", "dino", *trd, *rd]
     tmp = out / "results.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -222,9 +278,11 @@ def write(out: Path, rows: list[dict], info: dict, lowres, truth: list, kinds, v
         w.writeheader()
         w.writerows(rows)
     tmp.replace(out / "results.csv")
-    _atomic_text(out / "results.json", json.dumps({**info, "per_seed": per_seed(rows, rd, trd), "means": agg,
+    seeds = per_seed(rows, rd, trd)
+    pairs = paired_rows(seeds, rd, trd)
+    _atomic_text(out / "results.json", json.dumps({**info, "per_seed": seeds, "means": agg, "paired": pairs,
                                                    "findings": found}, indent=1))
-    _atomic_text(out / "table.md", markdown(agg, info, found))
+    _atomic_text(out / "table.md", markdown(agg, info, found, pairs))
     for kind, sec in (("real", "held-out" if "held-out" in map(section, views) else None), ("stage1", "stage I sample"),
                       ("class", "class")):
         if kind not in kinds:

@@ -182,8 +182,7 @@ def condition_sensitivity(unet, scheduler, noising, embed, n: int, timesteps=(30
     the mean change of the predicted x0 over each speck's 3 x 3 pixels (negative = darker with the specks;
     the true dot is about -1.2 at its pixel), and under "condition" the same change of the condition itself,
     which a model that copied its condition would show."""
-    from stages.losses import DiffusionMath
-    from stages.noise_aug import model_input, noised_condition
+    from cascade.evaluation.sr_control import x0_shift
 
     toys, hi = world.dataset(n, 2_000_000, specks=1.0)  # not the pretraining pool (seed 1)
     clean = world.to_tensor([world.render(dataclasses.replace(t, specks=())) for t in toys])
@@ -191,28 +190,8 @@ def condition_sensitivity(unet, scheduler, noising, embed, n: int, timesteps=(30
     emb = embed(prompts)
     embeds = torch.cat([emb[p] for p in prompts])
     cells = torch.stack([_speck_cells(t) for t in toys])
-    level = torch.zeros(n, dtype=torch.long)
-    cond = [noised_condition(world.to_lowres(x), world.HI, level, noising, generator=torch.Generator().manual_seed(seed))
-            for x in (hi, clean)]
-    math_ = DiffusionMath(scheduler.alphas_cumprod)
-
-    def at_specks(d):  # [n, 3, 64, 64] -> mean over channels and the speck cells
-        return float(d.mean(1)[cells].mean())
-
-    out = {"condition": at_specks(cond[0] - cond[1])}
-    gen = torch.Generator().manual_seed(seed + 1)
-    for t in timesteps:
-        tt = torch.full((n,), int(t))
-        noise = torch.randn(clean.shape, generator=gen)
-        xt = math_.q_sample(clean, noise, tt)
-        x0 = []
-        for c in cond:
-            pred = unet(model_input(xt, c), tt, encoder_hidden_states=embeds, class_labels=level,
-                        return_dict=False)[0][:, :3].float()
-            eps = math_.eps_from_v(xt, pred, tt) if scheduler.config.prediction_type == "v_prediction" else pred
-            x0.append(math_.predict_x0(xt, eps, tt))
-        out[int(t)] = at_specks(x0[0] - x0[1])
-    return out
+    return x0_shift(unet, scheduler, noising, embeds, clean, world.to_lowres(hi), world.to_lowres(clean), cells,
+                    timesteps, seed)
 
 
 @torch.no_grad()

@@ -111,10 +111,10 @@ def run_study(root: Path, sc: StudyConfig, cache_dir: str, log=print) -> list[di
     s2 = [*common, f"stage2.train.max_steps={sc.stage2_steps}", f"stage2.sample.steps={sc.sr_steps}",
           f"stage2.train.num_class_images={4}"]
     names = {"held-out": "held-out views", "training": "training views", "stage I sample": "stage I samples",
-             "class": "other toys"}
+             "class": "other toys, class prompt", "instance prompt": "other toys, instance prompt"}
     metrics = {"held-out": ("freckle_f1", "hp_corr", "psnr", "ssim", "hf_ratio", "stripes", "emblem"),
                "training": ("freckle_f1", "hp_corr", "psnr"), "stage I sample": ("freckles", "stripes", "emblem"),
-               "class": ("freckles", "stripes", "emblem")}
+               "class": ("freckles", "stripes", "emblem"), "instance prompt": ("freckles", "stripes", "emblem")}
     for a in _sr_study(sc, s2, subject, first_token, paths.stage2, first_prior, root / "study-sr"):
         for metric in metrics[a["view"]]:
             if a.get(metric) is not None:

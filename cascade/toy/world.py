@@ -39,6 +39,10 @@ EMBLEM_COLOUR, EMBLEM_FRACTION = (15, 15, 15), 0.16  # emblem radius as a fracti
 FRECKLE_COLOUR, FRECKLE_RADIUS = (20, 20, 20), 0.5  # 64 px units: a ~1 px dark dot
 FRECKLES = 6  # per subject photo
 FRECKLE_GAP = 8.0  # minimum distance between dots (2 px at 16 px, so their dips stay apart)
+# The subject's own mark (issue 28): an "F" of three bars, (x0, y0, x1, y1) around its centre in 64 px
+# units; asymmetric (no rotation or mirror maps it onto itself), fixed appearance, placed anew per photo
+GLYPH = ((-2.0, -3.0, -0.5, 3.0), (-0.5, -3.0, 2.5, -1.5), (-0.5, -0.5, 1.5, 1.0))
+GLYPH_SHADE = 0.88  # the glyph's colour: the toy's colour x this, unstriped (at 16 px a dip of ~0.06)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class Toy:
     emblem: bool = False
     freckles: tuple = ()  # ((x, y), ...) dark dots on the toy, 64 px units (the subject only)
     specks: tuple = ()  # ((x, y), ...) the same dots on the background (stage II pretraining pool)
+    glyph: tuple = ()  # ((x, y), ...) centres of the subject's own mark (GLYPH), 64 px units (cascade/toy/glyph.py)
 
     @property
     def attributes(self) -> tuple[str, str, str]:
@@ -117,6 +122,10 @@ def _surface(toy: Toy, n: int) -> Image.Image:
         r = EMBLEM_FRACTION * toy.size * k
         d.ellipse([ex * k - r, ey * k - r, ex * k + r, ey * k + r], fill=EMBLEM_COLOUR)
     _dots(d, toy.freckles, k)
+    for gx, gy in toy.glyph:
+        for x0, y0, x1, y1 in GLYPH:
+            d.rectangle([(gx + x0) * k, (gy + y0) * k, (gx + x1) * k - 1, (gy + y1) * k - 1],
+                        fill=_shade(base, GLYPH_SHADE))
     return img
 
 

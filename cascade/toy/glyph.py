@@ -1,0 +1,129 @@
+"""The subject's own fine mark (issue 28, gate 1): a small asymmetric glyph, `world.GLYPH` (an "F" about
+4.5 x 6 px at 64 px), whose appearance belongs to the subject and whose placement changes per photo,
+so only the low-res view can say where it is, and only while the condition is not too noisy.
+
+- `place(rng, toy)`: a glyph centre inside the toy (integer 64 px position, clear of the edge and
+  the emblem).
+- `subject_views(n, seed)`: n views of the subject (new poses) carrying the glyph instead of freckles.
+- `oracle(toys, level, noising)`: the best placement any SR model could make from its condition. It
+  knows everything but the glyph's position: the toy without the glyph and the glyph's exact low-res
+  footprint at every candidate position. It takes the condition as stage II sees it (16 px upsampled
+  to 64 px, noised by IF's image_noising_scheduler at `level`), projects it back onto the 16 px grid
+  (4 x 4 means: the condition's detail lives there) and picks the candidate whose footprint best
+  matches the residual. Hit = within freckles.MATCH_RADIUS px of the true centre; per toy 1 or 0.
+- `chance(toys)`: the hit rate of a candidate picked at random (the floor).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+
+import torch
+import torch.nn.functional as F
+
+from cascade.toy import world
+from cascade.toy.freckles import MATCH_RADIUS
+
+MARGIN = 5.0  # 64 px units from the toy's edge (the glyph reaches 3 px from its centre)
+
+
+@functools.lru_cache(maxsize=256)
+def _allowed(toy: world.Toy) -> torch.Tensor:
+    """[64, 64] bool over integer centres: where the glyph may sit on `toy` (cached: toys are frozen)."""
+    cov = torch.from_numpy(world.coverage(toy.shape, toy.cx, toy.cy, toy.size, world.HI * 2))
+    k = int(MARGIN * 2) * 2 + 1
+    inside = (-F.max_pool2d(-cov[None, None], k, 1, k // 2)[0, 0] > 0.99)[::2, ::2]  # at integer positions
+    ex, ey = world.shape_centroid(toy.shape, toy.cx, toy.cy, toy.size)
+    yy, xx = torch.meshgrid(torch.arange(world.HI).float(), torch.arange(world.HI).float(), indexing="ij")
+    clear = (xx - ex) ** 2 + (yy - ey) ** 2 > (world.EMBLEM_FRACTION * toy.size + MARGIN) ** 2 if toy.emblem else True
+    border = (xx >= 8) & (xx < world.HI - 8) & (yy >= 8) & (yy < world.HI - 8)  # its footprint stays on the canvas
+    return inside & clear & border
+
+
+def place(rng: random.Random, toy: world.Toy) -> tuple[float, float]:
+    ys, xs = torch.nonzero(_allowed(toy), as_tuple=True)
+    i = rng.randrange(len(xs))
+    return float(xs[i]), float(ys[i])
+
+
+def subject_views(n: int, seed) -> list[world.Toy]:
+    """n views of the subject in new poses, each with the glyph placed anew (no freckles)."""
+    rng = random.Random(f"glyph-subject-{seed}")
+    out = []
+    for i in range(n):
+        size = rng.uniform(32.0, 40.0)
+        m = size / 2 + 3
+        t = world.Toy(**world.SUBJECT, cx=rng.uniform(m, world.HI - m), cy=rng.uniform(m, world.HI - m), size=size,
+                      emblem=True)
+        out.append(dataclasses.replace(t, glyph=(place(rng, t),)))
+    return out
+
+
+def _project(x: torch.Tensor) -> torch.Tensor:
+    """A 64 px condition back onto the 16 px grid (linear: no clamping)."""
+    return F.avg_pool2d(x, world.HI // world.LO)
+
+
+def _lowres_condition(images: torch.Tensor) -> torch.Tensor:
+    from stages.noise_aug import upsample
+
+    return _project(upsample(world.to_lowres(images), world.HI))
+
+
+def footprints() -> dict:
+    """(x % 4, y % 4) -> the glyph's footprint [3, 16, 16] in the projected condition with its centre at
+    (32 + x % 4, 32 + y % 4), on the subject's own (striped) surface; other positions are whole
+    low-res pixel shifts of these (the stripes repeat every 4 px)."""
+    plain = world.Toy(**world.SUBJECT, cx=32.0, cy=32.0, size=64.0)
+    base = _lowres_condition(world.to_tensor([world.render(plain)]))[0]
+    out = {}
+    for px in range(4):
+        for py in range(4):
+            marked = dataclasses.replace(plain, glyph=((32.0 + px, 32.0 + py),))
+            out[(px, py)] = _lowres_condition(world.to_tensor([world.render(marked)]))[0] - base
+    return out
+
+
+def _scores(resid: torch.Tensor, feet: dict) -> torch.Tensor:
+    """[64, 64]: the matched filter's response for a glyph centred at each integer position: the
+    residual [3, 16, 16] correlated with the footprint of that position's phase, at its low-res shift
+    (a glyph at x = 32 + p + 4 s has the phase-p footprint moved by s low-res pixels)."""
+    out = torch.empty(world.HI, world.HI)
+    for (px, py), f in feet.items():
+        k = f[:, 5:12, 5:12]  # 7 x 7 low-res pixels around the centre pixel 8 hold the footprint
+        c = F.conv2d(resid[None], k[None], padding=3)[0, 0] / k.norm()
+        out[py::4, px::4] = c
+    return out
+
+
+@torch.no_grad()
+def oracle(toys: list[world.Toy], level: int, noising, seed: int = 0, feet: dict | None = None) -> list[float]:
+    """Per toy, 1.0 if the oracle (module doc) places the glyph within MATCH_RADIUS at noise `level`."""
+    from stages.noise_aug import noised_condition
+
+    feet = feet or footprints()
+    hi = world.to_tensor([world.render(t) for t in toys])
+    clean = world.to_tensor([world.render(dataclasses.replace(t, glyph=())) for t in toys])
+    gen = torch.Generator().manual_seed(seed)
+    lv = torch.full((len(toys),), level)
+    cond = _project(noised_condition(world.to_lowres(hi), world.HI, lv, noising, generator=gen))
+    scale = noising.alphas_cumprod[level].sqrt()  # add_noise scales the image as well
+    resid = cond - scale * _lowres_condition(clean)
+    out = []
+    for r, t in zip(resid, toys):
+        s = _scores(r, feet).masked_fill(~_allowed(t), -float("inf"))
+        by, bx = divmod(int(s.flatten().argmax()), world.HI)
+        gx, gy = t.glyph[0]
+        out.append(float((bx - gx) ** 2 + (by - gy) ** 2 <= MATCH_RADIUS ** 2))
+    return out
+
+
+def chance(toys: list[world.Toy]) -> list[float]:
+    """Per toy, the probability that a uniformly random allowed centre lands within MATCH_RADIUS."""
+    out = []
+    for t in toys:
+        ys, xs = torch.nonzero(_allowed(t), as_tuple=True)
+        gx, gy = t.glyph[0]
+        out.append(float((((xs - gx) ** 2 + (ys - gy) ** 2) <= MATCH_RADIUS ** 2).float().mean()))
+    return out
