@@ -15,7 +15,7 @@ from cascade import model_checks, models, resolutions, validation
 from cascade.runs import early_log, folders, markers
 from cascade.config import Config, ConfigError
 from cascade.text import TextEncoder, load_tokenizer
-from stages import best, components, data, engines, setup, stage1, stage2, trainer
+from stages import best, checkpoint, components, data, engines, setup, stage1, stage2, trainer
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,8 @@ def train(req: TrainRequest) -> trainer.TrainResult:
          **folders.model_inputs(paths, "stage1", "stage2", "text_encoder")}))
     folders.start_logging(run_dir, cfg, state.is_main_process)
     early_log.replay_since(log_mark)
+    if req.resume and (latest := checkpoint.latest_checkpoint(run_dir / "checkpoints")) is not None:
+        checkpoint.check_files(latest)  # a crafted checkpoint file is refused before any model loads
     if paths.uses_tiny:
         log.info("weights: tiny random-initialised components (%s); samples will be noise", model_path)
 
