@@ -185,14 +185,14 @@ def check_trainable(name: str, stage: int):
 
 
 def subject_record(subject: str) -> dict:
-    """What an export was trained on, for its cascade.json: the photo folder and a digest of its
-    files (names and sizes), so two exports of one identifier can be told apart."""
+    """What an export was trained on, for its cascade.json: the photo folder's name and a digest of
+    its files (names and sizes), so two exports of one identifier can be told apart."""
     import hashlib
 
     folder = Path(subject)
     files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     digest = hashlib.sha256(repr(files).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return {"subject": str(folder.resolve()), "subject_files": digest}
+    return {"subject": folder.resolve().name, "subject_files": digest}  # no local path: push uploads it
 
 
 _WARNED: set = set()

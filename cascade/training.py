@@ -174,7 +174,8 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     unet = components.load_unet(model_path, components.DTYPES[tc.weights_dtype], cfg.models.variant)
     scheduler = components.load_scheduler(model_path)
     emb = trainer.Embeddings(embeds[prompts["instance"]], embeds[""], embeds[prompts["class"]])
-    meta = {"base": components.describe_source(model_path).base, "identifier": token, "class_noun": req.class_noun,
+    meta = {"base": components.portable_base(components.describe_source(model_path).base, run_dir / "export"),
+            "identifier": token, "class_noun": req.class_noun,
             **model_checks.subject_record(req.subject),  # which photos: sampling warns on a stage I/II mix
             "instance_prompt": prompts["instance"], "config": cfg.name, "resolution": size, "captions": tc.captions}
     if req.stage == 2:

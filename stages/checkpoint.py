@@ -159,6 +159,15 @@ def canonical_safetensors(path: Path):
     os.replace(tmp, path)
 
 
+def record_base_portably(folder: Path, base: str):
+    """diffusers writes the local folder a model was loaded from into its config (`_name_or_path`); an
+    upload would carry that path: the export's configs name the base as cascade.json does."""
+    for f in folder.rglob("*.json"):
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            f.write_text(json.dumps({**data, "_name_or_path": base}, indent=2, sort_keys=True) + "\n")
+
+
 def readable_like_others(folder: Path):
     """safetensors writes through a private temp file (mode 0600); give every exported file the
     mode an ordinary file gets here (0644 under the usual umask 022)."""
@@ -207,6 +216,7 @@ def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None
         scheduler = scheduler.__class__.from_config(scheduler.config, variance_type="fixed_small")
     scheduler.save_pretrained(tmp / "scheduler")
     (tmp / EXPORT_META).write_text(json.dumps({**meta, "kind": kind}, indent=2, default=str))
+    record_base_portably(tmp, str(meta.get("base", "")))
     readable_like_others(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
