@@ -127,3 +127,21 @@ def test_a_second_writer_is_refused_and_stale_locks_are_taken_over(run, write_su
     (out / markers.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
     with pytest.raises(markers.RunLockedError, match="elsewhere.*delete"):
         markers.acquire(out)
+
+
+def test_overwrite_never_deletes_photos_that_link_into_the_output(run, write_subject, tmp_path):
+    """Issue 27 item 6: a subject photo that is a symlink into a folder the run wrote (here export/)
+    is refused, with or without --overwrite; the photo's content stays."""
+    photos, out = write_subject(tmp_path / "photos", 3, 80), tmp_path / "run"
+    code, err = run("--subject", str(photos), "--output", str(out))
+    assert code == 0, err
+    (photos / "02.png").rename(out / "export" / "02.png")
+    (photos / "02.png").symlink_to(out / "export" / "02.png")
+    before = (out / "export" / "02.png").read_bytes()
+    for extra in (["--overwrite"], ["--resume"]):
+        code, err = run("--subject", str(photos), "--output", str(out), *extra)
+        line = error_line(err)
+        assert code == 2 and "02.png" in line and "links to" in line, line
+        assert (photos / "02.png").read_bytes() == before
+    code, err = run("--subject", str(photos), "--output", str(tmp_path / "elsewhere"))
+    assert code == 0, err  # the same photos train into another folder
