@@ -122,7 +122,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     model_checks.check_models(paths, cfg.models.variant, (1, 2) if req.stage == 2 and tc.prior_preservation else
                               (req.stage,))
     components.check_stage(model_path, req.stage, f"models.stage{req.stage} ({model_path})")
-    validation.partner(cfg, paths, req.stage)  # a bad validation.chain_model stops here, before any folder
+    chain = validation.partner(cfg, paths, req.stage)  # a bad validation.chain_model stops here, before any folder
     size, lowres = _sizes(req, paths)
     if req.stage == 2 and tc.random_crop and tc.crop_source_size < size:
         raise ConfigError(f"stage2.train.crop_source_size: must be >= stage II's resolution {size} (random "
@@ -136,7 +136,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
         req.output, f"stage{req.stage}-{req.class_noun}", req.resume, req.overwrite,
         _run_identity(req, token, paths, model_path),
         {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir),
-         **folders.model_inputs(paths, "stage1", "stage2", "text_encoder")}))
+         "validation.chain_model": chain, **folders.model_inputs(paths, "stage1", "stage2", "text_encoder")}))
     folders.start_logging(run_dir, cfg, state.is_main_process)
     early_log.replay_since(log_mark)
     if req.resume and (latest := checkpoint.latest_checkpoint(run_dir / "checkpoints")) is not None:
