@@ -150,7 +150,8 @@ def _create(lock: Path, content: str) -> bool:
     when it exists; never an empty lock that another process could take for a stale one."""
     tmp = lock.with_name(f"{LOCK}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(content)
+        with os.fdopen(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644), "w") as f:
+            f.write(content)
         os.link(tmp, lock)
         return True
     except FileExistsError:
@@ -164,7 +165,10 @@ def _create(lock: Path, content: str) -> bool:
             f.write(content)
         return True
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: the error that matters is the one above
+            pass
 
 
 def _take_over(lock: Path, stale: str) -> bool:
