@@ -32,6 +32,12 @@ def _hub_id(base: str) -> str | None:
     return base if _HUB_ID.match(base) and not Path(base).exists() else None
 
 
+def _base_shown(meta: dict) -> str:
+    """The base model as the card names it: its hub id, or a local folder by its last two parts."""
+    base = str(meta.get("base", "?"))
+    return f"`{base}`" if _hub_id(base) else f"a local folder (`{'/'.join(Path(base).parts[-2:])}`)"
+
+
 def _last_grid(run_dir: Path) -> tuple[int, Path] | None:
     grids = [(int(m.group(1)), p) for p in (run_dir / "samples").glob("step-*.png") if (m := _STEP_GRID.match(p.name))]
     return max(grids) if grids else None
@@ -82,7 +88,7 @@ def body(meta: dict, grid_step: int | None, measures: dict, best: dict | None, r
     stage = meta.get("stage", 1)
     prompt = meta.get("instance_prompt", "")
     lines = [f"# DreamBooth: DeepFloyd IF stage {'I' * stage}, \"{prompt}\"", "",
-             f"Fine-tuned with cascade (DreamBooth for the IF pixel cascade) from `{meta.get('base', '?')}` "
+             f"Fine-tuned with cascade (DreamBooth for the IF pixel cascade) from {_base_shown(meta)} "
              f"({'LoRA adapter' if meta.get('kind') == 'lora' else 'full UNet'}).", "",
              f"- identifier: `{meta.get('identifier', '?')}`, class: `{meta.get('class_noun', '?')}`",
              f"- prompt to use: `{prompt}`, in context: `{prompt} on a beach`",

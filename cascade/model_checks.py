@@ -5,6 +5,9 @@
   appear to have a file named config.json").
 - `models.variant` (e.g. fp16) must exist in a local folder: diffusers and transformers fail with a
   traceback when the variant's weight files are missing.
+- A model folder never runs its own code: a config that asks for it (`auto_map`, `trust_remote_code`,
+  a `tokenizer_class` transformers does not have) is refused in one line, before transformers could
+  offer to run it ("Do you wish to run the custom code? [y/N]") or fail with a traceback.
 """
 from __future__ import annotations
 
@@ -73,9 +76,54 @@ def _probe(repo: str, sub: str, config_name: str) -> str | None:
     return None
 
 
+CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipeline")  # config keys that name Python code to run
+_CONFIGS = ("config.json", "tokenizer_config.json", "model_index.json", "preprocessor_config.json",
+            "processor_config.json", "scheduler_config.json")
+
+
+def _asks_for_code(config: Path) -> str | None:
+    """What in `config` would make transformers/diffusers import code from the model folder, or None."""
+    import json
+
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None  # unreadable configs are reported by the loaders; nothing of them runs
+    if not isinstance(data, dict):
+        return None
+    keys = [k for k in CODE_KEYS if data.get(k)]
+    if keys:
+        return keys[0]
+    cls = data.get("tokenizer_class")
+    if config.name == "tokenizer_config.json" and isinstance(cls, str):
+        import transformers
+
+        if not hasattr(transformers, cls) and not hasattr(transformers, cls + "Fast"):
+            return f"tokenizer_class {cls}"
+    return None
+
+
+def refuse_custom_code(folder: str | Path, setting: str):
+    """Refuse a model folder (its configs and those of its component subfolders) that asks to run
+    its own code: cascade never offers remote code."""
+    root = Path(folder)
+    if not root.is_dir():
+        return
+    for name in _CONFIGS:
+        for config in [root / name, *sorted(root.glob(f"*/{name}"))]:
+            if config.is_file() and (what := _asks_for_code(config)) is not None:
+                raise InputError(f"{setting} ({folder}): {config.relative_to(root)} asks to run the folder's own "
+                                 f"code ({what}); cascade never runs code from a model folder: use a folder "
+                                 f"without custom code")
+
+
 def check_source(name: str, sub: str, setting: str, variant: str | None):
-    """`name` (hub id or folder; exports are checked through their base) can be loaded."""
+    """`name` (hub id or folder; exports are checked through their base) can be loaded and runs no
+    code of its own."""
     src = describe_source(name)
+    for folder in (src.export, src.base):
+        if folder is not None:
+            refuse_custom_code(folder, setting)
     if src.kind == "full" and sub == "unet":
         return  # the export's own weights, loaded without a variant
     base = Path(src.base)
@@ -88,6 +136,9 @@ def check_source(name: str, sub: str, setting: str, variant: str | None):
     repo = src.base
     config_name = "tokenizer_config.json" if sub == "tokenizer" else "config.json"
     if _cached(repo, sub, variant, config_name):
+        from huggingface_hub import try_to_load_from_cache
+
+        refuse_custom_code(Path(try_to_load_from_cache(repo, f"{sub}/{config_name}")).parents[1], setting)
         return
     _reachable(repo, sub, config_name, setting)
 
@@ -134,14 +185,14 @@ def check_trainable(name: str, stage: int):
 
 
 def subject_record(subject: str) -> dict:
-    """What an export was trained on, for its cascade.json: the photo folder and a digest of its
-    files (names and sizes), so two exports of one identifier can be told apart."""
+    """What an export was trained on, for its cascade.json: the photo folder's name and a digest of
+    its files (names and sizes), so two exports of one identifier can be told apart."""
     import hashlib
 
     folder = Path(subject)
     files = sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
     digest = hashlib.sha256(repr(files).encode("utf-8", "surrogateescape")).hexdigest()[:16]
-    return {"subject": str(folder.resolve()), "subject_files": digest}
+    return {"subject": folder.resolve().name, "subject_files": digest}  # no local path: push uploads it
 
 
 _WARNED: set = set()

@@ -31,10 +31,15 @@ def shorten(text: str, limit: int = 80) -> str:
     return f"{text[:limit].rstrip()}... ({len(text.split())} words)"
 
 
-def load_tokenizer(source: str):
+def load_tokenizer(source: str, setting: str = "models.text_encoder"):
+    """The prompt tokenizer; a folder asking for its own code is refused, and transformers is told
+    never to run remote code (it would otherwise ask on a terminal)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    from cascade.model_checks import refuse_custom_code
+
+    refuse_custom_code(source, setting)
+    return AutoTokenizer.from_pretrained(source, subfolder="tokenizer", trust_remote_code=False)
 
 
 def _encoder_identity(source: str) -> str:

@@ -15,7 +15,7 @@ from cascade import model_checks, models, resolutions, validation
 from cascade.runs import early_log, folders, markers
 from cascade.config import Config, ConfigError
 from cascade.text import TextEncoder, load_tokenizer
-from stages import best, components, data, engines, setup, stage1, stage2, trainer
+from stages import best, checkpoint, components, data, engines, setup, stage1, stage2, trainer
 from stages.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -122,7 +122,7 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     model_checks.check_models(paths, cfg.models.variant, (1, 2) if req.stage == 2 and tc.prior_preservation else
                               (req.stage,))
     components.check_stage(model_path, req.stage, f"models.stage{req.stage} ({model_path})")
-    validation.partner(cfg, paths, req.stage)  # a bad validation.chain_model stops here, before any folder
+    chain = validation.partner(cfg, paths, req.stage)  # a bad validation.chain_model stops here, before any folder
     size, lowres = _sizes(req, paths)
     if req.stage == 2 and tc.random_crop and tc.crop_source_size < size:
         raise ConfigError(f"stage2.train.crop_source_size: must be >= stage II's resolution {size} (random "
@@ -136,9 +136,11 @@ def train(req: TrainRequest) -> trainer.TrainResult:
         req.output, f"stage{req.stage}-{req.class_noun}", req.resume, req.overwrite,
         _run_identity(req, token, paths, model_path),
         {"subject": Path(req.subject), "class": req.class_dir and Path(req.class_dir),
-         **folders.model_inputs(paths, "stage1", "stage2", "text_encoder")}))
+         "validation.chain_model": chain, **folders.model_inputs(paths, "stage1", "stage2", "text_encoder")}))
     folders.start_logging(run_dir, cfg, state.is_main_process)
     early_log.replay_since(log_mark)
+    if req.resume and (latest := checkpoint.latest_checkpoint(run_dir / "checkpoints")) is not None:
+        checkpoint.check_files(latest)  # a crafted checkpoint file is refused before any model loads
     if paths.uses_tiny:
         log.info("weights: tiny random-initialised components (%s); samples will be noise", model_path)
 
@@ -172,7 +174,8 @@ def train(req: TrainRequest) -> trainer.TrainResult:
     unet = components.load_unet(model_path, components.DTYPES[tc.weights_dtype], cfg.models.variant)
     scheduler = components.load_scheduler(model_path)
     emb = trainer.Embeddings(embeds[prompts["instance"]], embeds[""], embeds[prompts["class"]])
-    meta = {"base": components.describe_source(model_path).base, "identifier": token, "class_noun": req.class_noun,
+    meta = {"base": components.portable_base(components.describe_source(model_path).base, run_dir / "export"),
+            "identifier": token, "class_noun": req.class_noun,
             **model_checks.subject_record(req.subject),  # which photos: sampling warns on a stage I/II mix
             "instance_prompt": prompts["instance"], "config": cfg.name, "resolution": size, "captions": tc.captions}
     if req.stage == 2:

@@ -1,8 +1,11 @@
 """Checkpoints (atomic, resumable) and exports that plain diffusers pipelines load.
 
 A checkpoint is accelerate's full training state (model, optimizer, LR schedule, RNG) plus our
-`trainer_state.json` (step, loss history), written to `checkpoint-NNNNNN.tmp` and renamed when
-complete, so a killed run never leaves a half-written checkpoint that resume would pick up.
+`trainer_state.json` (step, loss history) and, with train.ema, `ema.safetensors` + `ema.json`, written
+to `checkpoint-NNNNNN.tmp` and renamed when complete, so a killed run never leaves a half-written
+checkpoint that resume would pick up. Before a resume loads anything, every file of the checkpoint is
+checked in its own format (JSON, safetensors, torch's weights-only unpickler): a file that would run
+code, or is not what its name says, is refused in one line.
 """
 from __future__ import annotations
 
@@ -34,9 +37,10 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def save_checkpoint(accelerator, folder: Path, step: int, state: dict, keep: int) -> Path:
+def save_checkpoint(accelerator, folder: Path, step: int, state: dict, keep: int, ema=None) -> Path:
     """Collective: every process calls it (accelerate gathers sharded states); the main process writes
-    the temp folder, then renames it into place and prunes old checkpoints."""
+    the temp folder (and the EMA, identical on every rank), then renames it into place and prunes old
+    checkpoints."""
     final = folder / f"checkpoint-{step:06d}"
     tmp = folder / f"checkpoint-{step:06d}.tmp"
     if accelerator.is_main_process:
@@ -46,6 +50,8 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict, keep: int
     accelerator.wait_for_everyone()  # every rank writes into tmp (its RNG state, its shards) before the rename
     if accelerator.is_main_process:
         (tmp / STATE_FILE).write_text(json.dumps(state))
+        if ema is not None:
+            ema.save(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in checkpoints(folder)[:-keep] if keep > 0 else []:
@@ -78,8 +84,49 @@ def safe_load(path: Path, what: str = "checkpoint"):
                          ) from None
 
 
-def load_checkpoint(accelerator, path: Path) -> dict:
-    """accelerate's loader reads with weights_only (never unpickles code); a refused file is one line."""
+_PICKLED = (".bin", ".pkl", ".pt", ".pth")  # what accelerate writes with torch.save
+
+
+def _file_refusal(f: Path) -> str | None:
+    """Why `f` may not be loaded (None: it is what its name says, and loading it runs no code)."""
+    if f.suffix == ".json":
+        try:
+            json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError):
+            return "is not JSON"
+    elif f.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(f), "pt") as sf:
+                sf.keys()
+        except Exception:  # safetensors raises its own error types for any malformed header
+            return "is not a safetensors file"
+    elif f.suffix in _PICKLED:
+        from accelerate.utils import load  # weights-only, with accelerate's allow-list (numpy RNG states)
+
+        try:
+            load(str(f), map_location="cpu", mmap=True)  # mmap: the tensors are not read, only checked
+        except pickle.UnpicklingError as e:
+            return f"holds pickled objects, not plain tensors, and is never unpickled ({_unpickle_refusal(e)})"
+        except (OSError, EOFError, RuntimeError, ValueError) as e:
+            return f"cannot be read as a torch file ({e.__class__.__name__})"
+    return None
+
+
+def check_files(path: Path):
+    """Every file of checkpoint `path`, checked before any is loaded: accelerate swallows a refused RNG
+    state, and a library loader may unpickle; one line names the first bad file."""
+    for f in sorted(p for p in Path(path).iterdir() if p.is_file()):
+        if (reason := _file_refusal(f)) is not None:
+            raise InputError(f"checkpoint {path} was refused: {f.name} {reason}; resume from another checkpoint "
+                             f"or start a new --output")
+
+
+def load_checkpoint(accelerator, path: Path, ema=None) -> dict:
+    """accelerate's loader reads with weights_only (never unpickles code); a refused file is one line.
+    Every file is checked first (`check_files`); the EMA is ours (`TrainingEMA.load`)."""
+    check_files(path)
     try:
         accelerator.load_state(str(path))
     except pickle.UnpicklingError as e:  # torch.load(weights_only=True) refused a file: name the checkpoint
@@ -89,6 +136,8 @@ def load_checkpoint(accelerator, path: Path) -> dict:
         raise InputError(f"checkpoint {path} was refused: a file in it holds pickled objects, not plain tensors, "
                          f"and is never unpickled ({reason}); resume from another checkpoint or start a new "
                          f"--output") from None
+    if ema is not None:
+        ema.load(path)
     return json.loads((path / STATE_FILE).read_text())
 
 
@@ -108,6 +157,15 @@ def canonical_safetensors(path: Path):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(len(header).to_bytes(8, "little") + header + raw[8 + n:])
     os.replace(tmp, path)
+
+
+def record_base_portably(folder: Path, base: str):
+    """diffusers writes the local folder a model was loaded from into its config (`_name_or_path`); an
+    upload would carry that path: the export's configs name the base as cascade.json does."""
+    for f in folder.rglob("*.json"):
+        data = json.loads(f.read_text())
+        if isinstance(data, dict) and "_name_or_path" in data:
+            f.write_text(json.dumps({**data, "_name_or_path": base}, indent=2, sort_keys=True) + "\n")
 
 
 def readable_like_others(folder: Path):
@@ -158,6 +216,7 @@ def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None
         scheduler = scheduler.__class__.from_config(scheduler.config, variance_type="fixed_small")
     scheduler.save_pretrained(tmp / "scheduler")
     (tmp / EXPORT_META).write_text(json.dumps({**meta, "kind": kind}, indent=2, default=str))
+    record_base_portably(tmp, str(meta.get("base", "")))
     readable_like_others(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)

@@ -7,6 +7,7 @@ full exports hold `unet/` (+ `scheduler/`), LoRA exports hold the adapter weight
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +34,33 @@ class StageSource:
     meta: dict | None = None
 
 
+def portable_base(base: str, export: Path) -> str:
+    """How an export records its base model without a local absolute path (an upload would carry it):
+    a hub id as it is, a folder under the home directory as `~/...`, any other folder relative to the
+    export (`../...`). `describe_source` reads all three back (and absolute paths of older exports)."""
+    folder = Path(base).expanduser()
+    if not folder.exists():
+        return base  # a hub id
+    folder, home = folder.resolve(), Path.home().resolve()
+    if folder.is_relative_to(home) and not Path(export).resolve().is_relative_to(home):
+        return "~/" + folder.relative_to(home).as_posix()
+    return Path(os.path.relpath(folder, Path(export).resolve())).as_posix()
+
+
+def _read_base(base: str, export: Path) -> str:
+    if base.startswith("~"):
+        return str(Path(base).expanduser())
+    if base.startswith(".."):
+        return str((export / base).resolve())
+    return base
+
+
 def describe_source(path: str) -> StageSource:
     p = Path(path)
     meta_file = p / EXPORT_META
     if meta_file.is_file():
         meta = json.loads(meta_file.read_text())
-        return StageSource(base=meta["base"], export=p, kind=meta["kind"], meta=meta)
+        return StageSource(base=_read_base(meta["base"], p), export=p, kind=meta["kind"], meta=meta)
     return StageSource(base=str(path))
 
 

@@ -121,7 +121,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
 
     start, rows, vrows, best_record = 0, [], [], None
     if resume and (latest := checkpoint.latest_checkpoint(ckpt_dir)) is not None:
-        state = checkpoint.load_checkpoint(accelerator, latest)
+        state = checkpoint.load_checkpoint(accelerator, latest, ema)
         start, rows = state["step"], state["losses"]
         vrows, best_record = state.get("validation", []), state.get("best")
         log.info("resumed from %s at step %d", latest, start)
@@ -197,7 +197,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
                     log.info("best checkpoint so far: %s", keeper.record["reason"])
         if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
             checkpoint.save_checkpoint(accelerator, ckpt_dir, done, {"step": done, "losses": rows, "validation":
-                                       vrows, "best": keeper and keeper.record}, cfg.keep_checkpoints)
+                                       vrows, "best": keeper and keeper.record}, cfg.keep_checkpoints, ema)
             if accelerator.is_main_process:
                 _write_losses(run_dir, rows)
     seconds = time.time() - t0
@@ -243,14 +243,13 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
 
 
 def _make_ema(accelerator, params, cfg):
-    """The EMA of the trainable parameters, registered so checkpoints carry it (resume-exact)."""
+    """The EMA of the trainable parameters; checkpoints carry it as safetensors + JSON (resume-exact)."""
     if not getattr(cfg, "ema", False):
         return None
     from stages.ema import TrainingEMA, check_engine
 
     check_engine(engines.engine())
     ema = TrainingEMA(params, cfg.ema_decay, cfg.ema_start_step, cfg.ema_on_cpu)
-    accelerator.register_for_checkpointing(ema)
     log.info("EMA of %d trainable tensors: decay %g from step %d, %.1f MB on %s", len(params), cfg.ema_decay,
              cfg.ema_start_step, ema.bytes() / 1e6, ema.device)
     return ema

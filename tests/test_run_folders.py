@@ -127,3 +127,82 @@ def test_a_second_writer_is_refused_and_stale_locks_are_taken_over(run, write_su
     (out / markers.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": "then"}))
     with pytest.raises(markers.RunLockedError, match="elsewhere.*delete"):
         markers.acquire(out)
+
+
+def test_overwrite_never_deletes_photos_that_link_into_the_output(run, write_subject, tmp_path):
+    """Issue 27 item 6: a subject photo that is a symlink into a folder the run wrote (here export/)
+    is refused, with or without --overwrite; the photo's content stays."""
+    photos, out = write_subject(tmp_path / "photos", 3, 80), tmp_path / "run"
+    code, err = run("--subject", str(photos), "--output", str(out))
+    assert code == 0, err
+    (photos / "02.png").rename(out / "export" / "02.png")
+    (photos / "02.png").symlink_to(out / "export" / "02.png")
+    before = (out / "export" / "02.png").read_bytes()
+    for extra in (["--overwrite"], ["--resume"]):
+        code, err = run("--subject", str(photos), "--output", str(out), *extra)
+        line = error_line(err)
+        assert code == 2 and "02.png" in line and "links to" in line, line
+        assert (photos / "02.png").read_bytes() == before
+    code, err = run("--subject", str(photos), "--output", str(tmp_path / "elsewhere"))
+    assert code == 0, err  # the same photos train into another folder
+
+
+_HOLD = ("import sys, time; from pathlib import Path; from cascade.runs import markers; "
+         "markers.acquire(Path(sys.argv[1])); print('acquired', flush=True); time.sleep(60)")
+
+
+def test_a_stale_lock_is_taken_over_by_one_writer_only(tmp_path, monkeypatch):
+    """Issue 27 item 14: this process reads a stale lock; before it acts, another process takes the
+    lock over (forced here, inside this process's read). Only one of them may hold the lock: this
+    one is refused, naming the other, and the other's lock stays."""
+    import os
+    import socket
+    import types
+
+    out = tmp_path / "run"
+    out.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (out / markers.LOCK).write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "start": "1",
+                                                "since": "stale"}))
+    other: list = []
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def loads(text, *args, **kwargs):
+        value = json.loads(text, *args, **kwargs)
+        if isinstance(value, dict) and value.get("since") == "stale" and not other:  # the interleaving
+            other.append(subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                                          env=env))
+            assert other[0].stdout.readline().strip() == "acquired"
+        return value
+
+    monkeypatch.setattr(markers, "json", types.SimpleNamespace(loads=loads, dumps=json.dumps, dump=json.dump))
+    try:
+        with pytest.raises(markers.RunLockedError) as e:
+            markers.acquire(out)
+        assert f"in use by process {other[0].pid}" in str(e.value)
+        assert json.loads((out / markers.LOCK).read_text())["pid"] == other[0].pid
+        assert sorted(p.name for p in out.iterdir()) == [markers.LOCK]  # no takeover or temp file left
+    finally:
+        for p in other:
+            p.kill()
+            p.wait()
+        markers._held.discard(out)
+
+
+def test_overwrite_never_deletes_the_validation_chain_model(run, write_subject, tmp_path, tiny):
+    """Issue 27 item 14: validation.chain_model is an input like the others: an --output that holds
+    it is refused with --overwrite, and the model stays."""
+    import shutil
+
+    photos, out = write_subject(tmp_path / "photos", 3, 80), tmp_path / "run"
+    code, err = run("--subject", str(photos), "--output", str(out))
+    assert code == 0, err
+    partner = out / "checkpoints" / "my-sr"  # inside a folder the run wrote (--overwrite deletes it)
+    shutil.copytree(tiny / "stage2", partner)
+    before = _snapshot(partner)
+    code, err = run("--subject", str(photos), "--output", str(out), "--overwrite", "--set", "stage1.validation.chain=true",
+                    "--set", f"stage1.validation.chain_model={partner}")
+    line = error_line(err)
+    assert code == 2 and "contains the validation.chain_model folder" in line, line
+    assert _snapshot(partner) == before

@@ -112,6 +112,21 @@ def _check_protected(path: Path, protected: dict, overwrite: bool):
             raise InputError(f"--output {path} {'is' if same else 'contains'} the {what}{kind} {folder}"
                              f"{' (an input of this command)' if what not in ('subject', 'class') else ''}; "
                              f"choose an output folder outside it")
+        if overwrite or what == "subject":
+            _check_links(path, what, folder)
+
+
+def _check_links(path: Path, what: str, folder: Path):
+    """No file of an input is a symlink into the output: deleting the run's entries would delete the
+    input's content (the folder path alone says nothing about where its files point)."""
+    import os
+
+    entries = [folder] if not folder.is_dir() else \
+        [Path(d) / n for d, dirs, files in os.walk(folder) for n in dirs + files]  # symlinked dirs not entered
+    for entry in entries:
+        if entry.is_symlink() and markers.inside(entry, path):
+            raise InputError(f"--output {path} holds {entry.resolve()}, which {entry} of the {what} links to; "
+                             f"the run's files there would replace it: choose an output folder outside it")
 
 
 def model_inputs(paths, *stages: str) -> dict:

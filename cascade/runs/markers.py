@@ -10,7 +10,8 @@
   files: photos replaced at the same path are another run), class, model, identifier and training
   settings (a larger `max_steps` and bookkeeping settings may change).
 - One writer at a time: the main process holds `.cascade-lock` (pid, host, process start time)
-  until it exits; a lock whose process is gone on this host is stale and taken over.
+  until it exits; a lock whose process is gone on this host is stale and taken over by one process
+  only (a takeover file made with O_EXCL, named after the stale lock's content, guards its removal).
 - A command that fails before writing results removes the folder it created (never one it did not).
 """
 from __future__ import annotations
@@ -100,37 +101,94 @@ _held: set[Path] = set()
 
 
 def acquire(folder: Path):
-    """Take the folder's lock or raise RunLockedError naming the holder; stale locks are taken over."""
+    """Take the folder's lock or raise RunLockedError naming the holder; stale locks are taken over,
+    by one process only (`_take_over`), and the lock is ours only once it reads back as ours."""
     lock = folder / LOCK
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
-          "since": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for _ in range(3):
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start(os.getpid()),
+                     "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for _ in range(40):
+        if _create(lock, me):
+            if _read(lock) == me:
+                _held.add(folder)
+                return
+            continue
+        raw = _read(lock)
+        if raw is None:
+            continue  # released or taken over just now: try again
+        try:
+            holder = json.loads(raw)
+        except ValueError:
+            holder = {}
+        holder = holder if isinstance(holder, dict) else {}
+        if not holder and time.time() - _mtime(lock) < 10:
+            time.sleep(0.5)  # a lock of an older cascade being written right now
+            continue
+        mine = holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()
+        if holder and not mine and (holder.get("host") != socket.gethostname() or _alive(holder)):
+            raise RunLockedError(
+                f"run folder {folder} is in use by process {holder.get('pid')} on {holder.get('host')} "
+                f"(since {holder.get('since')}); wait for it to finish or choose another --output "
+                f"(if that process is gone, delete {lock})")
+        if not mine:
+            log.warning("%s: taking over a stale lock of process %s on %s", folder, holder.get("pid"),
+                        holder.get("host"))
+        if not _take_over(lock, raw):
+            time.sleep(0.05)  # another process is taking it over: look again
+    raise RunLockedError(f"run folder {folder}: could not take its lock {lock} (if no cascade command runs there, "
+                         f"delete {lock} and any {LOCK}.takeover-* beside it)")
+
+
+def _read(lock: Path) -> str | None:
+    try:
+        return lock.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _create(lock: Path, content: str) -> bool:
+    """Create the lock with its whole content at once (a hard link of a written temp file), or False
+    when it exists; never an empty lock that another process could take for a stale one."""
+    tmp = lock.with_name(f"{LOCK}.{os.getpid()}.tmp")
+    try:
+        with os.fdopen(os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644), "w") as f:
+            f.write(content)
+        os.link(tmp, lock)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links on this filesystem: create exclusively, then write
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                holder = {}
-            if not holder and time.time() - _mtime(lock) < 10:
-                time.sleep(0.5)  # another process is writing its lock right now
-                continue
-            mine = holder.get("pid") == me["pid"] and holder.get("host") == me["host"]
-            if holder and not mine and (holder.get("host") != me["host"] or _alive(holder)):
-                raise RunLockedError(
-                    f"run folder {folder} is in use by process {holder.get('pid')} on {holder.get('host')} "
-                    f"(since {holder.get('since')}); wait for it to finish or choose another --output "
-                    f"(if that process is gone, delete {lock})")
-            if not mine:
-                log.warning("%s: taking over a stale lock of process %s on %s", folder, holder.get("pid"),
-                            holder.get("host"))
-            lock.unlink(missing_ok=True)
-            continue
+            return False
         with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        _held.add(folder)
-        return
-    raise RunLockedError(f"run folder {folder}: could not take its lock {lock}")
+            f.write(content)
+        return True
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only folder: the error that matters is the one above
+            pass
+
+
+def _take_over(lock: Path, stale: str) -> bool:
+    """Remove the stale lock whose content is `stale`, if it still is that lock. Only the process that
+    creates the takeover file named after that content may remove it: two processes that both judged
+    it stale cannot both remove a lock (the second would remove the lock the first just took).
+    False when another process is taking it over."""
+    import hashlib
+
+    token = lock.with_name(f"{LOCK}.takeover-{hashlib.sha256(stale.encode()).hexdigest()[:16]}")
+    try:
+        os.close(os.open(token, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        return False
+    try:
+        if _read(lock) == stale:
+            lock.unlink()
+    finally:
+        token.unlink(missing_ok=True)
+    return True
 
 
 def _mtime(p: Path) -> float:
@@ -204,7 +262,7 @@ _runs: list[Path] = []  # run folders prepared by this command: their `wrote` li
 
 
 def entries(folder: Path) -> set[str]:
-    return {p.name for p in folder.iterdir()} - {LOCK, MARKER, MARKER + ".tmp"}
+    return {p.name for p in folder.iterdir() if not p.name.startswith(LOCK)} - {MARKER, MARKER + ".tmp"}  # lock + its temp files
 
 
 def written_by_run(folder: Path) -> set[str]:
