@@ -149,3 +149,24 @@ def test_uncached_hub_model_without_network_is_one_fast_line(cli, photos, tmp_pa
     assert code == 2 and "nobody-here/IF-II-nothing" in error_line(err) and not (tmp_path / "s").exists()
     code, err = cli("identifier", "--set", "models.text_encoder=nobody-here/t5")
     assert code == 2 and "nobody-here/t5 (models.text_encoder)" in error_line(err)
+
+
+# ---- issue 27
+def test_toy_readers_score_only_the_toy_worlds_own_subject(cli, write_subject, tmp_path):
+    """Item 7: with the user's photos on the toy preset, validation gets no toy-reader "fidelity" (it
+    would score the toy world's subject), and best_checkpoint, which would select on it, is refused."""
+    from cascade.cli import live_measures
+    from cascade.config import load_config
+    from cascade.toy import measure
+
+    cfg = load_config("toy")
+    mine = write_subject(tmp_path / "mine", 3, 64)
+    assert live_measures.for_training(cfg, 1, str(mine)) is None
+    assert live_measures.for_training(cfg, 2, str(mine)) is None
+    toy = measure.write_subject(tmp_path / "toy")
+    assert "fidelity" in live_measures.for_training(cfg, 1, str(toy)).names
+    code, err = cli("train", "stage1", "--config", "toy", "--subject", mine, "--class-noun", "toy",
+                    "--output", tmp_path / "o", "--set", "stage1.validation.best_checkpoint=true")
+    line = error_line(err)
+    assert code == 2 and "stage1.validation.best_checkpoint" in line and "toy world's own subject" in line
+    assert str(mine) in line and not (tmp_path / "o").exists()
