@@ -236,6 +236,7 @@ def run_evaluate(req: EvalRequest) -> Path | None:
                   for label, p in generating}
     out_dir = Path(req.output) if req.output else None
     dreambench_folder.check_folder(req.output)  # read only, before any model loads
+    dreambench_folder.check_subject(req.output, subject_name, req.subject)
     if out_dir is not None:
         for label in identities:
             dreambench_folder.check_images(out_dir / subject_name / label, identities[label])
@@ -266,7 +267,8 @@ def run_evaluate(req: EvalRequest) -> Path | None:
     sources = [(label, out / subject_name / label) for label, _ in generating]
     sources += [(lab, Path(f)) for lab, f in (("fine-tuned", req.images), ("base", req.baseline_images)) if f]
     real = _real_features(real_images, scorers[0], scorers[1])
-    result = {"subject": subject_name, "class_noun": class_noun, "identifier": identifier,
+    result = {"subject": subject_name, **dreambench_folder.subject_record(req.subject),
+              "class_noun": class_noun, "identifier": identifier,
               "subject_type": "live" if class_noun in metrics.LIVE_CLASSES else "object",
               "prompts_source": bench.source, "real": real.get("row"),
               "clip_t_prompts": "identifier removed, class kept (e.g. 'a dog in the snow')",
