@@ -152,6 +152,9 @@ def test_uncached_hub_model_without_network_is_one_fast_line(cli, photos, tmp_pa
 
 
 # ---- issue 27
+FAST1, FAST2 = ([x for k in ("max_steps=1", "prior_preservation=false", "validation_images=1") for x in ("--set", f"stage{s}.train.{k}")]
+                for s in (1, 2))
+
 def test_toy_readers_score_only_the_toy_worlds_own_subject(cli, write_subject, tmp_path):
     """Item 7: with the user's photos on the toy preset, validation gets no toy-reader "fidelity" (it
     would score the toy world's subject), and best_checkpoint, which would select on it, is refused."""
@@ -170,3 +173,34 @@ def test_toy_readers_score_only_the_toy_worlds_own_subject(cli, write_subject, t
     line = error_line(err)
     assert code == 2 and "stage1.validation.best_checkpoint" in line and "toy world's own subject" in line
     assert str(mine) in line and not (tmp_path / "o").exists()
+
+
+def test_a_cascade_that_does_not_chain_is_refused_as_sample_refuses_it(cli, photos, tiny, tmp_path):
+    """Item 10: chained validation with a partner of other sizes (a 16 px stage I into a stage II export
+    trained on 64 px inputs; a 16 px stage I partner of a 64 -> 256 stage II) and `toy premise --sr`
+    with a stage II of another cascade are refused in one line, before any folder or model."""
+    from cascade.toy import measure
+    from cascade.toy.weights import toy_root
+
+    sr64 = tmp_path / "sr-export-64"  # a stage II export of the tiny 64 -> 256 cascade
+    sr64.mkdir()
+    (sr64 / "cascade.json").write_text(json.dumps({"base": str(tiny / "stage2"), "kind": "lora", "stage": 2,
+                                                   "lowres_size": 64, "identifier": "zq"}))
+    code, err = cli("sample", "--stage1", toy_root() / "stage1", "--stage2", sr64, "--prompt", "a toy",
+                    "--output", tmp_path / "s")
+    assert code == 2 and "trained to upsample 64px images" in error_line(err)  # what sample says
+    toy = measure.write_subject(tmp_path / "toy")
+    code, err = cli("train", "stage1", "--config", "toy", "--subject", toy, "--class-noun", "toy",
+                    "--output", tmp_path / "o1", "--set", "stage1.validation.chain=true", *FAST1,
+                    "--set", f"stage1.validation.chain_model={sr64}")
+    line = error_line(err)
+    assert code == 2 and "stage1.validation.chain_model" in line and "trained to upsample 64px images" in line
+    code, err = cli("train", "stage2", "--subject", photos, "--class-noun", "dog", "--output", tmp_path / "o2",
+                    "--set", "stage2.validation.chain=true", *FAST2, "--set", f"stage2.validation.chain_model={toy_root() / 'stage1'}")
+    line = error_line(err)
+    assert code == 2 and "stage2.validation.chain_model" in line and "makes 16px images" in line and "64px" in line
+    code, err = cli("toy", "premise", "--views", "1", "--seeds", "1", "--levels", "0", "--sr", tiny / "stage2")
+    assert code == 2 and "--sr" in error_line(err) and "256px" in error_line(err)
+    code, err = cli("toy", "premise", "--views", "1", "--seeds", "1", "--levels", "0", "--sr", tmp_path / "nowhere")
+    assert code == 2 and "not a stage II pipeline folder" in error_line(err)  # item 15: was an AttributeError
+    assert not any((tmp_path / o).exists() for o in ("s", "o1", "o2"))
