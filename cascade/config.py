@@ -15,6 +15,7 @@ import yaml
 from stages.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SEED_MAX = 2**32 - 1  # seeds + image index + stage offsets stay far inside torch's signed 64-bit seeds
 
 
 class ConfigError(InputError):
