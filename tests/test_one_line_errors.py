@@ -204,3 +204,22 @@ def test_a_cascade_that_does_not_chain_is_refused_as_sample_refuses_it(cli, phot
     code, err = cli("toy", "premise", "--views", "1", "--seeds", "1", "--levels", "0", "--sr", tmp_path / "nowhere")
     assert code == 2 and "not a stage II pipeline folder" in error_line(err)  # item 15: was an AttributeError
     assert not any((tmp_path / o).exists() for o in ("s", "o1", "o2"))
+
+
+def test_a_stage3_with_custom_code_is_refused_before_stages_1_and_2(cli, tiny, tmp_path):
+    """Item 15: a custom module named in stage III's model_index.json was a 49-line traceback after
+    stages I and II had run; now one line before any folder or model, and the module never runs."""
+    import shutil
+
+    s3 = tmp_path / "s3"
+    shutil.copytree(tiny / "stage3", s3)
+    index = json.loads((s3 / "model_index.json").read_text())
+    (s3 / "model_index.json").write_text(json.dumps({**index, "unet": ["my_unet", "MyUNet"]}))
+    for where in (s3, s3 / "unet"):
+        (where / "my_unet.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n"
+                                          "from diffusers import UNet2DConditionModel as MyUNet\n")
+    code, err = cli("sample", "--prompt", "a dog", "--stage3", s3, "--output", tmp_path / "o",
+                    "--set", "stage1.sample.steps=1", "--set", "stage2.sample.steps=1", "--set", "stage3.steps=1")
+    line = error_line(err)
+    assert code == 2 and "models.stage3" in line and "never runs code from a model folder" in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "ran").exists()
