@@ -134,6 +134,8 @@ def test_a_non_utf8_file_name_in_a_log_line(tmp_path, capsys):
 @pytest.mark.parametrize("argv, flag", [
     (["sample", "--prompt", "a dog", "--seed", str(2**64)], "--seed"),
     (["sample", "--prompt", "a dog", "--num-images", "0"], "--num-images"),
+    (["sample", "--prompt", "a dog", "--num-images", "100000000"], "--num-images"),  # issue 27: allocator error at 62 s
+    (["sample", "--prompt", "a", "--prompt", "b", "--num-images", "600"], "--num-images 600 x 2 prompts"),
     (["class-images", "--class-noun", "dog", "--num", "-3", "--output", "x"], "--num"),
     (["bench", "--resolution", "-64"], "--resolution"),
     (["bench", "--resolution", "0"], "--resolution"),
