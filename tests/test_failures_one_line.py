@@ -233,3 +233,16 @@ def test_another_os_error_is_one_line_exit_1(cli, tmp_path, monkeypatch):
     code, err = cli("sample", "--prompt", "a dog", "--stage2", "none", "--num-images", "1",
                     "--set", "stage1.sample.steps=1", "--output", str(tmp_path / "o"))
     assert code == 1 and f"Permission denied: '{tmp_path / 'o' / 'grid-stage1.png'}'" in error_line(err)
+
+
+@pytest.mark.parametrize("size", ["abc", "0GB", "1.2.3GB"])
+def test_a_bad_gpu_memory_is_refused_before_the_planner_runs(cli, monkeypatch, size):
+    """Issue 27 item 16: `bench --estimate-memory --gpu-memory abc` traced for 126 s before refusing the size."""
+    from cascade.perf import planner_report
+
+    def planned(*a, **k):
+        raise AssertionError("the planner ran before --gpu-memory was checked")
+
+    monkeypatch.setattr(planner_report, "run", planned)
+    code, err = cli("bench", "--estimate-memory", "--gpu-memory", size)
+    assert code == 2 and f"--gpu-memory {size!r}: expected a size above 0" in error_line(err)
