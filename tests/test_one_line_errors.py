@@ -149,6 +149,12 @@ def test_uncached_hub_model_without_network_is_one_fast_line(cli, photos, tmp_pa
     assert code == 2 and "nobody-here/IF-II-nothing" in error_line(err) and not (tmp_path / "s").exists()
     code, err = cli("identifier", "--set", "models.text_encoder=nobody-here/t5")
     assert code == 2 and "nobody-here/t5 (models.text_encoder)" in error_line(err)
+    # issue 27 item 16: evaluate gave "cannot read a UNet config ... config.json" after 31.6 s of retries
+    code, err = cli("evaluate", "--subject", photos, "--class-noun", "dog", "--identifier", "jaw",
+                    "--stage1", "nobody-here/IF-I-nothing", "--output", tmp_path / "e")
+    line = error_line(err)
+    assert code == 2 and "nobody-here/IF-I-nothing (models.stage1) is not in the local Hugging Face cache" in line
+    assert ("HF_HUB_OFFLINE is set" in line) == offline and not (tmp_path / "e").exists()
 
 
 # ---- issue 27

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from cascade import models, runner
+from cascade import model_checks, models, runner
 from cascade.evaluation import dreambench_folder, dreambench_report, metrics
 from cascade.runs import folders
 from cascade.config import Config
@@ -227,7 +227,8 @@ def run_evaluate(req: EvalRequest) -> Path | None:
         generating.append(("base", base))
     if generating and not identifier:
         raise InputError(f"no identifier: stage I ({paths.stage1}) is not a fine-tuned export; pass --identifier")
-    for _, p in generating:
+    for _, p in generating:  # an uncached hub model without network: one line after one probe, as train says
+        model_checks.check_models(p, req.cfg.models.variant, (1,) if p.stage2 == "none" else (1, 2))
         components.check_stage(p.stage1, 1, "stage I model")
         if p.stage2 != "none":
             components.check_stage(p.stage2, 2, "stage II model")
