@@ -246,3 +246,31 @@ def test_a_bad_gpu_memory_is_refused_before_the_planner_runs(cli, monkeypatch, s
     monkeypatch.setattr(planner_report, "run", planned)
     code, err = cli("bench", "--estimate-memory", "--gpu-memory", size)
     assert code == 2 and f"--gpu-memory {size!r}: expected a size above 0" in error_line(err)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "export", "sample"])
+def test_disk_full_without_a_file_name_still_names_the_file(cli, photos, tmp_path, monkeypatch, one_thread, where):
+    """Issue 27 item 17: a full disk reaches us from safetensors, torch or a plain write without a file
+    name (errors.md promises "writing FILE"); the line names what was being written."""
+    import accelerate
+    from PIL import Image
+
+    from stages import engines
+
+    full = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                        'left on device" })')  # safetensors' words: no errno, no file name
+    if where == "checkpoint":
+        monkeypatch.setattr(accelerate.Accelerator, "save_state", _second_call_fails(accelerate.Accelerator.save_state, full))
+        code, err = cli(*train(photos, tmp_path / "run"))
+        named = str(tmp_path / "run" / "checkpoints" / "checkpoint-000002.tmp")
+    elif where == "export":
+        monkeypatch.setattr(engines, "save_full_unet", lambda *a, **k: (_ for _ in ()).throw(full))
+        code, err = cli(*train(photos, tmp_path / "run"))
+        named = str(tmp_path / "run" / "export.tmp")
+    else:
+        monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+        code, err = cli("sample", "--prompt", "a dog", "--num-images", "1", "--stage2", "none",
+                        "--set", "stage1.sample.steps=1", "--output", tmp_path / "s")
+        named = str(tmp_path / "s" / "stage1" / "00000.png")
+    line = error_line(err)
+    assert code == 1 and f"disk full (no space left on the device) writing {named}" in line, line
