@@ -274,3 +274,20 @@ def test_disk_full_without_a_file_name_still_names_the_file(cli, photos, tmp_pat
         named = str(tmp_path / "s" / "stage1" / "00000.png")
     line = error_line(err)
     assert code == 1 and f"disk full (no space left on the device) writing {named}" in line, line
+
+
+@pytest.mark.parametrize("text, where", [
+    ("stage1:\n  train: {max_steps: 1\n password = hunter2\n", "at line 4, column 1 (expected ',' or '}', but got "),
+    ("a: b: hunter2\n", "at line 1, column 5 (mapping values are not allowed here)"),
+    ("x: *hunter2\n", "at line 1, column 4 (found undefined alias …)"),
+    ("x:\n\t- hunter2\n", "at line 2, column 1 (found character … that cannot start any token)"),
+])
+def test_bad_yaml_is_one_line_with_file_line_and_column_and_no_content(cli, tmp_path, text, where):
+    """Issue 27 item 17: a broken config file was 5 lines quoting it; now one line naming the file,
+    line and column, quoting nothing of it (it may be any file the user can read)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    code, err = cli("sample", "--config", bad, "--prompt", "x", "--output", tmp_path / "o")
+    line = error_line(err)
+    assert code == 2 and f"{bad}: not valid YAML {where}" in line and "hunter2" not in err, err
+    assert len([x for x in err.splitlines() if x.strip() and not x.startswith("W")]) == 1
