@@ -291,3 +291,19 @@ def test_bad_yaml_is_one_line_with_file_line_and_column_and_no_content(cli, tmp_
     line = error_line(err)
     assert code == 2 and f"{bad}: not valid YAML {where}" in line and "hunter2" not in err, err
     assert len([x for x in err.splitlines() if x.strip() and not x.startswith("W")]) == 1
+
+
+def test_a_folder_where_a_file_is_wanted_and_the_reverse(cli, tmp_path, capsys):
+    """Issue 27 item 17: `build-tiny --output FILE` exited 1 with "[Errno 20] Not a directory" (bad
+    input is 2); `sample --prompts-file DIR` said "not found"."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for output, says in ((afile, f"--output {afile}: it is a file, not a folder"),
+                         (afile / "sub", f"--output {afile / 'sub'}: {afile} is a file, not a folder")):
+        from cascade.cli.main import main
+
+        code = main(["build-tiny", "--output", str(output)])  # no config: no --set
+        assert code == 2 and says in error_line(capsys.readouterr().err)
+    assert afile.read_text() == "mine"
+    code, err = cli("sample", "--prompts-file", tmp_path, "--output", tmp_path / "o")
+    assert code == 2 and f"--prompts-file {tmp_path} is a folder; give a text file" in error_line(err)

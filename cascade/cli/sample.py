@@ -42,6 +42,8 @@ def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
         f = Path(args.prompts_file)
+        if f.is_dir():
+            raise ConfigError(f"--prompts-file {f} is a folder; give a text file with one prompt per line")
         if not f.is_file():
             raise FileNotFoundError(f"--prompts-file not found: {f}")
         try:
