@@ -17,6 +17,7 @@ import yaml
 from stages.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SEED_MAX = 2**32 - 1  # seeds + image index + stage offsets stay far inside torch's signed 64-bit seeds
 
 
 class ConfigError(InputError):
@@ -279,21 +280,23 @@ def _set_override(cfg: Config, item: str) -> str:
     return ".".join(parts)
 
 
+def yaml_where(e: yaml.YAMLError) -> str:
+    """Where a YAML file is broken, in one line that quotes none of its content (the file may be any
+    file the user can read): "at line L, column C (what the parser found)", quoted text elided."""
+
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    where = f"at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(no position given)"
+    # the parser's token names ('<scalar>', ',', '}') are kept; any other quoted text is elided
+    keep = re.compile(r"'(<[a-z ]+>|[^\w\s]{1,2})'")
+    problem = re.sub(r"'[^']*'|\"[^\"]*\"", lambda m: m[0] if keep.fullmatch(m[0]) else "…",
+                     str(getattr(e, "problem", "") or ""))
+    problem = " ".join(problem.split())
+    return where + (f" ({problem[:120]})" if problem else "")
+
+
 def set_value(cfg: Config, key: str, value, flag: str):
     """Set a typed value from a command-line flag (no YAML); errors name the flag."""
     _merge(cfg, _nested(key.split("."), value), flag)
-
-
-def yaml_where(e: Exception) -> str:
-    """Where in a file a YAML error is, and what kind, in one line; never the file's text (PyYAML's
-    message quotes the offending line and any quoted token, which may be a secret of any file)."""
-    mark = getattr(e, "problem_mark", None)
-    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    if mark is None and getattr(e, "position", None) is not None:  # a ReaderError: a character YAML cannot read
-        at = f" at character {e.position + 1}"
-    problem = getattr(e, "problem", None) or getattr(e, "reason", None) or ""
-    problem = re.sub(r"\s*'(?!<)[^']*'", "", str(problem)).strip()
-    return at + (f": {problem}" if problem else "")
 
 
 def resolve_path(name: str | Path) -> Path:
@@ -317,7 +320,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML{yaml_where(e)}") from None
+            raise ConfigError(f"{p}: not valid YAML {yaml_where(e)}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
         _merge(cfg, data, str(p), from_file=True)

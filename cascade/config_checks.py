@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from cascade import compat
-from cascade.config import Config, ConfigError, Sample, Train, Validation
+from cascade.config import SEED_MAX, Config, ConfigError, Sample, Train, Validation
 
 
 def _check(ok: bool, key: str, msg: str):
@@ -23,6 +23,7 @@ def validate(cfg: Config, engine: str | None = None):
     ident = cfg.identifier
     _check(0 <= ident.min_id < ident.max_id, "identifier.min_id", "must be >= 0 and below identifier.max_id")
     _check(ident.max_chars >= 1, "identifier.max_chars", "must be >= 1")
+    _check(0 <= ident.seed <= SEED_MAX, "identifier.seed", f"must be an integer in 0..{SEED_MAX}, got {ident.seed}")
     for stage in ("stage1", "stage2"):
         t: Train = getattr(cfg, stage).train
         s: Sample = getattr(cfg, stage).sample
@@ -46,7 +47,8 @@ def validate(cfg: Config, engine: str | None = None):
         _check(t.num_class_images >= 1, k + "num_class_images", "must be >= 1")
         _check(t.loss in ("hybrid", "epsilon"), k + "loss", "hybrid|epsilon")
         _check(t.vlb_weight >= 0, k + "vlb_weight", "must be >= 0")
-        _check(t.checkpoint_every >= 1 and t.sample_every >= 1, k + "checkpoint_every", "intervals must be >= 1")
+        _check(t.checkpoint_every >= 1, k + "checkpoint_every", "must be >= 1")
+        _check(t.sample_every >= 1, k + "sample_every", "must be >= 1")
         _check(t.report_to in ("none", "tensorboard", "wandb"), k + "report_to", "none|tensorboard|wandb")
         _check(t.captions in ("none", "sidecar", "metadata"), k + "captions", "none|sidecar|metadata")
         rule = f"noise levels must satisfy 0 <= noise_aug_min <= noise_aug_max <= 999, got {t.noise_aug_min}..{t.noise_aug_max}"
@@ -61,7 +63,7 @@ def validate(cfg: Config, engine: str | None = None):
         _check(t.keep_checkpoints >= 0, k + "keep_checkpoints", "must be >= 0 (0 = keep all)")
         _check(t.validation_images >= 0, k + "validation_images", "must be >= 0 (0 = no validation grids)")
         _check(t.validation_steps >= 1, k + "validation_steps", "must be >= 1")
-        _check(t.seed >= 0, k + "seed", "must be >= 0")
+        _check(0 <= t.seed <= SEED_MAX, k + "seed", f"must be an integer in 0..{SEED_MAX}, got {t.seed}")
         _check_features(t, k)
         refused = compat.check_train(t, k, engine)  # the table of what composes
         if refused is not None:
@@ -118,6 +120,9 @@ def _check_features(t: Train, k: str):
     if t.optimizer == "adamw8bit" or t.use_8bit_adam:  # two spellings of one setting, kept in step
         t.optimizer, t.use_8bit_adam = "adamw8bit", True
     _check(t.lora_type in ("lora", "dora"), k + "lora_type", "lora|dora")
+    _check(t.lora_type == "lora" or t.lora_rank > 0, k + "lora_type",  # rank 0 is a full fine-tune: no adapter
+           f"{t.lora_type} is an adapter of lora_rank > 0, but {k}lora_rank is 0 (a full fine-tune); set "
+           f"{k}lora_rank (e.g. 8), or lora_type lora for a full fine-tune")
     names = [n.strip() for n in t.lora_targets.split(",")] if t.lora_targets.strip() else []
     _check(all(re.fullmatch(r"[A-Za-z_][\w.]*", n) for n in names), k + "lora_targets",
            f"comma-separated module names such as to_q,to_v, got {t.lora_targets!r}")

@@ -25,6 +25,31 @@ class IdentifierError(InputError):
     pass
 
 
+def _forms(word: str) -> set[str]:
+    """A word and its singular by the regular English endings (puppies -> puppy, wolves -> wolf,
+    boxes -> box, dogs -> dog); irregular plurals (mice) are not known."""
+    w = word.lower()
+    out = {w}
+    for end, repl in (("ies", "y"), ("ves", "f"), ("es", ""), ("s", "")):
+        if w.endswith(end) and len(w) > len(end) + 1:
+            out.add(w[:-len(end)] + repl)
+            break
+    return out
+
+
+def is_class_form(token: str, class_noun: str) -> bool:
+    """Whether `token` is a word of the class noun or a form of one: equal after the regular plural
+    endings are removed, or one a prefix of the other with the shorter at least 3 letters (dogs, doggy
+    for dog; tea for teapot). "a dogs dog" would teach the class word, not a new identifier."""
+    for word in class_noun.split():
+        for a in _forms(token):
+            for b in _forms(word):
+                short, long_ = sorted((a, b), key=len)
+                if a == b or (len(short) >= 3 and long_.startswith(short)):
+                    return True
+    return False
+
+
 def _candidates(tokenizer, min_id: int, max_id: int, max_chars: int) -> list[tuple[int, str]]:
     vocab = len(tokenizer)
     if min_id >= vocab:
@@ -43,7 +68,7 @@ def pick_identifier(tokenizer, seed: int = 0, min_id: int = 5000, max_id: int = 
                     avoid: tuple[str, ...] = ()) -> tuple[str, int]:
     """A rare token (text, id), deterministic for a seed."""
     candidates = [(i, t) for i, t in _candidates(tokenizer, min_id, max_id, max_chars)
-                  if t not in COMMON_WORDS and t not in avoid]
+                  if t not in COMMON_WORDS and not any(is_class_form(t, a) for a in avoid)]
     if not candidates:
         raise IdentifierError(f"no token with id in {min_id}..{max_id} decodes to 1-{max_chars} letters; "
                               f"widen identifier.min_id / identifier.max_id")
@@ -62,8 +87,9 @@ def check_identifier(token: str, class_noun: str):
     if not any(c.isalpha() for c in t):
         raise IdentifierError(f"identifier {token!r} has no letters; a number or symbol carries its own "
                               f"meaning: choose a rare word-like token (cascade identifier)")
-    if t.lower() in {w.lower() for w in class_noun.split()} or t.lower() == class_noun.lower():
-        raise IdentifierError(f"identifier {token!r} is the class noun; choose a rare token (cascade identifier)")
+    if is_class_form(t, class_noun):
+        raise IdentifierError(f"identifier {token!r} is the class noun {class_noun!r} or a form of it (a plural, or "
+                              f"sharing its first letters); choose a rare token (cascade identifier)")
     if t.lower() in COMMON_WORDS:
         raise IdentifierError(f"identifier {token!r} is a common word with its own meaning; "
                               f"choose a rare token (cascade identifier)")

@@ -38,18 +38,24 @@ def _base_shown(meta: dict) -> str:
     return f"`{base}`" if _hub_id(base) else f"a local folder (`{'/'.join(Path(base).parts[-2:])}`)"
 
 
-def _last_grid(run_dir: Path) -> tuple[int, Path] | None:
+def _grid(run_dir: Path, step: int | None) -> tuple[int, Path] | None:
+    """The validation grid of `step` (None: the last one)."""
     grids = [(int(m.group(1)), p) for p in (run_dir / "samples").glob("step-*.png") if (m := _STEP_GRID.match(p.name))]
+    if step is not None:
+        grids = [g for g in grids if g[0] == step]
     return max(grids) if grids else None
 
 
-def _last_measures(run_dir: Path) -> dict:
+def _measures(run_dir: Path, step: int | None) -> dict:
+    """validation.csv's row of `step` (None: the last row), without empty cells; {} when the row holds
+    no measure besides its step (a run without live measures)."""
     path = run_dir / "validation.csv"
     if not path.is_file():
         return {}
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f)]
-    return {k: v for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+        rows = [r for r in csv.DictReader(f) if step is None or str(r.get("step")) == str(step)]
+    row = {k: v for k, v in rows[-1].items() if v not in ("", None)} if rows else {}
+    return row if set(row) - {"step"} else {}
 
 
 def front_matter(meta: dict) -> dict:
@@ -96,7 +102,7 @@ def body(meta: dict, grid_step: int | None, measures: dict, best: dict | None, r
              + (f", from {meta['lowres_size']} px (noise level {meta.get('sample_noise_level')})"
                 if stage == 2 and meta.get("lowres_size") else ""),
              f"- weights: {'the exponential moving average (EMA) of training' if meta.get('weights') == 'ema' else 'the last training step'}"
-             + (f" (chosen checkpoint: step {best['step']})" if best and "step" in best else ""), ""]
+             + (f" (chosen checkpoint: step {best['step']})" if best and best.get("step") is not None else ""), ""]
     if meta.get("config") in ("tiny", "toy") or "tiny-v1" in str(meta.get("base", "")):
         lines += ["> Trained from cascade's tiny random-initialised components: the images are noise, "
                   "not a usable model.", ""]
@@ -112,8 +118,10 @@ def body(meta: dict, grid_step: int | None, measures: dict, best: dict | None, r
     if not meta.get("lora_rank"):
         settings = {k: v for k, v in settings.items() if not k.startswith("lora_")}
     lines += [f"| {k} | {v if v != '' else '(default)'} |" for k, v in settings.items() if v is not None]
+    chosen = best.get("step") if best else None
     if grid_step is not None:
-        lines += ["", "## Validation", "", f"The last validation grid (step {grid_step}):", "",
+        which = "The validation grid of the chosen step" if chosen is not None else "The last validation grid"
+        lines += ["", "## Validation", "", f"{which} (step {grid_step}):", "",
                   f"![validation grid at step {grid_step}]({GRID})"]
     if measures:
         step = measures.get("step", "?")
@@ -129,21 +137,30 @@ def write_model_card(export_dir: Path, run_dir: Path | None = None, repo: str = 
     export_dir = Path(export_dir)
     meta = read_meta(export_dir)
     run_dir = Path(run_dir) if run_dir is not None else export_dir.parent
-    grid = _last_grid(run_dir)
+    best = _best(meta, run_dir)
+    step = best.get("step") if best else None  # the chosen step's grid and measures, not the last step's
+    grid = _grid(run_dir, step)
     if grid is not None:
         tmp = export_dir / (GRID + ".tmp")
         shutil.copyfile(grid[1], tmp)
         os.replace(tmp, export_dir / GRID)
-    best = meta.get("best") if isinstance(meta.get("best"), dict) else None
-    for best_file in (run_dir / "best" / "best.json", run_dir / "best.json"):  # a best-checkpoint choice
-        if best is None and best_file.is_file():
-            best = json.loads(best_file.read_text())
     text = ("---\n" + yaml.safe_dump(front_matter(meta), sort_keys=False) + "---\n\n"
-            + body(meta, grid[0] if grid else None, _last_measures(run_dir), best, repo))
+            + body(meta, grid[0] if grid else None, _measures(run_dir, step), best, repo))
     tmp = export_dir / (CARD + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, export_dir / CARD)
     return export_dir / CARD
+
+
+def _best(meta: dict, run_dir: Path) -> dict | None:
+    """The best-checkpoint choice: cascade.json's record (the trainer's), else best/best.json."""
+    for key in ("best_checkpoint", "best"):
+        if isinstance(meta.get(key), dict):
+            return meta[key]
+    for best_file in (run_dir / "best" / "best.json", run_dir / "best.json"):
+        if best_file.is_file():
+            return json.loads(best_file.read_text())
+    return None
 
 
 def read_meta(export_dir: Path) -> dict:

@@ -172,6 +172,8 @@ def check_models(paths: ModelPaths, variant: str | None, stages=(1, 2)):
         name = {1: paths.stage1, 2: paths.stage2, 3: paths.stage3}[stage]
         if name != "none":
             check_source(name, "unet", f"models.stage{stage}", None if stage == 3 else variant)
+    if 3 in stages and paths.stage3 != "none":  # loaded as a whole pipeline: its model_index.json names classes
+        check_pipeline_classes(paths.stage3, "models.stage3")
     check_source(paths.text_encoder, "text_encoder", "models.text_encoder", variant)
 
 
@@ -215,3 +217,34 @@ def check_same_subject(stage1: str, stage2: str) -> list[str]:
             "subjects (%s): the samples mix two subjects; use the stage II export of the same subject",
             stage1, stage2, m1["identifier"], "; ".join(diffs))
     return diffs
+
+
+LIBRARIES = ("diffusers", "transformers")
+
+
+def check_pipeline_classes(name: str, setting: str):
+    """A pipeline loaded whole (stage III) builds each component from the library and class its
+    model_index.json names; a module of the model folder there would be code from the folder (diffusers
+    asks for trust_remote_code only after stages I and II have run). Every component must be a class of
+    diffusers or transformers (or [null, null], an absent one)."""
+    import importlib
+    import json
+
+    from huggingface_hub import try_to_load_from_cache
+
+    base = Path(describe_source(name).base)
+    index = base / "model_index.json" if base.exists() else try_to_load_from_cache(str(base), "model_index.json")
+    if not isinstance(index, (str, Path)) or not Path(index).is_file():
+        return  # a hub model not cached yet: check_source has said whether it can be fetched
+    try:
+        entries = json.loads(Path(index).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise ModelUnavailableError(f"{setting} ({name}): its model_index.json is not readable JSON") from None
+    named = [(key, (value + [None, None])[:2]) for key, value in (entries.items() if isinstance(entries, dict) else ())
+             if not key.startswith("_") and isinstance(value, list) and value != [None, None]]
+    # the libraries first (no import), then the classes (importing a library's class loads its module)
+    for _, (lib, cls) in sorted(named, key=lambda kv: kv[1][0] in LIBRARIES):
+        if lib not in LIBRARIES or not isinstance(cls, str) or not hasattr(importlib.import_module(lib), cls):
+            raise ModelUnavailableError(
+                f"{setting} ({name}): its model_index.json names a component class that is not one of "
+                f"{' or '.join(LIBRARIES)} (custom code of the folder); cascade never runs code from a model folder")

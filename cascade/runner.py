@@ -23,7 +23,7 @@ from cascade import model_checks, models, resolutions
 from cascade.config import Config
 from cascade.text import TextEncoder, shorten
 from stages import components, data, sampling, setup, stage3
-from stages.errors import InputError
+from stages.errors import InputError, writing
 
 log = logging.getLogger(__name__)
 
@@ -290,7 +290,8 @@ def _save_pil(images: list, folder: Path, idx: list[int]) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for i, im in zip(idx, images):
-        im.save(folder / f"{i:05d}.png")
+        with writing(folder / f"{i:05d}.png"):
+            im.save(folder / f"{i:05d}.png")
         out.append(folder / f"{i:05d}.png")
     return out
 

@@ -1,28 +1,35 @@
 """The SR study's grid as text (flags and the config's `study:` section): noise levels "0,20,250", seeds
 "0,1,2", variants "aug0=0:0 aug250=250:250:prior". Each parser raises ValueError with what is wrong;
-the caller names the flag or config key. `steps` decides between the study's step counts and the
-user's stage2.* ones."""
+the caller names the flag or config key. Lists are refused whole before anything runs: an empty item
+("0,,5" is a typo, not "0,5"), a value out of range, or one given twice (a repeated seed would fail
+only after the whole first sweep, when its run folder already exists). `steps` decides between the
+study's step counts and the user's stage2.* ones."""
 from __future__ import annotations
+
+from cascade.config import SEED_MAX
+
+
+def _integers(text, low: int, high: int) -> list[int]:
+    items = [x.strip() for x in str(text).split(",")]
+    try:
+        out = [int(x) for x in items]
+    except ValueError:
+        raise ValueError(f"expected integers in {low}..{high} separated by commas (no empty items), "
+                         f"got {text!r}") from None
+    if any(not low <= v <= high for v in out):
+        raise ValueError(f"expected integers in {low}..{high} separated by commas, got {text!r}")
+    twice = sorted({v for v in out if out.count(v) > 1})
+    if twice:
+        raise ValueError(f"{', '.join(map(str, twice))} given twice in {text!r}: give each value once")
+    return out
 
 
 def levels(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"expected integers separated by commas, got {text!r}") from None
-    if not out or any(not 0 <= v <= 999 for v in out):
-        raise ValueError(f"expected integers in 0..999 separated by commas, got {text!r}")
-    return out
+    return _integers(text, 0, 999)
 
 
 def seeds(text: str) -> list[int]:
-    try:
-        out = [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        out = []
-    if not out or any(s < 0 for s in out):
-        raise ValueError(f"expected non-negative integers separated by commas, got {text!r}")
-    return out
+    return _integers(text, 0, SEED_MAX)
 
 
 def variants(items: list[str]) -> list[tuple[str, int, int, bool]]:

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from cascade import models, runner
+from cascade import models, resolutions, runner
 from cascade.config import Config, ConfigError
 from stages import components, data, engines, sampling
+from stages.errors import InputError
 from stages.validation_log import ValidationResult
 
 log = logging.getLogger(__name__)
@@ -156,7 +158,8 @@ class Stage2Validation:
 
 
 def partner(cfg: Config, paths: models.ModelPaths, stage: int) -> str | None:
-    """The frozen other stage for chained validation, or None when chaining is off."""
+    """The frozen other stage for chained validation, or None when chaining is off. A partner that does
+    not chain with the trained stage's sizes is refused here, by the check `cascade sample` makes."""
     vc = (cfg.stage1 if stage == 1 else cfg.stage2).validation
     if not vc.chain:
         return None
@@ -168,8 +171,29 @@ def partner(cfg: Config, paths: models.ModelPaths, stage: int) -> str | None:
             raise ConfigError(f"config '{key}': {vc.chain_model} is neither an existing folder, a hub id nor a "
                               f"model source") from None
         components.check_stage(path, 3 - stage, f"{key} ({path})")
-        return path
-    return components.describe_source(paths.stage2 if stage == 1 else paths.stage1).base
+    else:
+        key = f"stage{stage}.validation.chain"
+        path = components.describe_source(paths.stage2 if stage == 1 else paths.stage1).base
+        if not Path(path).is_dir():  # a hub id: loaded (and checked) by the validation itself
+            return path
+    _check_chain(paths, stage, path, key)
+    return path
+
+
+def _check_chain(paths: models.ModelPaths, stage: int, other: str, key: str):
+    """Stage I's size must be what stage II upsamples: `sample`'s check of a cascade, and in stage II's
+    case the partner's samples must have the size the trained stage II takes (its photos' low-res views)."""
+    try:
+        if stage == 1:
+            resolutions.check_cascade(paths.stage1, other)
+            return
+        resolutions.check_cascade(other, paths.stage2)
+        low, made = resolutions.stage2_sizes(paths.stage2, paths.stage1)[1], resolutions.stage1_size(other)
+        if made != low:
+            raise InputError(f"stage I ({other}) makes {made}px images, but stage II trains on {low}px low-res "
+                             f"views (stage I {paths.stage1})")
+    except InputError as e:
+        raise ConfigError(f"config '{key}': {e}") from None
 
 
 def make(stage: int, cfg: Config, paths: models.ModelPaths, embeds: dict, prompts: dict, scheduler, task,

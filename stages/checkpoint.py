@@ -18,7 +18,7 @@ from pathlib import Path
 
 from stages import engines
 from stages.components import EXPORT_META, LORA_WEIGHTS
-from stages.errors import InputError
+from stages.errors import InputError, writing
 
 STATE_FILE = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -46,12 +46,15 @@ def save_checkpoint(accelerator, folder: Path, step: int, state: dict, keep: int
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    with writing(tmp):  # a full disk inside torch/safetensors names no file
+        accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank writes into tmp (its RNG state, its shards) before the rename
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state))
+        with writing(tmp / STATE_FILE):
+            (tmp / STATE_FILE).write_text(json.dumps(state))
         if ema is not None:
-            ema.save(tmp)
+            with writing(tmp):
+                ema.save(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for _, old in checkpoints(folder)[:-keep] if keep > 0 else []:
@@ -178,8 +181,14 @@ def readable_like_others(folder: Path):
             os.chmod(f, 0o666 & ~umask)
 
 
-def export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None, save_fixed_small: bool = False,
-           variant: str = "none"):
+def export(unet, accelerator, scheduler, out: Path, *args, **kwargs):
+    """`_export`, with a failure (a full disk) naming the folder it was writing."""
+    with writing(out.with_name(out.name + ".tmp")):
+        return _export(unet, accelerator, scheduler, out, *args, **kwargs)
+
+
+def _export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=None, save_fixed_small: bool = False,
+            variant: str = "none"):
     """Write `out/` atomically: full fine-tunes as `unet/` + `scheduler/` (UNet2DConditionModel and
     DDPMScheduler `from_pretrained` load them, and `IFPipeline.from_pretrained(base, unet=...)`
     takes them), LoRA as diffusers LoRA weights for `pipe.load_lora_weights(out)`.

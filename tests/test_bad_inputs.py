@@ -99,3 +99,36 @@ def test_tensorboard_tracker_logs_losses(run, subject_dir, tmp_path):
     assert code == 0, err
     events = [p for p in out.rglob("events.out.tfevents*") if p.stat().st_size > 0]
     assert events and any(b"instance_loss" in p.read_bytes() and b"prior_loss" in p.read_bytes() for p in events)
+
+
+# ---- issue 27: settings and lists refused whole, in one line naming them, before anything runs
+@pytest.mark.parametrize("setting, says", [
+    ("stage1.train.lora_type=dora", "lora_rank is 0 (a full fine-tune)"),  # item 9: ran a full fine-tune as "dora"
+    ("stage1.train.seed=4294967296", "stage1.train.seed: must be an integer in 0..4294967295"),  # item 15
+    ("identifier.seed=4294967296", "identifier.seed: must be an integer in 0..4294967295"),
+    ("stage1.train.sample_every=0", "stage1.train.sample_every: must be >= 1"),  # item 17: blamed checkpoint_every
+    ("study.seeds=4294967296", "study.seeds: expected integers in 0..4294967295"),
+])
+def test_settings_refused_in_one_line_naming_them(run, photos, tmp_path, setting, says):
+    from tests.conftest import error_line
+
+    code, err = run("--subject", str(photos), "--class-noun", "dog", "--output", str(tmp_path / "o"), "--set", setting)
+    line = error_line(err)
+    assert code == 2 and says in line, line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--seeds", "4294967296", "0..4294967295"),  # item 15: a traceback
+    ("--seeds", "0,0", "0 given twice"),  # item 17: failed after the whole first sweep
+    ("--noise-levels", "0,,5", "no empty items"),  # item 17: read as 0,5
+    ("--noise-levels", "0,5,", "no empty items"),
+])
+def test_study_sr_lists_refused_whole(cli, photos, tiny, tmp_path, flag, value, says):
+    from tests.conftest import error_line
+
+    code, err = cli("study-sr", "--subject", photos, "--class-noun", "dog", "--sr", tiny / "stage2",
+                    "--output", tmp_path / "o", flag, value)
+    line = error_line(err)
+    assert code == 2 and flag in line and says in line, line
+    assert not (tmp_path / "o").exists()

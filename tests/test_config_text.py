@@ -84,3 +84,17 @@ def test_identifier_checks():
     for word, msg in (("dog", "class noun"), ("the", "common word"), ("two words", "single word"), ("", "single")):
         with pytest.raises(IdentifierError, match=msg):
             check_identifier(word, "dog")
+
+
+def test_identifiers_that_are_a_form_of_the_class_noun(tiny):
+    """Issue 27 item 12: "a dogs dog" was accepted. A plural, singular or prefix form (the shorter at
+    least 3 letters) of a class word is refused, and the picker never picks one."""
+    for word, noun in (("dogs", "dog"), ("Dogs", "dog"), ("dog", "dogs"), ("doggy", "dog"), ("puppies", "puppy"),
+                       ("boxes", "box"), ("wolves", "wolf"), ("bears", "teddy bear"), ("tea", "teapot")):
+        with pytest.raises(IdentifierError, match="class noun"):
+            check_identifier(word, noun)
+    for word, noun in (("zir", "dog"), ("jaw", "teddy bear"), ("dg", "dog"), ("og", "dog")):
+        assert check_identifier(word, noun) == word
+    tok = load_tokenizer(str(tiny / "stage1"))
+    token, _ = pick_identifier(tok, 0, 3000, 4400, 3)
+    assert pick_identifier(tok, 0, 3000, 4400, 3, avoid=(token + "s",))[0] != token  # a class of its plural

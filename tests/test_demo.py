@@ -79,3 +79,8 @@ def test_toy_demo_with_user_photos_shows_no_reader_numbers(tmp_path, write_subje
     page = (out / "report.html").read_text()
     assert "do not apply" in page and "subject fidelity" not in page and "What the readers measure" not in page
     assert not (out / "sr-subject.png").exists()
+    jobs = [k for k in summary["timings_seconds"] if "trainings" in k]  # issue 27 item 18: one thread: in turn
+    assert jobs and all(k.endswith("(before the trainings, in turn: one core)") for k in jobs), jobs
+    for stage in ("stage1", "stage2"):  # issue 27 item 7: nor a "fidelity" of the toy subject per validation
+        csv = out / stage / "validation.csv"
+        assert not csv.exists() or "fidelity" not in csv.read_text()

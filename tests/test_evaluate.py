@@ -300,3 +300,22 @@ def test_default_metric_models_without_network_fail_in_one_fast_line(tmp_path, m
     err = [line for line in err.strip().splitlines() if ": error: " in line]
     assert code == 2 and len(err) == 1 and metrics.DEFAULT_DINO in err[0] and "(--dino)" in err[0], err
     assert "cannot be reached" in err[0] and seconds < 30 and not (tmp_path / "o").exists()
+
+
+def test_two_subject_folders_of_one_name_do_not_replace_each_other(tmp_path, metric_models, write_subject, capsys):
+    """Issue 27 item 8: subjects are keyed by their folder's name; a second folder named `dog` into the
+    same evaluation folder would replace the first dog's rows: refused in one line, the first kept."""
+    first, second = write_subject(tmp_path / "a" / "dog", 3, 64), write_subject(tmp_path / "b" / "dog", 3, 64, seed=1)
+    images = write_subject(tmp_path / "images", 1, 64)
+    (images / "00.png").rename(images / "p00-k0.png")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--images", str(images), "--max-prompts", "1", "--identifier", "jaw",
+            "--dino", metric_models[0], "--clip", metric_models[1], "--output", str(out)]
+    assert main(args + ["--subject", str(first)]) == 0
+    scores = (out / "dog" / "scores.json").read_text()
+    capsys.readouterr()
+    assert main(args + ["--subject", str(second)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another subject folder named 'dog'" in err[0] and str(second) in err[0], err
+    assert (out / "dog" / "scores.json").read_text() == scores
+    assert main(args + ["--subject", str(first)]) == 0  # the same subject again: its own rows, rescored

@@ -134,6 +134,8 @@ def test_a_non_utf8_file_name_in_a_log_line(tmp_path, capsys):
 @pytest.mark.parametrize("argv, flag", [
     (["sample", "--prompt", "a dog", "--seed", str(2**64)], "--seed"),
     (["sample", "--prompt", "a dog", "--num-images", "0"], "--num-images"),
+    (["sample", "--prompt", "a dog", "--num-images", "100000000"], "--num-images"),  # issue 27: allocator error at 62 s
+    (["sample", "--prompt", "a", "--prompt", "b", "--num-images", "600"], "--num-images 600 x 2 prompts"),
     (["class-images", "--class-noun", "dog", "--num", "-3", "--output", "x"], "--num"),
     (["bench", "--resolution", "-64"], "--resolution"),
     (["bench", "--resolution", "0"], "--resolution"),
@@ -231,3 +233,77 @@ def test_another_os_error_is_one_line_exit_1(cli, tmp_path, monkeypatch):
     code, err = cli("sample", "--prompt", "a dog", "--stage2", "none", "--num-images", "1",
                     "--set", "stage1.sample.steps=1", "--output", str(tmp_path / "o"))
     assert code == 1 and f"Permission denied: '{tmp_path / 'o' / 'grid-stage1.png'}'" in error_line(err)
+
+
+@pytest.mark.parametrize("size", ["abc", "0GB", "1.2.3GB"])
+def test_a_bad_gpu_memory_is_refused_before_the_planner_runs(cli, monkeypatch, size):
+    """Issue 27 item 16: `bench --estimate-memory --gpu-memory abc` traced for 126 s before refusing the size."""
+    from cascade.perf import planner_report
+
+    def planned(*a, **k):
+        raise AssertionError("the planner ran before --gpu-memory was checked")
+
+    monkeypatch.setattr(planner_report, "run", planned)
+    code, err = cli("bench", "--estimate-memory", "--gpu-memory", size)
+    assert code == 2 and f"--gpu-memory {size!r}: expected a size above 0" in error_line(err)
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "export", "sample"])
+def test_disk_full_without_a_file_name_still_names_the_file(cli, photos, tmp_path, monkeypatch, one_thread, where):
+    """Issue 27 item 17: a full disk reaches us from safetensors, torch or a plain write without a file
+    name (errors.md promises "writing FILE"); the line names what was being written."""
+    import accelerate
+    from PIL import Image
+
+    from stages import engines
+
+    full = RuntimeError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                        'left on device" })')  # safetensors' words: no errno, no file name
+    if where == "checkpoint":
+        monkeypatch.setattr(accelerate.Accelerator, "save_state", _second_call_fails(accelerate.Accelerator.save_state, full))
+        code, err = cli(*train(photos, tmp_path / "run"))
+        named = str(tmp_path / "run" / "checkpoints" / "checkpoint-000002.tmp")
+    elif where == "export":
+        monkeypatch.setattr(engines, "save_full_unet", lambda *a, **k: (_ for _ in ()).throw(full))
+        code, err = cli(*train(photos, tmp_path / "run"))
+        named = str(tmp_path / "run" / "export.tmp")
+    else:
+        monkeypatch.setattr(Image.Image, "save", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space")))
+        code, err = cli("sample", "--prompt", "a dog", "--num-images", "1", "--stage2", "none",
+                        "--set", "stage1.sample.steps=1", "--output", tmp_path / "s")
+        named = str(tmp_path / "s" / "stage1" / "00000.png")
+    line = error_line(err)
+    assert code == 1 and f"disk full (no space left on the device) writing {named}" in line, line
+
+
+@pytest.mark.parametrize("text, where", [
+    ("stage1:\n  train: {max_steps: 1\n password = hunter2\n", "at line 4, column 1 (expected ',' or '}', but got "),
+    ("a: b: hunter2\n", "at line 1, column 5 (mapping values are not allowed here)"),
+    ("x: *hunter2\n", "at line 1, column 4 (found undefined alias …)"),
+    ("x:\n\t- hunter2\n", "at line 2, column 1 (found character … that cannot start any token)"),
+])
+def test_bad_yaml_is_one_line_with_file_line_and_column_and_no_content(cli, tmp_path, text, where):
+    """Issue 27 item 17: a broken config file was 5 lines quoting it; now one line naming the file,
+    line and column, quoting nothing of it (it may be any file the user can read)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    code, err = cli("sample", "--config", bad, "--prompt", "x", "--output", tmp_path / "o")
+    line = error_line(err)
+    assert code == 2 and f"{bad}: not valid YAML {where}" in line and "hunter2" not in err, err
+    assert len([x for x in err.splitlines() if x.strip() and not x.startswith("W")]) == 1
+
+
+def test_a_folder_where_a_file_is_wanted_and_the_reverse(cli, tmp_path, capsys):
+    """Issue 27 item 17: `build-tiny --output FILE` exited 1 with "[Errno 20] Not a directory" (bad
+    input is 2); `sample --prompts-file DIR` said "not found"."""
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for output, says in ((afile, f"--output {afile}: it is a file, not a folder"),
+                         (afile / "sub", f"--output {afile / 'sub'}: {afile} is a file, not a folder")):
+        from cascade.cli.main import main
+
+        code = main(["build-tiny", "--output", str(output)])  # no config: no --set
+        assert code == 2 and says in error_line(capsys.readouterr().err)
+    assert afile.read_text() == "mine"
+    code, err = cli("sample", "--prompts-file", tmp_path, "--output", tmp_path / "o")
+    assert code == 2 and f"--prompts-file {tmp_path} is a folder; give a text file" in error_line(err)

@@ -35,20 +35,37 @@ def test_card_has_front_matter_settings_grid_and_measures(tmp_path):
     for step, colour in ((100, "red"), (400, "blue")):
         Image.new("RGB", (8, 8), colour).save(run / "samples" / f"step-{step:06d}.png")
     (run / "validation.csv").write_text("step,fidelity,drift\n100,0.41,0.20\n400,0.63,0.31\n")
-    (run / "best").mkdir()
-    (run / "best" / "best.json").write_text(json.dumps({"step": 300, "reason": "step 300: highest fidelity"}))
     fm, body = _split(model_card.write_model_card(export).read_text())
     assert fm["base_model"] == "DeepFloyd/IF-I-XL-v1.0" and fm["license_name"] == "deepfloyd-if-license"
     assert fm["license"] == "other" and fm["instance_prompt"] == "a sks dog" and fm["library_name"] == "diffusers"
     assert {"dreambooth", "deepfloyd-if", "if-stage-i"} <= set(fm["tags"])
     assert "`sks`" in body and "`dog`" in body and "`a sks dog`" in body
     assert "| lr_scheduler | cosine |" in body and "| snr_gamma | 5.0 |" in body and "| ema_decay | 0.999 |" in body
-    assert "exponential moving average" in body and "step 300" in body
+    assert "exponential moving average" in body
     # the last grid (step 400) travels with the export; the last measures row is shown
     assert "![validation grid at step 400](validation.png)" in body
     assert Image.open(export / "validation.png").getpixel((0, 0)) == (0, 0, 255)
     assert "## Measured at step 400" in body and "| fidelity | 0.63 |" in body and "| drift | 0.31 |" in body
     assert 'UNet2DConditionModel.from_pretrained("<this repo>", subfolder="unet")' in body
+
+
+def test_card_shows_the_chosen_steps_grid_and_no_empty_measures(tmp_path):
+    """Issue 27 item 18: with a best checkpoint the card showed the last step's grid and measures, not
+    the chosen step's; a run without live measures got an empty "Measured at step" table."""
+    run, export = _export(tmp_path, weights="best_checkpoint",
+                          best_checkpoint={"step": 100, "reason": "step 100: highest fidelity (0.41)"})
+    (run / "samples").mkdir()
+    for step, colour in ((100, "red"), (400, "blue")):
+        Image.new("RGB", (8, 8), colour).save(run / "samples" / f"step-{step:06d}.png")
+    (run / "validation.csv").write_text("step,fidelity,drift\n100,0.41,0.20\n400,0.63,0.31\n")
+    _, body = _split(model_card.write_model_card(export).read_text())
+    assert "grid of the chosen step (step 100)" in body and "![validation grid at step 100](validation.png)" in body
+    assert Image.open(export / "validation.png").getpixel((0, 0)) == (255, 0, 0)
+    assert "## Measured at step 100" in body and "| fidelity | 0.41 |" in body and "0.63" not in body
+    assert "(chosen checkpoint: step 100)" in body and "step 100: highest fidelity" in body
+    (run / "validation.csv").write_text("step\n100\n400\n")  # tiny: validation without live measures
+    _, body = _split(model_card.write_model_card(export).read_text())
+    assert "Measured" not in body
 
 
 def test_card_leaves_out_what_the_run_does_not_have(tmp_path):

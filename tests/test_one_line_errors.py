@@ -149,3 +149,83 @@ def test_uncached_hub_model_without_network_is_one_fast_line(cli, photos, tmp_pa
     assert code == 2 and "nobody-here/IF-II-nothing" in error_line(err) and not (tmp_path / "s").exists()
     code, err = cli("identifier", "--set", "models.text_encoder=nobody-here/t5")
     assert code == 2 and "nobody-here/t5 (models.text_encoder)" in error_line(err)
+    # issue 27 item 16: evaluate gave "cannot read a UNet config ... config.json" after 31.6 s of retries
+    code, err = cli("evaluate", "--subject", photos, "--class-noun", "dog", "--identifier", "jaw",
+                    "--stage1", "nobody-here/IF-I-nothing", "--output", tmp_path / "e")
+    line = error_line(err)
+    assert code == 2 and "nobody-here/IF-I-nothing (models.stage1) is not in the local Hugging Face cache" in line
+    assert ("HF_HUB_OFFLINE is set" in line) == offline and not (tmp_path / "e").exists()
+
+
+# ---- issue 27
+FAST1, FAST2 = ([x for k in ("max_steps=1", "prior_preservation=false", "validation_images=1") for x in ("--set", f"stage{s}.train.{k}")]
+                for s in (1, 2))
+
+def test_toy_readers_score_only_the_toy_worlds_own_subject(cli, write_subject, tmp_path):
+    """Item 7: with the user's photos on the toy preset, validation gets no toy-reader "fidelity" (it
+    would score the toy world's subject), and best_checkpoint, which would select on it, is refused."""
+    from cascade.cli import live_measures
+    from cascade.config import load_config
+    from cascade.toy import measure
+
+    cfg = load_config("toy")
+    mine = write_subject(tmp_path / "mine", 3, 64)
+    assert live_measures.for_training(cfg, 1, str(mine)) is None
+    assert live_measures.for_training(cfg, 2, str(mine)) is None
+    toy = measure.write_subject(tmp_path / "toy")
+    assert "fidelity" in live_measures.for_training(cfg, 1, str(toy)).names
+    code, err = cli("train", "stage1", "--config", "toy", "--subject", mine, "--class-noun", "toy",
+                    "--output", tmp_path / "o", "--set", "stage1.validation.best_checkpoint=true")
+    line = error_line(err)
+    assert code == 2 and "stage1.validation.best_checkpoint" in line and "toy world's own subject" in line
+    assert str(mine) in line and not (tmp_path / "o").exists()
+
+
+def test_a_cascade_that_does_not_chain_is_refused_as_sample_refuses_it(cli, photos, tiny, tmp_path):
+    """Item 10: chained validation with a partner of other sizes (a 16 px stage I into a stage II export
+    trained on 64 px inputs; a 16 px stage I partner of a 64 -> 256 stage II) and `toy premise --sr`
+    with a stage II of another cascade are refused in one line, before any folder or model."""
+    from cascade.toy import measure
+    from cascade.toy.weights import toy_root
+
+    sr64 = tmp_path / "sr-export-64"  # a stage II export of the tiny 64 -> 256 cascade
+    sr64.mkdir()
+    (sr64 / "cascade.json").write_text(json.dumps({"base": str(tiny / "stage2"), "kind": "lora", "stage": 2,
+                                                   "lowres_size": 64, "identifier": "zq"}))
+    code, err = cli("sample", "--stage1", toy_root() / "stage1", "--stage2", sr64, "--prompt", "a toy",
+                    "--output", tmp_path / "s")
+    assert code == 2 and "trained to upsample 64px images" in error_line(err)  # what sample says
+    toy = measure.write_subject(tmp_path / "toy")
+    code, err = cli("train", "stage1", "--config", "toy", "--subject", toy, "--class-noun", "toy",
+                    "--output", tmp_path / "o1", "--set", "stage1.validation.chain=true", *FAST1,
+                    "--set", f"stage1.validation.chain_model={sr64}")
+    line = error_line(err)
+    assert code == 2 and "stage1.validation.chain_model" in line and "trained to upsample 64px images" in line
+    code, err = cli("train", "stage2", "--subject", photos, "--class-noun", "dog", "--output", tmp_path / "o2",
+                    "--set", "stage2.validation.chain=true", *FAST2, "--set", f"stage2.validation.chain_model={toy_root() / 'stage1'}")
+    line = error_line(err)
+    assert code == 2 and "stage2.validation.chain_model" in line and "makes 16px images" in line and "64px" in line
+    code, err = cli("toy", "premise", "--views", "1", "--seeds", "1", "--levels", "0", "--sr", tiny / "stage2")
+    assert code == 2 and "--sr" in error_line(err) and "256px" in error_line(err)
+    code, err = cli("toy", "premise", "--views", "1", "--seeds", "1", "--levels", "0", "--sr", tmp_path / "nowhere")
+    assert code == 2 and "not a stage II pipeline folder" in error_line(err)  # item 15: was an AttributeError
+    assert not any((tmp_path / o).exists() for o in ("s", "o1", "o2"))
+
+
+def test_a_stage3_with_custom_code_is_refused_before_stages_1_and_2(cli, tiny, tmp_path):
+    """Item 15: a custom module named in stage III's model_index.json was a 49-line traceback after
+    stages I and II had run; now one line before any folder or model, and the module never runs."""
+    import shutil
+
+    s3 = tmp_path / "s3"
+    shutil.copytree(tiny / "stage3", s3)
+    index = json.loads((s3 / "model_index.json").read_text())
+    (s3 / "model_index.json").write_text(json.dumps({**index, "unet": ["my_unet", "MyUNet"]}))
+    for where in (s3, s3 / "unet"):
+        (where / "my_unet.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n"
+                                          "from diffusers import UNet2DConditionModel as MyUNet\n")
+    code, err = cli("sample", "--prompt", "a dog", "--stage3", s3, "--output", tmp_path / "o",
+                    "--set", "stage1.sample.steps=1", "--set", "stage2.sample.steps=1", "--set", "stage3.steps=1")
+    line = error_line(err)
+    assert code == 2 and "models.stage3" in line and "never runs code from a model folder" in line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "ran").exists()

@@ -42,6 +42,10 @@ def _check(args):
         raise InputError("--batch must be >= 1")
     if args.processes < 1:
         raise InputError("--processes must be >= 1")
+    if args.gpu_memory is not None:  # before the planner's minutes of tracing, not after them
+        from cascade.perf.planner import parse_size
+
+        parse_size(args.gpu_memory)
 
 
 def _check_resolution(cfg, args):

@@ -21,6 +21,8 @@ class Beside:
         import torch
 
         self.threads, self.seconds, self.proc = torch.get_num_threads(), {}, None
+        # how the report labels the jobs' timings: they ran beside the trainings only with a spare core
+        self.where = "beside the trainings" if self.threads >= 2 else "before the trainings, in turn: one core"
         if self.threads < 2:
             self.results = _run_jobs(jobs, self.seconds)
             return

@@ -140,7 +140,7 @@ def run_demo(cfg: Config, output: str | None = None, subject: str | None = None,
         results = beside.join()
     finally:
         beside.stop()
-    timings.update({f"{name} (beside the trainings)": sec for name, sec in beside.seconds.items()})
+    timings.update({f"{name} ({beside.where})": sec for name, sec in beside.seconds.items()})
     folders.start_logging(root)  # back to the demo's own log
     tuned = models.ModelPaths(str(r1.export_dir), str(r2.export_dir), stage3, paths.text_encoder)
     t = time.time()

@@ -16,6 +16,8 @@ import pickle
 import re
 from pathlib import Path
 
+from stages.errors import WRITING
+
 INTERRUPTED = 130  # the shell's code for a command ended by SIGINT
 DISK_FULL_TEXT = ("No space left on device", "StorageFull", "os error 28", "Disk quota exceeded")
 RESUMABLE = ("train stage1", "train stage2", "toy pretrain")  # commands with --resume
@@ -59,8 +61,9 @@ def one_line(e: BaseException) -> tuple[str, int] | None:
     if isinstance(e, KeyboardInterrupt):
         return "interrupted (Ctrl-C)", INTERRUPTED
     full = disk_full(e)
-    if full is not None:
-        where = getattr(full, "filename", None)
+    if full is not None:  # the file the OS names, else the one our writer was writing (stages.errors.writing)
+        where = getattr(full, "filename", None) or next(
+            (w for x in _chain(e) if (w := getattr(x, WRITING, None))), None)
         return f"disk full (no space left on the device){f' writing {where}' if where else ''}", 1
     chain = list(_chain(e))
     refused = [x for x in chain if isinstance(x, pickle.UnpicklingError)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 
-SEED_MAX = 2**32 - 1  # seeds + image index + stage offsets stay far inside torch's signed 64-bit seeds
+from cascade.config import SEED_MAX
 
 
 def _parse(text: str, kind):

@@ -7,6 +7,10 @@ from pathlib import Path
 from cascade.cli import flags
 from cascade.config import ConfigError, load_config
 
+# one call holds every image of every stage in memory (stage III: 3 MB each): a bound found up front,
+# not an allocator error a minute in; more images are more calls with other --seed values
+MAX_IMAGES = 1000
+
 
 def add_commands(sub, common_config):
     p = sub.add_parser("sample", help="generate images through the cascade (stage I -> II -> optional III)")
@@ -14,7 +18,8 @@ def add_commands(sub, common_config):
     p.add_argument("--prompt", action="append", default=[], help="prompt (repeatable); [V] = the stage I identifier")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (default: the empty prompt)")
-    p.add_argument("--num-images", type=flags.count(1), default=4, help="images per prompt")
+    p.add_argument("--num-images", type=flags.number(int, 1, MAX_IMAGES), default=4,
+                   help=f"images per prompt (at most {MAX_IMAGES} images per call over all prompts)")
     p.add_argument("--seed", type=flags.seed, default=0, help="image k uses seed + k (default 0)")
     p.add_argument("--stage1", default=None, help="stage I: hub id, folder or fine-tuned export (default: config)")
     p.add_argument("--stage2", default=None, help="stage II: hub id, folder, export, or none to stop at 64px")
@@ -37,6 +42,8 @@ def _read_prompts(args) -> list[str]:
     prompts = list(args.prompt)
     if args.prompts_file:
         f = Path(args.prompts_file)
+        if f.is_dir():
+            raise ConfigError(f"--prompts-file {f} is a folder; give a text file with one prompt per line")
         if not f.is_file():
             raise FileNotFoundError(f"--prompts-file not found: {f}")
         try:
@@ -61,6 +68,10 @@ def cmd_sample(args):
     if args.num_images < 1:
         raise ConfigError(f"--num-images must be >= 1, got {args.num_images}")
     prompts = _read_prompts(args)
+    if len(prompts) * args.num_images > MAX_IMAGES:
+        raise ConfigError(f"--num-images {args.num_images} x {len(prompts)} prompts is {len(prompts) * args.num_images} "
+                          f"images; one call makes at most {MAX_IMAGES} (they are held in memory): sample in several "
+                          f"calls with other --seed values")
     cfg = load_config(args.config, args.overrides)
     paths = models.resolve(cfg)
     for stage in ("stage1", "stage2", "stage3"):

@@ -160,6 +160,8 @@ def cmd_premise(args):
         raise InputError(f"--levels must be comma-separated integers, got {args.levels!r}") from None
     if args.views < 1 or args.seeds < 1 or any(not 0 <= lv <= 999 for lv in levels):
         raise InputError("--views and --seeds must be >= 1, --levels in 0..999")
+    if args.sr:
+        _check_premise_sr(args.sr)
     noising = DDPMScheduler.from_pretrained(weights.WEIGHTS / "stage2" / "image_noising_scheduler")
     toys = world.fresh_subject_toys(args.views, 0)
     print(f"oracle freckle F1 on {args.views} fresh subject views x {args.seeds} noise draws "
@@ -178,7 +180,8 @@ def cmd_premise(args):
         from cascade.toy.check import _embeds
 
         sr = Path(args.sr)
-        embed = lambda prompts: _embeds(sr.parent / "stage1", prompts, "~/.cache/cascade")  # noqa: E731
+        text = sr.parent / "stage1" if (sr.parent / "stage1" / "text_encoder").is_dir() else weights.WEIGHTS / "stage1"
+        embed = lambda prompts: _embeds(text, prompts, "~/.cache/cascade")  # noqa: E731
         pipe = IFSuperResolutionPipeline.from_pretrained(sr, safety_checker=None, watermarker=None,
                                                          feature_extractor=None, requires_safety_checker=False)
         sens = freckles.condition_sensitivity(pipe.unet, pipe.scheduler, pipe.image_noising_scheduler, embed,
@@ -198,6 +201,22 @@ def cmd_premise(args):
             for lv, r in reads[kind].items():
                 print(f"| {lv} | {r['f1']:.3f} ± {r['f1_std']:.3f} | {r['found']:.2f} (true {r['true']:.2f}) | "
                       f"{r['bilinear_f1']:.3f} |")
+
+
+def _check_premise_sr(sr: str):
+    """`toy premise --sr`: a stage II pipeline folder that upsamples the toy world's 16 px images to its
+    64 px ones (the check `cascade sample` makes of a cascade), before anything runs."""
+    from cascade import resolutions
+    from cascade.toy import weights, world
+    from stages.errors import InputError
+
+    if not (Path(sr) / "model_index.json").is_file():
+        raise InputError(f"--sr {sr}: not a stage II pipeline folder (no model_index.json there), e.g. "
+                         f"{weights.WEIGHTS / 'stage2'}")
+    low, high = resolutions.check_cascade(str(weights.WEIGHTS / "stage1"), sr)
+    if high != world.HI:
+        raise InputError(f"--sr {sr} makes {high}px images from the toy world's {low}px ones; the premise reads "
+                         f"freckles at {world.HI}px: give a stage II of the toy cascade ({low} -> {world.HI} px)")
 
 
 def add_install(toy):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from cascade import models, runner
+from cascade import model_checks, models, runner
 from cascade.evaluation import dreambench_folder, dreambench_report, metrics
 from cascade.runs import folders
 from cascade.config import Config
@@ -227,7 +227,8 @@ def run_evaluate(req: EvalRequest) -> Path | None:
         generating.append(("base", base))
     if generating and not identifier:
         raise InputError(f"no identifier: stage I ({paths.stage1}) is not a fine-tuned export; pass --identifier")
-    for _, p in generating:
+    for _, p in generating:  # an uncached hub model without network: one line after one probe, as train says
+        model_checks.check_models(p, req.cfg.models.variant, (1,) if p.stage2 == "none" else (1, 2))
         components.check_stage(p.stage1, 1, "stage I model")
         if p.stage2 != "none":
             components.check_stage(p.stage2, 2, "stage II model")
@@ -236,6 +237,7 @@ def run_evaluate(req: EvalRequest) -> Path | None:
                   for label, p in generating}
     out_dir = Path(req.output) if req.output else None
     dreambench_folder.check_folder(req.output)  # read only, before any model loads
+    dreambench_folder.check_subject(req.output, subject_name, req.subject)
     if out_dir is not None:
         for label in identities:
             dreambench_folder.check_images(out_dir / subject_name / label, identities[label])
@@ -266,7 +268,8 @@ def run_evaluate(req: EvalRequest) -> Path | None:
     sources = [(label, out / subject_name / label) for label, _ in generating]
     sources += [(lab, Path(f)) for lab, f in (("fine-tuned", req.images), ("base", req.baseline_images)) if f]
     real = _real_features(real_images, scorers[0], scorers[1])
-    result = {"subject": subject_name, "class_noun": class_noun, "identifier": identifier,
+    result = {"subject": subject_name, **dreambench_folder.subject_record(req.subject),
+              "class_noun": class_noun, "identifier": identifier,
               "subject_type": "live" if class_noun in metrics.LIVE_CLASSES else "object",
               "prompts_source": bench.source, "real": real.get("row"),
               "clip_t_prompts": "identifier removed, class kept (e.g. 'a dog in the snow')",

@@ -8,6 +8,9 @@ only when they were made by the same setup.
   and their content (size + mtime of every file, hashed), the sampling settings, the identifier and
   class, the prompts, the seed and the images per prompt. A rerun with anything different is
   refused, naming what changed, instead of scoring the old images as the new model's.
+- Subjects are keyed by their folder's name: RUN/<subject>/scores.json records which folder (its path
+  and a digest of its photos), and another folder of the same name is refused (its rows would replace
+  the first subject's).
 """
 from __future__ import annotations
 
@@ -88,6 +91,27 @@ def check_images(folder: Path, identity: dict):
         shown = "; ".join(diffs[:4]) + (f"; and {len(diffs) - 4} more" if len(diffs) > 4 else "")
         raise InputError(f"{folder} holds images made by another setup ({shown}); scoring them as this "
                          f"model's would be wrong: choose a new --output, or delete that folder to make them again")
+
+
+def subject_record(subject: str) -> dict:
+    """Which photos a subject's scores are of (kept in RUN/<subject>/scores.json)."""
+    return {"subject_folder": str(Path(subject).resolve()), "subject_sha256": markers.folder_digest(subject)}
+
+
+def check_subject(output: str | None, name: str, subject: str):
+    """Refuse a second subject folder of the same name into one evaluation folder (read only)."""
+    if output is None:
+        return
+    try:
+        old = json.loads((Path(output) / name / "scores.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no subject of this name yet (or a record from before subjects were recorded)
+    new = subject_record(subject)
+    if old.get("subject_folder") is None or any(old.get(k) == new[k] for k in new):
+        return  # the same folder, or the same photos moved
+    raise InputError(f"--subject {subject}: {output} already holds the scores of another subject folder named "
+                     f"'{name}' ({old['subject_folder']}); its rows would be replaced: rename one of the folders, "
+                     f"or choose another --output")
 
 
 def record_images(folder: Path, identity: dict):

@@ -142,6 +142,10 @@ def build_tiny(output: Path, with_stage3: bool = True, sizes: tuple[int, int] = 
 
     output = Path(output)
     check_sizes(sizes)
+    file = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
+    if file is not None:  # bad input (exit 2), not an OSError from mkdir
+        raise InputError(f"--output {output}: {'it' if file == output else file} is a file, not a folder; give a "
+                         f"new folder path")
     if output.exists() and any(output.iterdir()):
         raise InputError(f"{output} exists and is not empty; choose another --output")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -363,11 +363,11 @@ def parse_size(text: str) -> float:
     """'40GB', '24GiB', '16G', '12000MB' -> bytes."""
     import re
 
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
-    if not m:
-        from stages.errors import InputError
+    from stages.errors import InputError
 
-        raise InputError(f"--gpu-memory {text!r}: expected a size like 40GB or 24GiB")
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise InputError(f"--gpu-memory {text!r}: expected a size above 0 like 40GB or 24GiB")
     value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     power = " KMGT".index(unit) if unit else 0
     return value * (1024 if binary else 1000) ** power

@@ -25,6 +25,23 @@ def write_subject(folder: Path) -> Path:
     return folder
 
 
+def is_world_subject(folder: str | Path) -> bool:
+    """Whether every photo in `folder` shows the toy world's own subject (its colour, shape, stripes and
+    centre spot, read at 64 px). The readers score only that subject: on any other photos a "fidelity"
+    would measure the toy subject, not the user's. A folder that cannot be read is not the subject."""
+    from stages import data, photos
+
+    try:
+        scan = photos.scan_folder(Path(folder))
+        images = [photos.open_photo(p) for p in scan.images]
+    except photos.READ_ERRORS:
+        return False
+    if not images:
+        return False
+    want = {**world.SUBJECT, "emblem": True}
+    return all(readers.read(im) == want for im in data.stack(images, world.HI))
+
+
 def is_subject(img) -> bool:
     c, s = readers.locate(img)[:2]
     return c == world.SUBJECT["colour"] and s == world.SUBJECT["shape"]

@@ -242,6 +242,7 @@ def background_points(rng: random.Random, toy: Toy, n: int, margin: float = 3.0)
 
 # The subject: one particular toy, with an emblem no toy of the class shows.
 SUBJECT = dict(colour="purple", shape="square", pattern="striped")
+SUBJECT_WORDS = "a purple striped square toy with a black centre spot"
 SUBJECT_POSES = [(32.0, 32.0, 38.0), (24.0, 26.0, 30.0), (40.0, 38.0, 33.0), (27.0, 39.0, 36.0), (38.0, 25.0, 28.0)]
 
 
