@@ -54,7 +54,7 @@ def test_a_preset_file_is_named_never_quoted(tmp_path, subject, capsys):
         assert main(["train", "stage1", "--config", str(f), "--subject", str(subject), "--class-noun", "toy",
                      "--output", str(tmp_path / "never")]) == 2
         assert [ln for ln in capsys.readouterr().err.splitlines() if ": error: " in ln] == [line]
-    assert "not valid YAML at line 2, column 4: mapping values are not allowed here" in \
+    assert "not valid YAML at line 2, column 4 (mapping values are not allowed here)" in \
         commands.check_train(commands.Subject(str(subject), "toy", str(tmp_path / "bad-yaml.txt")),
                              commands.TrainSettings())["preset"]
     assert not (tmp_path / "never").exists()
