@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cascade.perf import planner
+from cascade.perf import command_plan, planner
 from cascade.config import Train
 from stages import activation_ckpt, optim, setup
 
@@ -185,11 +185,11 @@ def test_t5_phase_counts_wo_in_fp32():
     n = arch.n_params(t5)
     n_wo = sum(p.numel() for name, p in t5.named_parameters() if ".wo." in name)
     assert 1.0e9 < n_wo < 1.02e9  # 24 layers x 4096 x 10240
-    fp16 = planner.t5_device_bytes("if-i-xl", "float16")
+    fp16 = command_plan.t5_device_bytes("if-i-xl", "float16")
     assert fp16 == 2 * n + 2 * n_wo  # 11.6 GB, not 9.5 GB
-    assert planner.t5_device_bytes("if-i-xl", "bfloat16") == 2 * n  # bf16 loads keep wo in bf16
-    assert 4 * n_wo < planner.t5_device_bytes("if-i-xl", "float16", "8bit") < fp16 - 2 * (n - n_wo) // 3
-    assert planner.t5_device_bytes("if-i-xl", "float16", "cpu") == 0
+    assert command_plan.t5_device_bytes("if-i-xl", "bfloat16") == 2 * n  # bf16 loads keep wo in bf16
+    assert 4 * n_wo < command_plan.t5_device_bytes("if-i-xl", "float16", "8bit") < fp16 - 2 * (n - n_wo) // 3
+    assert command_plan.t5_device_bytes("if-i-xl", "float16", "cpu") == 0
     with torch.device("meta"):
         from transformers import T5Config, T5EncoderModel
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import time
 
-from cascade.perf import arch, planner
+from cascade.perf import arch, command_plan, planner
 from cascade.perf.bench import device_name, git_revision, versions
 
 log = logging.getLogger(__name__)
@@ -109,13 +109,13 @@ def run(cfg, args) -> dict:
                       f"resolution {plan.resolution or 'native'}, CPU: training step peak {_gb(step['bytes']['peak'])} GB")
         return report
     placement = "cpu" if cfg.models.text_encoder_device == "cpu" else "gpu"
-    phases = planner.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images,
+    phases = command_plan.command_phases(plan, step, cfg.models.dtype, sec.sample.batch_size, sec.train.validation_images,
                                    placement)
     ema_host = 0
     if sec.train.ema:  # the EMA copy (issue 20) on the device, or in host memory with ema_on_cpu
-        phases, ema_host = planner.with_ema(phases, step, sec.train.ema_on_cpu)
+        phases, ema_host = command_plan.with_ema(phases, step, sec.train.ema_on_cpu)
     peak_phase = max(phases, key=phases.get)
-    t5_options = {p: planner.t5_device_bytes(plan.model, cfg.models.dtype, p) for p in ("gpu", "8bit", "cpu")}
+    t5_options = {p: command_plan.t5_device_bytes(plan.model, cfg.models.dtype, p) for p in ("gpu", "8bit", "cpu")}
     report.update(plan=step, phases=phases, peak_phase=peak_phase, command_peak=phases[peak_phase],
                   t5_placement=placement, t5_options=t5_options, processes=getattr(args, "processes", 1))
     lines = [f"{plan.model}, {'one of ' + str(args.processes) + ' DDP processes, ' if ddp else ''}"
@@ -148,7 +148,7 @@ def run(cfg, args) -> dict:
     # host RAM at export: safetensors builds each file in memory (the whole state dict), then the fp16
     # variant is converted from the written file (a half-precision copy)
     full = plan.lora_rank == 0
-    host = (step["params_total"] * planner.DTYPE_BYTES[plan.weights_dtype] if full else 0) + \
+    host = (step["params_total"] * command_plan.DTYPE_BYTES[plan.weights_dtype] if full else 0) + \
         (step["params_total"] * 2 if full and sec.train.export_variant != "none" else 0)
     report["host_export_bytes"] = host
     report["host_ema_bytes"] = ema_host
