@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from cascade.perf import arch
+from cascade.perf import arch, engine_buffers
+from cascade.perf.cuda_autocast import cuda_rules
 from cascade.perf.step import synthetic_batch, train_step
 from stages import activation_ckpt, optim, precision, setup
 
@@ -45,6 +46,7 @@ class Plan:
     text_len: int = 77
     resolution: int | None = None  # training input size (default: the model's sample_size)
     offload: bool = False  # DeepSpeed ZeRO-Offload: bf16 module on the device, fp32 master + Adam on the host
+    autocast_rules: str = "cuda"  # whose autocast op lists the trace follows: cuda (the target) | cpu
 
     def device_plan(self) -> "Plan":
         """What the device holds under offload: the bf16 module, gradients reduced tensor by tensor
@@ -227,7 +229,7 @@ def trace_step(plan: Plan) -> dict:
             tracker.track_external(unet, opt, _StateView(optim.state_tensors(opt)))
             ac = torch.autocast("cpu", dtype=getattr(torch, plan.autocast), enabled=plan.autocast is not None) \
                 if plan.autocast else torch.autocast("cpu", enabled=False)
-            with tracker:
+            with tracker, cuda_rules(plan.autocast is not None and plan.autocast_rules == "cuda"):
                 train_step(unet, opt, batch, ac)
             peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
             now = tracker.get_tracker_snapshot("current")[torch.device("cpu")]
@@ -238,10 +240,11 @@ def trace_step(plan: Plan) -> dict:
         precision._State8bit = saved
     n_all = sum(p.numel() for p in unet.parameters())
     n_train = sum(p.numel() for p in params)
-    # DeepSpeed's gradient bucket (reduce_bucket_size, hidden^2 values as cascade fills it; two buffers)
-    bucket = 2 * 2 * max(cfg["block_out_channels"]) ** 2 if asked.offload else 0
+    # DeepSpeed ZeRO-Offload's device buffers at the sizes cascade sets (stages/engines.py)
+    bucket = engine_buffers.zero_offload_bytes(params) if asked.offload else 0
     kinds["Total"] += bucket
     return {"plan": asdict(asked), "label": asked.label(), "params_total": n_all, "params_trainable": n_train,
+            "largest_trainable": max(p.numel() for p in params),
             "host_bytes": 16 * n_train if asked.offload else 0,  # fp32 master, 2 moments, fp32 gradient copy
             "bytes": {"params": cur["Parameter"] + cur["Buffer"],
                       "grads": bucket + (grads_max if plan.in_backward else
