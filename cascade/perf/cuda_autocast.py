@@ -13,7 +13,7 @@ AT_FORALL_FP32_SET_OPT_DTYPE), by the Python name of the op; `scripts/device_che
 emulation with real CUDA autocast on a GPU (the saved-for-backward dtypes of a small UNet)."""
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -90,11 +90,29 @@ class CudaAutocastRules(TorchFunctionMode):
 
 @contextmanager
 def cuda_rules(enabled: bool = True):
-    """Inside: CPU autocast regions follow CUDA's fp32 lists (also in checkpointed recomputation,
-    which re-enters autocast during backward). Yields the mode (its `upcast` counts), or None."""
+    """Inside: CPU autocast regions follow CUDA's fp32 lists. Checkpointed recomputation re-enters
+    autocast during backward, where the autograd engine does not carry torch-function modes: every
+    `torch.utils.checkpoint.checkpoint` call (diffusers' and stages/activation_ckpt.py's) gets the
+    rules in its recompute context too. Yields the mode (its `upcast` counts), or None."""
     if not enabled:
         yield None
         return
+    import torch.utils.checkpoint as tuc
+
+    from stages import activation_ckpt
+
     mode = CudaAutocastRules()
-    with mode:
-        yield mode
+    real = tuc.checkpoint
+
+    def checkpoint(fn, *args, **kwargs):
+        if kwargs.get("use_reentrant", True) is False and "context_fn" not in kwargs:
+            kwargs["context_fn"] = lambda: (nullcontext(), mode)
+        return real(fn, *args, **kwargs)
+
+    saved = activation_ckpt.checkpoint
+    tuc.checkpoint, activation_ckpt.checkpoint = checkpoint, checkpoint
+    try:
+        with mode:
+            yield mode
+    finally:
+        tuc.checkpoint, activation_ckpt.checkpoint = real, saved

@@ -17,6 +17,7 @@ The loss in the trace is the epsilon MSE (the hybrid bound adds a few per-pixel 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import asdict, dataclass, replace
 
@@ -254,6 +255,7 @@ def trace_step(plan: Plan) -> dict:
                       "peak": kinds["Total"]}}
 
 
+@functools.lru_cache(maxsize=None)  # the command's phases and the validation advice ask for the same traces
 def trace_inference(model: str, batch: int, dtype: str = "float16", text_len: int = 77) -> int:
     """Peak bytes of one sampling forward (classifier-free guidance doubles the batch) of a frozen UNet."""
     from torch._subclasses.fake_tensor import FakeTensorMode
