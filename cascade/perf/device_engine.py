@@ -18,7 +18,7 @@ import torch
 def main(arg: str) -> dict:
     from cascade.perf import device_check
     from cascade.perf.step import synthetic_batch
-    from stages import activation_ckpt, engines, optim, setup
+    from stages import activation_ckpt, engines, optim, precision, setup
 
     spec = json.loads(arg)
     cell = device_check.Cell(**{**spec["cell"], "overrides": tuple(spec["cell"]["overrides"])})
@@ -46,7 +46,8 @@ def main(arg: str) -> dict:
             x, t, enc, labels = (v if v is None else v.to(acc.device) for v in synthetic_batch(
                 unet.config if hasattr(unet, "config") else unet.module.config, n, plan.text_len, generator=gen,
                 resolution=plan.resolution))
-            if in_dtype is not None:
+            x, enc = precision.cast_for_model(unet, x, enc)  # bf16/fp16 weights
+            if in_dtype is not None:  # DeepSpeed bf16/fp16 casts the module itself
                 x, enc = x.to(in_dtype), enc.to(in_dtype)
             if acc.device.type == "cuda":
                 torch.cuda.synchronize()
