@@ -366,3 +366,19 @@ def test_zero_buckets_are_set_and_counted():
     step = _trace(planner.Plan("tiny-stage1", batch=1, prior=False, autocast=None, text_len=8, resolution=16,
                                offload=True))
     assert step["bytes"]["grads"] >= engine_buffers.zero_offload_bytes([torch.empty(step["largest_trainable"])])
+
+
+def test_validation_advice_moves_t5_when_the_chain_off_leaves_t5_the_peak():
+    """IF-I-XL LoRA at 12 GB: with the chain off, T5's phase becomes the peak; the option says so and
+    moves T5 to the CPU too (else no option would fit)."""
+    from cascade.perf import planner_report
+
+    plan = planner.Plan("tiny-stage1", weights_dtype="float32")
+    inference = _fake_inference([])
+    val = command_plan.ValidationPlan(1, images=4, partner="partner-ii")
+    phases = command_plan.command_phases(plan, STEP, "float16", 4, val, "cpu", inference=inference)
+    phases["t5_encode"] = 18000  # over the budget, below the partner phase (21000)
+    gpu = 2**30 + 1.05 * 17000
+    advice = planner_report.advise_command(plan, phases, "gpu", gpu, False, step=STEP, val=val, inference=inference)
+    assert advice["fits"] and advice["switch_on"] == [f"stage1.validation.chain=false + {planner_report.T5_TO_CPU}"]
+    assert advice["command_peak"] == 9000  # the training step

@@ -24,9 +24,10 @@ T5_TO_CPU = "models.text_encoder_device=cpu (T5 runs once on the CPU, minutes; i
 
 
 def advise_validation(plan, step: dict, val, rest: dict, gpu: float, inference=None) -> list[dict]:
-    """Ways to bring the validation phases under the budget, each alone: the chain off (no partner
-    resident; stage II then upsamples only the photos), or fewer validation images (halved until it
-    fits). [{switch_on, command_peak, fits}]; the first that fits is the advice."""
+    """Ways to bring the validation phases under the budget: the chain off (no partner resident;
+    stage II then upsamples only the photos), or fewer validation images (halved until it fits);
+    each with T5 moved to the CPU too when T5 is then the peak over the budget.
+    [{switch_on, command_peak, fits}]; the first that fits is the advice."""
     kw = {"inference": inference} if inference else {}
     stage = val.stage
     options = []
@@ -36,9 +37,11 @@ def advise_validation(plan, step: dict, val, rest: dict, gpu: float, inference=N
     for text, v in trials:
         phases = {k: x for k, x in rest.items() if not k.startswith("validation")}
         phases.update(command_plan.validation_phases(plan, step, v, **kw))
+        if max(phases, key=phases.get) == "t5_encode" and phases["t5_encode"] and not planner.fits(phases["t5_encode"], gpu)[0]:
+            text, phases["t5_encode"] = f"{text} + {T5_TO_CPU}", 0
         peak = max(phases.values())
         options.append({"switch_on": text, "command_peak": peak, "fits": planner.fits(peak, gpu)[0]})
-        if options[-1]["fits"] and text.startswith(f"stage{stage}.train.validation_images"):
+        if options[-1]["fits"] and "validation_images" in text:
             break  # the largest validation grid that fits
     return options
 
