@@ -281,8 +281,8 @@ def test_planner_traces_cuda_rules_not_cpu_rules():
     """The fp32 norms/softmax of CUDA autocast add saved activations; the plan for a CUDA target counts
     them, with and without checkpointing (recomputation in backward follows the same rules)."""
     for ckpt in ("none", "full"):
-        cpu_rules, cuda_rules = (_trace(planner.Plan("tiny-stage1", batch=1, prior=False, weights_dtype="bfloat16",
-                                                     checkpointing=ckpt, text_len=8, resolution=16,
+        cpu_rules, cuda_rules = (_trace(planner.Plan("tiny-stage1", batch=1, prior=True, weights_dtype="bfloat16",
+                                                     checkpointing=ckpt, text_len=16, resolution=RES,
                                                      autocast_rules=r))["bytes"] for r in ("cpu", "cuda"))
         assert cuda_rules["activations_at_peak"] > 1.2 * cpu_rules["activations_at_peak"], ckpt
         assert cuda_rules["peak"] > cpu_rules["peak"] and cuda_rules["params"] == cpu_rules["params"]
