@@ -37,6 +37,7 @@ def test_device_check_runs_tiny_on_cpu_and_writes_each_cell(tmp_path):
     assert "if-xl-stage1: ran" in proc.stdout
     report = json.loads(out.read_text())
     assert report["size"] == "tiny" and report["device"].startswith("cpu")
+    assert report["autocast_emulation"]["status"].startswith("skipped")  # no CUDA to compare with
     cells = {c["cell"]: c for c in report["cells"]}
     assert set(cells) == {"if-xl-stage1", "if-xl-stage2", "engine-ddp"}
     for name, c in cells.items():
@@ -49,3 +50,19 @@ def test_device_check_runs_tiny_on_cpu_and_writes_each_cell(tmp_path):
     assert "8bit" in cells["if-xl-stage1"]["optimizer"]
     assert cells["engine-ddp"]["engine"] in ("NO", "MULTI_GPU", "MULTI_CPU")
     assert not cells["engine-ddp"]["plan"]["in_backward"]  # the engine cells turn in-backward off
+
+
+def test_device_check_compares_the_autocast_emulation_with_cuda():
+    """On a GPU the check compares the tensors autograd saves under real CUDA autocast with the
+    planner's emulation on CPU; here the emulation side must already differ from the CPU rules (fp32
+    norms saved), and without CUDA the comparison says it was skipped."""
+    import torch
+
+    from cascade.perf import device_check
+
+    emulated = device_check.saved_dtypes(torch.device("cpu"), True)
+    cpu_rules = device_check.saved_dtypes(torch.device("cpu"), False)
+    assert [s for s, _ in emulated] == [s for s, _ in cpu_rules]  # the same tensors, other dtypes
+    assert device_check._bytes(emulated) > 1.2 * device_check._bytes(cpu_rules)
+    if not torch.cuda.is_available():
+        assert device_check.autocast_check()["status"].startswith("skipped")

@@ -149,6 +149,39 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def saved_dtypes(device: torch.device, emulate: bool) -> list[tuple]:
+    """(shape, dtype) of every tensor autograd saves in one bf16-autocast forward of the tiny stage I
+    UNet (fp32 weights), on `device`; `emulate`: CPU autocast with the planner's CUDA rules."""
+    from cascade.offline import tiny
+    from cascade.perf.cuda_autocast import cuda_rules
+
+    torch.manual_seed(0)
+    unet = tiny.build_stage1_unet().to(device).train()
+    x, t, enc, labels = (v if v is None else v.to(device) for v in
+                         synthetic_batch(unet.config, 2, 16, generator=torch.Generator().manual_seed(0), resolution=32))
+    saved = []
+    with cuda_rules(emulate), torch.autograd.graph.saved_tensors_hooks(
+            lambda v: saved.append((tuple(v.shape), str(v.dtype))) or v, lambda v: v), \
+            torch.autocast(device.type, dtype=torch.bfloat16):
+        unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)
+    return saved
+
+
+def autocast_check() -> dict:
+    """The planner's CUDA-rule emulation (CPU) against real CUDA autocast: the same saved tensors?"""
+    if not torch.cuda.is_available():
+        return {"status": "skipped: no CUDA device", "emulated_saved": len(saved_dtypes(torch.device("cpu"), True))}
+    real, emulated = saved_dtypes(torch.device("cuda"), False), saved_dtypes(torch.device("cpu"), True)
+    mismatched = [(a, b) for a, b in zip(real, emulated) if a != b]
+    return {"status": "ran", "real_saved": len(real), "emulated_saved": len(emulated),
+            "same": len(real) == len(emulated) and not mismatched, "first_mismatches": mismatched[:10],
+            "real_bytes": _bytes(real), "emulated_bytes": _bytes(emulated)}
+
+
+def _bytes(saved: list[tuple]) -> int:
+    return sum(math.prod(shape) * getattr(torch, dtype.split(".")[-1]).itemsize for shape, dtype in saved)
+
+
 def run_engine_cell(cell: Cell, size: str, steps: int, budget_s: float) -> dict:
     """The cell in a fresh process launched as the user launches training (`accelerate launch
     --config_file configs/accelerate/<engine>.yaml --num_processes 1`); a CPU run launches the same
@@ -219,4 +252,4 @@ def check(size: str = "real", steps: int = 3, cell_budget_s: float = 45.0, engin
     if pool:
         pool.shutdown(wait=False, cancel_futures=True)
     return {"device": device_name(), "size": size, "steps": steps, "versions": versions(), "git": git_revision(),
-            "wall_s": time.perf_counter() - t0, "cells": records}
+            "autocast_emulation": autocast_check(), "wall_s": time.perf_counter() - t0, "cells": records}
