@@ -382,3 +382,22 @@ def test_validation_advice_moves_t5_when_the_chain_off_leaves_t5_the_peak():
     advice = planner_report.advise_command(plan, phases, "gpu", gpu, False, step=STEP, val=val, inference=inference)
     assert advice["fits"] and advice["switch_on"] == [f"stage1.validation.chain=false + {planner_report.T5_TO_CPU}"]
     assert advice["command_peak"] == 9000  # the training step
+
+
+def test_advice_shrinks_the_step_then_validation_when_both_are_over():
+    """IF-I-XL LoRA at 12 GB under CUDA rules: the step (10.9 GB) and the chained validation (15.8) are
+    both over; the ladder halves the batch for the step, then the validation options follow."""
+    from cascade.perf import planner_report
+
+    plan = planner.Plan("tiny-stage1", batch=4, weights_dtype="bfloat16", checkpointing="full", use_8bit_adam=True,
+                        in_backward=True)
+    inference = _fake_inference([])
+    val = command_plan.ValidationPlan(1, images=4, partner="partner-ii")
+    phases = command_plan.command_phases(plan, STEP, "float16", 4, val, "cpu", inference=inference)
+    phases["train_step"] = 19000  # over the budget
+    fake = lambda p: {"bytes": {"peak": 19000 * p.batch // 4}}
+    gpu = 2**30 + 1.05 * 17000
+    advice = planner_report.advise_command(plan, phases, "cpu", gpu, False, fake, step=STEP, val=val,
+                                           inference=inference)
+    assert advice["fits"] and advice["switch_on"] == ["train.batch_size=2", "stage1.validation.chain=false"]
+    assert advice["command_peak"] == 9500  # the halved step; the own grid is 6800

@@ -67,12 +67,22 @@ def advise_command(plan, phases: dict, placement: str, gpu: float, ddp: bool, tr
         return {"switch_on": switched + ([best["switch_on"]] if best else []), "plan": None, "fits": best is not None,
                 "command_peak": best["command_peak"] if best else max(rest.values()), "validation_options": options}
     better, more, result = planner.advise(plan, gpu, trace or planner.trace_step, ddp=ddp)
+    options = None
     if better is not None:  # the step fits now; the other phases scale with the weights, not the batch
         rest["train_step"] = result["bytes"]["peak"]
-        if not planner.fits(max(rest.values()), gpu)[0]:
+        over = max(rest, key=rest.get)
+        if over.startswith("validation") and val is not None and not planner.fits(rest[over], gpu)[0]:
+            options = advise_validation(plan, step, val, rest, gpu, inference)  # then validation's options
+            fit = next((o for o in options if o["fits"]), None)
+            more, better = (more + [fit["switch_on"]], better) if fit else (more, None)
+            if fit:
+                return {"switch_on": switched + more, "plan": result, "fits": True,
+                        "command_peak": fit["command_peak"], "validation_options": options}
+        elif not planner.fits(max(rest.values()), gpu)[0]:
             better = None
     return {"switch_on": switched + more, "plan": result if better is not None else None,
-            "fits": better is not None, "command_peak": max(rest.values())}
+            "fits": better is not None, "command_peak": max(rest.values()),
+            **({"validation_options": options} if options else {})}
 
 
 def validation_plan(cfg, stage: int):
