@@ -17,6 +17,12 @@ import torch
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_MINUTES = 120  # torch's default (10 min for NCCL) is shorter than T5 + class images
+# ZeRO-1/2 bucket sizes cascade writes when a config names none (accelerate's yaml cannot carry them, and
+# DeepSpeed's default of 5e8 elements is a 1 GB bf16 gradient bucket on every GPU): 5e7 elements, 0.1 GB
+# at bf16, one reduce bucket (overlap_comm off). The memory planner counts these values.
+ZERO_BUCKETS = {"zero_optimization.reduce_bucket_size": 50_000_000,
+                "zero_optimization.allgather_bucket_size": 50_000_000,
+                "zero_optimization.overlap_comm": False}
 _HIDDEN_SIZE_KEYS = ("zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
                      "zero_optimization.stage3_param_persistence_threshold")
 
@@ -135,6 +141,10 @@ def fill_deepspeed_config(conf: dict, micro_batch: int, grad_accum: int, world_s
         if _get(conf, key) == "auto":
             scale = {"reduce_bucket_size": 1.0, "stage3_prefetch_bucket_size": 0.9}.get(key.split(".")[-1])
             _set(conf, key, int(scale * hidden_size ** 2) if scale else 10 * hidden_size)
+    if _get(conf, "zero_optimization.stage") in (1, 2):
+        for key, value in ZERO_BUCKETS.items():
+            if _get(conf, key) is None:
+                _set(conf, key, value)
     if _get(conf, "zero_optimization.stage") == 3:
         # the export needs the full weights gathered (accelerator.get_state_dict refuses otherwise)
         _set(conf, "zero_optimization.stage3_gather_16bit_weights_on_model_save", True)

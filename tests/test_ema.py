@@ -92,16 +92,20 @@ def test_ema_refused_under_sharded_engines(monkeypatch):
 @pytest.mark.parametrize("on_cpu", [False, True])
 def test_memory_planner_counts_the_ema_copy(tmp_path, monkeypatch, on_cpu):
     """`cascade bench --estimate-memory` with train.ema: the fp32 copy of the trainable parameters is
-    added to every phase from the first training step on (or to host memory with ema_on_cpu). The
-    traces are replaced by fixed numbers: the planner's own accuracy is tests/test_memory.py's job."""
+    added to every phase from the first training step on, or with ema_on_cpu kept in host memory,
+    where each step's fp32 host copy of the weights doubles it (host peak 2 x 4 bytes a trainable
+    parameter, 4 bytes a parameter copied per step) and the device converts the largest parameter
+    to fp32 for its copy. The traces are replaced by fixed numbers: the planner's own accuracy is
+    tests/test_memory.py's job."""
     from cascade.cli.main import main
-    from cascade.perf import planner
+    from cascade.perf import command_plan, planner
 
-    step = {"params_total": 1000, "params_trainable": 250, "label": "x",
+    step = {"params_total": 1000, "params_trainable": 250, "largest_trainable": 50, "label": "x",
             "bytes": {"params": 4000, "grads": 1000, "optimizer": 2000, "activations_at_peak": 500, "peak": 9000}}
-    phases = {"t5_encode": 300, "class_images": 400, "train_step": 9000, "validation": 7000, "export": 6000}
+    phases = {"t5_encode": 300, "class_images": 400, "train_step": 9000, "validation_own": 7000,
+              "validation_partner": 7500, "export": 6000}
     monkeypatch.setattr(planner, "trace_step", lambda plan: step)
-    monkeypatch.setattr(planner, "command_phases", lambda *a, **k: dict(phases))
+    monkeypatch.setattr(command_plan, "command_phases", lambda *a, **k: dict(phases))
 
     def plan(*sets):
         out = tmp_path / f"plan{len(sets)}.json"
@@ -111,9 +115,14 @@ def test_memory_planner_counts_the_ema_copy(tmp_path, monkeypatch, on_cpu):
 
     off = plan()
     on = plan("stage1.train.ema=true", f"stage1.train.ema_on_cpu={str(on_cpu).lower()}")
-    assert off["phases"] == phases and off["host_ema_bytes"] == 0
+    assert off["phases"] == phases and off["host_ema"] == {}
     for phase, value in phases.items():
-        grows = phase in ("train_step", "validation", "export") and not on_cpu
-        assert on["phases"][phase] == value + (250 * 4 if grows else 0), phase
-    assert on["host_ema_bytes"] == (0 if on_cpu is False else 250 * 4)
-    assert on["command_peak"] == (10000 if not on_cpu else 9000) and "EMA copy" in on["markdown"]
+        grows = phase in ("train_step", "validation_own", "validation_partner", "export")
+        assert on["phases"][phase] == value + ((50 * 4 if phase == "train_step" else 0) if on_cpu else
+                                               (250 * 4 if grows else 0)), phase
+    if on_cpu:
+        assert on["host_ema"] == {"ema_host_peak": 2 * 250 * 4, "ema_host_shadow": 250 * 4,
+                                  "ema_traffic_per_step": 250 * 4}
+        assert on["command_peak"] == 9200 and "EMA in host RAM" in on["markdown"]
+    else:
+        assert on["host_ema"] == {} and on["command_peak"] == 10000 and "EMA copy" in on["markdown"]

@@ -17,12 +17,14 @@ The loss in the trace is the epsilon MSE (the hybrid bound adds a few per-pixel 
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from cascade.perf import arch
+from cascade.perf import arch, engine_buffers
+from cascade.perf.cuda_autocast import cuda_rules
 from cascade.perf.step import synthetic_batch, train_step
 from stages import activation_ckpt, optim, precision, setup
 
@@ -45,6 +47,7 @@ class Plan:
     text_len: int = 77
     resolution: int | None = None  # training input size (default: the model's sample_size)
     offload: bool = False  # DeepSpeed ZeRO-Offload: bf16 module on the device, fp32 master + Adam on the host
+    autocast_rules: str = "cuda"  # whose autocast op lists the trace follows: cuda (the target) | cpu
 
     def device_plan(self) -> "Plan":
         """What the device holds under offload: the bf16 module, gradients reduced tensor by tensor
@@ -227,7 +230,7 @@ def trace_step(plan: Plan) -> dict:
             tracker.track_external(unet, opt, _StateView(optim.state_tensors(opt)))
             ac = torch.autocast("cpu", dtype=getattr(torch, plan.autocast), enabled=plan.autocast is not None) \
                 if plan.autocast else torch.autocast("cpu", enabled=False)
-            with tracker:
+            with tracker, cuda_rules(plan.autocast is not None and plan.autocast_rules == "cuda"):
                 train_step(unet, opt, batch, ac)
             peak = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]
             now = tracker.get_tracker_snapshot("current")[torch.device("cpu")]
@@ -238,10 +241,11 @@ def trace_step(plan: Plan) -> dict:
         precision._State8bit = saved
     n_all = sum(p.numel() for p in unet.parameters())
     n_train = sum(p.numel() for p in params)
-    # DeepSpeed's gradient bucket (reduce_bucket_size, hidden^2 values as cascade fills it; two buffers)
-    bucket = 2 * 2 * max(cfg["block_out_channels"]) ** 2 if asked.offload else 0
+    # DeepSpeed ZeRO-Offload's device buffers at the sizes cascade sets (stages/engines.py)
+    bucket = engine_buffers.zero_offload_bytes(params) if asked.offload else 0
     kinds["Total"] += bucket
     return {"plan": asdict(asked), "label": asked.label(), "params_total": n_all, "params_trainable": n_train,
+            "largest_trainable": max(p.numel() for p in params),
             "host_bytes": 16 * n_train if asked.offload else 0,  # fp32 master, 2 moments, fp32 gradient copy
             "bytes": {"params": cur["Parameter"] + cur["Buffer"],
                       "grads": bucket + (grads_max if plan.in_backward else
@@ -251,6 +255,7 @@ def trace_step(plan: Plan) -> dict:
                       "peak": kinds["Total"]}}
 
 
+@functools.lru_cache(maxsize=None)  # the command's phases and the validation advice ask for the same traces
 def trace_inference(model: str, batch: int, dtype: str = "float16", text_len: int = 77) -> int:
     """Peak bytes of one sampling forward (classifier-free guidance doubles the batch) of a frozen UNet."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -267,58 +272,10 @@ def trace_inference(model: str, batch: int, dtype: str = "float16", text_len: in
         return tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
 
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
-
-
-def t5_device_bytes(model: str, frozen_dtype: str = "float16", placement: str = "gpu") -> int:
-    """Device bytes of the text encoder while it encodes: T5 v1.1 XXL for the real models (its `wo`
-    projections stay fp32 when it loads in fp16, as transformers keeps them), the tiny encoder beside
-    the tiny ones. placement "cpu": none (models.text_encoder_device=cpu); "8bit": bitsandbytes int8
-    Linear weights (one fp32 scale per output row), `wo` and the embedding left as they load."""
-    if placement == "cpu":
-        return 0
-    dtype = getattr(torch, frozen_dtype)
-    if model.startswith("tiny-stage"):
-        from cascade.offline import tiny
-
-        with torch.device("meta"):
-            return arch.n_params(tiny.build_text_encoder(16000)) * DTYPE_BYTES[frozen_dtype]
-    t5 = arch.build_t5(dtype=dtype)
-    if placement != "8bit":
-        return arch.n_bytes(t5)
-    keep = set(t5._keep_in_fp32_modules or ())
-    quantised = [m for name, m in t5.named_modules()
-                 if isinstance(m, torch.nn.Linear) and not keep & set(name.split("."))]
-    q_ids = {id(m.weight) for m in quantised}
-    return sum(m.weight.numel() + 4 * m.out_features for m in quantised) + \
-        sum(p.numel() * p.element_size() for p in t5.parameters() if id(p) not in q_ids)
-
-
 def ddp_plan(plan: Plan) -> Plan:
     """The plan of one DDP process: optimizer-in-backward is refused there, so a full set of
     gradients exists (gradient_as_bucket_view: they are the all-reduce buckets, no second copy)."""
     return replace(plan, in_backward=False)
-
-
-def command_phases(plan: Plan, step: dict, frozen_dtype: str = "float16", sample_batch: int = 4,
-                   validation_images: int = 4, t5_placement: str = "gpu") -> dict:
-    """Device bytes of each phase of `cascade train`, in order: T5 encoding (T5 alone, freed after),
-    class images (the frozen stage model sampling), training steps, validation grids (during
-    training: weights + optimizer state + a sampling forward), export (weights and optimizer state
-    still resident; safetensors copies one tensor at a time to the host, and the fp16 variant is
-    converted from the written files on the host, so the device holds no second copy)."""
-    plan = plan.device_plan()
-    t5_bytes = t5_device_bytes(plan.model, frozen_dtype, t5_placement)
-    t5_act = 64 * 2**20 if t5_bytes else 0  # encoder activations, 3 prompts of 77 tokens: a few MB, rounded up
-    b = step["bytes"]
-    weights_opt = b["params"] + b["optimizer"]
-    val = weights_opt + trace_inference(plan.model, validation_images,
-                                        plan.weights_dtype) - step["params_total"] * DTYPE_BYTES[plan.weights_dtype]
-    return {"t5_encode": t5_bytes + t5_act,
-            "class_images": trace_inference(plan.model, sample_batch, frozen_dtype) if plan.prior else 0,
-            "train_step": b["peak"],
-            "validation": val,
-            "export": weights_opt}
 
 
 def fits(peak: int, gpu_bytes: float, context: float = 1.0 * 2**30, slack: float = 0.05) -> tuple[bool, float]:
@@ -371,13 +328,3 @@ def parse_size(text: str) -> float:
     value, unit, binary = float(m.group(1)), m.group(2).upper(), m.group(3)
     power = " KMGT".index(unit) if unit else 0
     return value * (1024 if binary else 1000) ** power
-
-
-def with_ema(phases: dict, step: dict, on_cpu: bool) -> tuple[dict, int]:
-    """(phases, host bytes) with the EMA copy of train.ema counted: one fp32 tensor per trainable
-    parameter (stages/ema.py), resident from the first training step to the export, on the device or
-    (ema_on_cpu) in host memory."""
-    ema = step["params_trainable"] * 4
-    if on_cpu:
-        return dict(phases), ema
-    return {k: v + ema if k in ("train_step", "validation", "export") else v for k, v in phases.items()}, 0

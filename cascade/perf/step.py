@@ -18,9 +18,9 @@ def synthetic_batch(config, n: int, text_len: int, dtype=None, generator=None, r
     return x, t, enc, labels
 
 
-def train_step(unet, optimizer, batch, autocast) -> None:
+def train_step(unet, optimizer, batch, autocast) -> torch.Tensor:
     """One step on `batch`: epsilon-style MSE on the first 3 output channels (the variance channels cost
-    the same memory), gradients, the update, gradients freed."""
+    the same memory), gradients, the update, gradients freed; returns the loss (detached)."""
     x, t, enc, labels = batch
     with autocast:
         out = unet(x, t, encoder_hidden_states=enc, class_labels=labels, return_dict=False)[0]
@@ -28,3 +28,4 @@ def train_step(unet, optimizer, batch, autocast) -> None:
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
