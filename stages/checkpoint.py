@@ -119,10 +119,14 @@ def _file_refusal(f: Path) -> str | None:
 
 def check_files(path: Path):
     """Every file of checkpoint `path`, checked before any is loaded: accelerate swallows a refused RNG
-    state, and a library loader may unpickle; one line names the first bad file."""
-    for f in sorted(p for p in Path(path).iterdir() if p.is_file()):
-        if (reason := _file_refusal(f)) is not None:
-            raise InputError(f"checkpoint {path} was refused: {f.name} {reason}; resume from another checkpoint "
+    state, and a library loader may unpickle (the engines' subfolders: `library_checkpoints`); one line
+    names the first bad file."""
+    from stages.library_checkpoints import folder_refusal  # the engines' own folders (FSDP, DeepSpeed)
+
+    for f in sorted(Path(path).iterdir()):
+        reason = (f"{f.name} {r}" if (r := _file_refusal(f)) else None) if f.is_file() else folder_refusal(f)
+        if reason is not None:
+            raise InputError(f"checkpoint {path} was refused: {reason}; resume from another checkpoint "
                              f"or start a new --output")
 
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from cascade.cli.main import main
+from stages.checkpoint import check_files
 from tests.conftest import torchrun
 
 HELPERS = Path(__file__).parent / "helpers"
@@ -62,6 +63,7 @@ def test_fsdp_and_deepspeed_zero3_train_alike(make_cfg, subject_dir, tiny, tmp_p
         # validation sampled collectively (a main-process-only forward would hang), written once
         assert (out / "samples" / "step-000002.png").is_file()
         assert (out / "checkpoints" / "checkpoint-000002" / "trainer_state.json").is_file()
+        check_files(out / "checkpoints" / "checkpoint-000002")  # the engine's own folders pass the resume check
         # the schedule reaches the actual optimizer steps (DeepSpeed wraps our optimizer)
         assert [float(r["lr"]) for r in csv.DictReader(open(out / "loss.csv"))] == [0.0, 5e-4]  # the rate each step used
         # clipping sees the global gradient norm on every rank (FSDP2 with the pre-prepare parameter
