@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
@@ -29,7 +30,7 @@ def test_the_glyph_is_asymmetric_fixed_and_placed_anew_per_view():
     mask = Image.new("L", (32, 32), 0)
     for x0, y0, x1, y1 in world.GLYPH:
         ImageDraw.Draw(mask).rectangle([(x0 + 8) * 2, (y0 + 8) * 2, (x1 + 8) * 2 - 1, (y1 + 8) * 2 - 1], fill=1)
-    m = torch.tensor(list(mask.getdata())).view(32, 32)
+    m = torch.from_numpy(np.array(mask))
     ys, xs = torch.nonzero(m, as_tuple=True)
     m = m[ys.min():ys.max() + 1, xs.min():xs.max() + 1]
     others = [m.flip(0), m.flip(1), m.rot90(1), m.rot90(2), m.rot90(3), m.t(), m.rot90(1).flip(0)]
