@@ -63,7 +63,7 @@ def loss_on(unet, math_, x0, text, gen_seed: int, n_draws: int = 8):
 
 def finetune(base, variant: str, lr: float, steps: int, seed: int, data):
     from stages.losses import DiffusionMath
-    from stages.precision import LowPrecisionAdamW
+    from stages.optimizers.low_precision import LowPrecisionAdamW
 
     sched, emb, subject, prior = data
     math_ = DiffusionMath(sched.alphas_cumprod)

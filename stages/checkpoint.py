@@ -220,7 +220,7 @@ def _export(unet, accelerator, scheduler, out: Path, meta: dict, lora_config=Non
         engines.save_full_unet(accelerator, unet, state_dict, tmp / "unet")  # gathered weights, one form
         kind = "full"
         if variant != "none":  # IF's own layout: half-precision weights in diffusion_pytorch_model.<variant>.*
-            from stages.precision import convert_to_variant
+            from stages.optimizers.low_precision import convert_to_variant
 
             convert_to_variant(tmp / "unet", variant)
             meta = {**meta, "variant": variant}

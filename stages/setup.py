@@ -89,7 +89,7 @@ def early_checks(train_cfg):
     check_tracker(train_cfg.report_to)
     if train_cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
         raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
-    from stages.optimizers import check_available
+    from stages.optimizers.beyond_adamw import check_available
 
     check_available(getattr(train_cfg, "optimizer", "adamw"))
     # which engines an option composes with is cascade/compat.py's table, checked with the config

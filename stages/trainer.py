@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from stages import activation_ckpt, checkpoint, engines, optim, precision, setup
+from stages import activation_ckpt, checkpoint, engines, setup
+from stages.optimizers import factory, low_precision
 from stages.caption_dropout import drop_captions
 from stages import best as best_ckpt
 from stages import validation_log
@@ -96,7 +97,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     ckpt_dir = run_dir / "checkpoints"
     report_to = setup.check_tracker(cfg.report_to)
     accelerator = engines.make_accelerator(cfg, setup.resolve_mixed_precision(cfg.mixed_precision), report_to, run_dir,
-                                           extra_handlers=optim.ddp_kwargs(cfg))
+                                           extra_handlers=factory.ddp_kwargs(cfg))
     set_seed(cfg.seed)
     if report_to:
         accelerator.init_trackers(f"cascade-stage{task.stage}", config=tracker_config or {})
@@ -109,7 +110,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer, lr_sched, opt_name = engines.make_optimizer_and_scheduler(
-        accelerator, params, cfg, lambda ps, *_: optim.build(ps, cfg, accelerator.num_processes, cfg.seed, accelerator.mixed_precision))
+        accelerator, params, cfg, lambda ps, *_: factory.build(ps, cfg, accelerator.num_processes, cfg.seed, accelerator.mixed_precision))
     per_process_batch = cfg.batch_size * (2 if task.has_prior and cfg.prior_preservation else 1)
     engines.configure_deepspeed(accelerator, unet, cfg, per_process_batch)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)
@@ -156,7 +157,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
             # per-image captions: the task's rows (instance, then prior) replace the one fixed prompt
             text = batch["encoder_hidden_states"].to(device) if "encoder_hidden_states" in batch else enc
             text = drop_captions(text, embeds.negative, cfg.caption_dropout, gen)[0]  # train.caption_dropout
-            inp, text = precision.cast_for_model(unet, inp, text)  # bf16/fp16 weights
+            inp, text = low_precision.cast_for_model(unet, inp, text)  # bf16/fp16 weights
             if in_dtype is not None:  # DeepSpeed bf16/fp16 casts the module itself
                 inp, text = inp.to(in_dtype), text.to(in_dtype)
             with accelerator.accumulate(unet):

@@ -8,7 +8,8 @@ import torch
 
 from cascade.perf import command_plan, planner
 from cascade.config import Train
-from stages import activation_ckpt, optim, setup
+from stages import activation_ckpt, setup
+from stages.optimizers import factory
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,11 +31,11 @@ PRESET = dict(weights_dtype="bfloat16", checkpointing="full", use_8bit_adam=True
 
 
 def _real_state(opt) -> list:
-    """The state tensors, listed per optimizer kind by hand (independent of optim.state_tensors):
+    """The state tensors, listed per optimizer kind by hand (independent of factory.state_tensors):
     torch/bitsandbytes dicts of tensors, LowPrecisionAdamW's 8-bit moments (q + absmax), and the
     per-parameter optimizers that optimizer-in-backward keeps."""
     out = []
-    for o in (opt.inner.values() if isinstance(opt, optim.InBackwardOptimizer) else [opt]):
+    for o in (opt.inner.values() if isinstance(opt, factory.InBackwardOptimizer) else [opt]):
         for st in o.state.values():
             for v in st.values():
                 if isinstance(v, torch.Tensor):
@@ -57,7 +58,7 @@ def _measured_peak(plan: planner.Plan) -> tuple[int, int]:
     params = [p for p in unet.parameters() if p.requires_grad]
     cfg = Train(weights_dtype=plan.weights_dtype, use_8bit_adam=plan.use_8bit_adam, fused_optimizer=False,
                 optimizer_in_backward=plan.in_backward, max_grad_norm=0.0)
-    opt, _ = optim.build(params, cfg)
+    opt, _ = factory.build(params, cfg)
     n = plan.batch * 2
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, 3, plan.resolution, plan.resolution, generator=g).to(params[0].dtype)
@@ -210,12 +211,12 @@ def test_8bit_state_starts_without_an_fp32_copy(monkeypatch):
     pytest.importorskip("bitsandbytes")
     import bitsandbytes.functional as bnbf
 
-    from stages import precision
+    from stages.optimizers import low_precision
 
     sizes, real = [], bnbf.quantize_blockwise
     monkeypatch.setattr(bnbf, "quantize_blockwise", lambda x, *a, **k: sizes.append(x.numel()) or real(x, *a, **k))
-    st = precision._State8bit(torch.empty(100_000), signed=True)
-    assert max(sizes) <= precision._BLOCK  # was one fp32 zero tensor of the whole size
+    st = low_precision._State8bit(torch.empty(100_000), signed=True)
+    assert max(sizes) <= low_precision._BLOCK  # was one fp32 zero tensor of the whole size
     assert st.q.numel() == 100_000 and float(st.get().abs().max()) == 0.0
 
 

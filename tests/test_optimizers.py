@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from cascade.config import ConfigError, load_config
-from stages import optim, setup
+from stages import setup
+from stages.optimizers import factory
 from stages.errors import InputError
 
 
@@ -31,7 +32,7 @@ def test_each_optimizer_is_built_from_the_key_and_trains(name, cls, lr):
     cfg = load_config("tiny", [f"stage1.train.optimizer={name}", f"stage1.train.learning_rate={lr}",
                                "stage1.train.fused_optimizer=false"]).stage1.train
     params = [torch.nn.Parameter(torch.zeros(4, 8))]
-    opt, label = optim.build(params, cfg)
+    opt, label = factory.build(params, cfg)
     assert f"{type(opt).__module__}.{type(opt).__name__}" == cls and label == name
     assert opt.param_groups[0]["lr"] == lr  # the LR schedule drives this value
     losses = _train(opt, params)
@@ -55,7 +56,7 @@ def test_missing_package_is_refused_in_one_line(monkeypatch, name, package):
     assert "\n" not in str(e.value)
     if name != "adamw8bit":
         with pytest.raises(InputError, match=f"needs the {package} package"):
-            optim.build([torch.nn.Parameter(torch.zeros(2))], cfg)
+            factory.build([torch.nn.Parameter(torch.zeros(2))], cfg)
 
 
 def test_bad_combinations_are_refused_naming_the_key():

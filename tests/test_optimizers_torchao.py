@@ -1,4 +1,4 @@
-"""torchao's low-bit AdamW as our 8-bit option (stages/optimizers_torchao.py) and the comparison that
+"""torchao's low-bit AdamW as our 8-bit option (stages/optimizers/torchao_lowbit.py) and the comparison that
 chose it (cascade/perf/optimizer_compare.py, docs/precision.md "The library comparison")."""
 import zipfile
 
@@ -10,9 +10,9 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("torchao")
 
 from cascade.perf import optimizer_compare as oc  # noqa: E402
-from stages import optimizers_torchao  # noqa: E402
+from stages.optimizers import torchao_lowbit  # noqa: E402
 from stages.errors import InputError  # noqa: E402
-from stages.precision import LowPrecisionAdamW  # noqa: E402
+from stages.optimizers.low_precision import LowPrecisionAdamW  # noqa: E402
 
 SHAPES = [(64, 256), (300,)]  # one tensor with 8-bit moments, one under 4096 values (moments in its dtype)
 
@@ -34,7 +34,7 @@ def test_torchao_8bit_update_is_fp32_adamw_within_the_quantisation_error():
     means = [torch.randn(s, generator=torch.Generator().manual_seed(1)) for s in SHAPES]
     runs = {}
     for name, build in (("ref", lambda ps: torch.optim.AdamW(ps, lr=1e-3, weight_decay=0.01, foreach=False)),
-                        ("ao", lambda ps: optimizers_torchao.make(ps, lr=1e-3, weight_decay=0.01))):
+                        ("ao", lambda ps: torchao_lowbit.make(ps, lr=1e-3, weight_decay=0.01))):
         params = [torch.nn.Parameter(w.clone()) for w in start]
         opt = build(params)
         _steps(opt, params, 0, 12, torch.float32, means)
@@ -53,7 +53,7 @@ def _accelerated():
     acc = Accelerator(cpu=True)
     model = torch.nn.Linear(256, 64, bias=False).to(torch.bfloat16)  # (64, 256): the shape compiled above
     model.weight.data.copy_(_start(torch.bfloat16)[0])
-    model, opt = acc.prepare(model, optimizers_torchao.make(model.parameters(), lr=1e-3))
+    model, opt = acc.prepare(model, torchao_lowbit.make(model.parameters(), lr=1e-3))
     return acc, model, opt
 
 
@@ -146,16 +146,16 @@ def test_at_lr_1e7_on_bf16_weights_torchao_sr_learns_what_fp32_learns_bitsandbyt
 
 def test_unknown_state_kind_and_missing_package_are_refused(monkeypatch):
     with pytest.raises(ValueError, match="states must be one of"):
-        optimizers_torchao.make([torch.nn.Parameter(torch.zeros(4))], lr=1e-3, states="2bit")
-    monkeypatch.setattr(optimizers_torchao.importlib.util, "find_spec", lambda name: None)
+        torchao_lowbit.make([torch.nn.Parameter(torch.zeros(4))], lr=1e-3, states="2bit")
+    monkeypatch.setattr(torchao_lowbit.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(InputError, match="torchao"):
-        optimizers_torchao.make([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)
+        torchao_lowbit.make([torch.nn.Parameter(torch.zeros(4))], lr=1e-3)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_cpu_offload_without_cuda_is_refused_in_one_line():
     with pytest.raises(InputError, match="needs a CUDA GPU"):
-        optimizers_torchao.make_offload([torch.nn.Parameter(torch.zeros(8192))], torch.optim.AdamW, lr=1e-3)
+        torchao_lowbit.make_offload([torch.nn.Parameter(torch.zeros(8192))], torch.optim.AdamW, lr=1e-3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CPUOffloadOptimizer needs CUDA (not run on our CPU machines)")
@@ -168,7 +168,7 @@ def test_cpu_offload_keeps_the_chosen_optimizer_and_its_update():
     grad = torch.randn(128, 64, generator=torch.Generator().manual_seed(1))
     kw = dict(lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
     p = torch.nn.Parameter(start.cuda())
-    opt = optimizers_torchao.make_offload([p], Adafactor, **kw)
+    opt = torchao_lowbit.make_offload([p], Adafactor, **kw)
     assert all(type(o) is Adafactor for o in opt.optim_dict.values())
     p.grad = grad.cuda()
     opt.step()

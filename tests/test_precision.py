@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from cascade.config import Train
-from stages import activation_ckpt, optim
-from stages.precision import LowPrecisionAdamW, convert_to_variant, stochastic_round
+from stages import activation_ckpt
+from stages.optimizers import factory
+from stages.optimizers.low_precision import LowPrecisionAdamW, convert_to_variant, stochastic_round
 
 # The stated tolerance: a bf16-weight run with stochastic rounding or Kahan compensation ends within
 # 3% of the fp32 run's loss (mean of the last 30 of 150 steps); plain round-to-nearest does not.
@@ -102,9 +103,9 @@ def _unet_step(unet, seed):
 def test_optimizer_in_backward_gives_the_same_weights():
     cfg = Train(fused_optimizer=False)
     normal, inback = _tiny_unet(), _tiny_unet()
-    opt_n, _ = optim.build(normal.parameters(), cfg)
+    opt_n, _ = factory.build(normal.parameters(), cfg)
     cfg.optimizer_in_backward = True
-    opt_b, name = optim.build(inback.parameters(), cfg)
+    opt_b, name = factory.build(inback.parameters(), cfg)
     assert name.endswith("+in-backward")
     for step in range(3):
         _unet_step(normal, step).backward()
@@ -125,7 +126,7 @@ def test_optimizer_in_backward_refused_under_ddp():
 
     cfg = Train(optimizer_in_backward=True)
     with pytest.raises(InputError, match="single process"):
-        optim.build(_tiny_unet().parameters(), cfg, num_processes=2)
+        factory.build(_tiny_unet().parameters(), cfg, num_processes=2)
 
 
 def _activation_peak(mode) -> int:
@@ -264,7 +265,7 @@ def _in_backward_pair(cfg):
     """Two bf16 parameters with equal values and gradients, each stepped by its own in-backward optimizer."""
     a = torch.nn.Parameter(torch.full((20_000,), 0.3, dtype=torch.bfloat16))
     b = torch.nn.Parameter(torch.full((20_000,), 0.3, dtype=torch.bfloat16))
-    opt, _ = optim.build([a, b], cfg, seed=7)
+    opt, _ = factory.build([a, b], cfg, seed=7)
     grad = torch.rand(20_000, generator=torch.Generator().manual_seed(0)) + 0.5  # Adam's first step: -lr everywhere
     ((a.float() * grad).sum() + (b.float() * grad).sum()).backward()
     return a.detach().float(), b.detach().float()
@@ -277,7 +278,7 @@ def test_in_backward_parameters_round_with_distinct_streams():
     ra, rb = a - a.mean(), b - b.mean()  # the rounding decisions: the update is the same (1/4 ulp) everywhere
     corr = (ra * rb).sum() / (ra.norm() * rb.norm())
     assert (a != b).float().mean() > 0.2 and corr.abs() < 0.1, corr  # same seed everywhere: corr 1.000
-    assert len({optim.parameter_seed(7, i) for i in range(1000)}) == 1000
+    assert len({factory.parameter_seed(7, i) for i in range(1000)}) == 1000
 
 
 def test_rounding_generator_in_the_state_dict_resumes_bit_identically(tmp_path):

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from cascade.config import Train
-from stages import optim, trainer
+from stages import trainer
+from stages.optimizers import factory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -46,7 +47,7 @@ def _run(run_dir, resume=False, **train):
 
 def test_backward_and_step_run_outside_autocast(tmp_path, monkeypatch, fresh_accelerate_state):
     seen = {"forward": [], "backward": [], "step": []}
-    real_loss, real_build = trainer.diffusion_loss, optim.build
+    real_loss, real_build = trainer.diffusion_loss, factory.build
 
     def loss(*a, **kw):
         seen["forward"].append(torch.is_autocast_enabled("cpu"))
@@ -60,7 +61,7 @@ def test_backward_and_step_run_outside_autocast(tmp_path, monkeypatch, fresh_acc
         return opt, name
 
     monkeypatch.setattr(trainer, "diffusion_loss", loss)
-    monkeypatch.setattr(optim, "build", build)
+    monkeypatch.setattr(factory, "build", build)
     result = _run(tmp_path / "run", max_steps=2, mixed_precision="bf16")
     assert seen["forward"] == [True, True]  # bf16 autocast really is on for the forward
     assert seen["backward"] == [False, False] and seen["step"] == [False, False]
@@ -90,4 +91,4 @@ def test_fp16_autocast_with_optimizer_in_backward_is_refused(make_cfg):
     with pytest.raises(ConfigError, match="optimizer_in_backward.*mixed_precision=fp16"):
         make_cfg("stage1.train.optimizer_in_backward=true", "stage1.train.mixed_precision=fp16")
     with pytest.raises(InputError, match="fp16 mixed precision"):  # auto resolved to fp16 on an older GPU
-        optim.build([torch.nn.Parameter(torch.zeros(4))], Train(optimizer_in_backward=True), mixed_precision="fp16")
+        factory.build([torch.nn.Parameter(torch.zeros(4))], Train(optimizer_in_backward=True), mixed_precision="fp16")

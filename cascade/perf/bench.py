@@ -31,7 +31,8 @@ import torch
 
 from cascade.perf import arch
 from cascade.perf.step import synthetic_batch, train_step
-from stages import activation_ckpt, optim, precision, setup
+from stages import activation_ckpt, setup
+from stages.optimizers import factory, low_precision
 
 # dense bf16 peak FLOP/s of common accelerators (vendor data sheets), for MFU
 PEAK_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "L40S": 362e12, "L4": 121e12, "A10G": 125e12,
@@ -171,7 +172,7 @@ def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, 
     cfg = replace(tc, weights_dtype=v.weights_dtype, use_8bit_adam=v.use_8bit_adam, optimizer_states=v.optimizer_states,
                   optimizer_in_backward=v.in_backward, fused_optimizer=v.fused, max_grad_norm=0.0,
                   gradient_accumulation_steps=1)
-    opt, opt_name = optim.build(params, cfg)
+    opt, opt_name = factory.build(params, cfg)
     autocast = device.type == "cuda"
     n = batch * (2 if stage == 1 and tc.prior_preservation else 1)
     gen = torch.Generator().manual_seed(0)
@@ -179,7 +180,7 @@ def run_variant(v: Variant, model: str, stage: int, tc, batch: int, steps: int, 
     def step():
         x, t, enc, labels = (v if v is None else v.to(device)
                              for v in synthetic_batch(unet.config, n, text_len, generator=gen, resolution=resolution))
-        x, enc = precision.cast_for_model(unet, x, enc)
+        x, enc = low_precision.cast_for_model(unet, x, enc)
         train_step(unet, opt, (x, t, enc, labels), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast))
 
     times = []

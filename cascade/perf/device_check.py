@@ -26,7 +26,8 @@ import torch
 
 from cascade.perf import arch, planner
 from cascade.perf.step import synthetic_batch, train_step
-from stages import activation_ckpt, optim, precision, setup
+from stages import activation_ckpt, setup
+from stages.optimizers import factory, low_precision
 
 PRESETS = ("if-xl", "if-l", "if-m")  # the goals are if-xl's: first, while the budget is fresh
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +116,7 @@ def run_cell(cell: Cell, plan: planner.Plan, steps: int, budget_s: float) -> dic
     params = [p for p in unet.parameters() if p.requires_grad]
     sec = _config(cell).stage1 if cell.stage == 1 else _config(cell).stage2
     tc = replace(sec.train, max_grad_norm=0.0, gradient_accumulation_steps=1, fused_optimizer=device.type == "cuda")
-    opt, opt_name = optim.build(params, tc)
+    opt, opt_name = factory.build(params, tc)
     n = plan.batch * (2 if plan.prior else 1)
     gen = torch.Generator().manual_seed(0)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -125,7 +126,7 @@ def run_cell(cell: Cell, plan: planner.Plan, steps: int, budget_s: float) -> dic
             break
         x, t, enc, labels = (v if v is None else v.to(device) for v in
                              synthetic_batch(unet.config, n, plan.text_len, generator=gen, resolution=plan.resolution))
-        x, enc = precision.cast_for_model(unet, x, enc)
+        x, enc = low_precision.cast_for_model(unet, x, enc)
         _sync(device)
         t0 = time.perf_counter()
         loss = train_step(unet, opt, (x, t, enc, labels), autocast)

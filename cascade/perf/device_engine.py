@@ -18,7 +18,8 @@ import torch
 def main(arg: str) -> dict:
     from cascade.perf import device_check
     from cascade.perf.step import synthetic_batch
-    from stages import activation_ckpt, engines, optim, precision, setup
+    from stages import activation_ckpt, engines, setup
+    from stages.optimizers import factory, low_precision
 
     spec = json.loads(arg)
     cell = device_check.Cell(**{**spec["cell"], "overrides": tuple(spec["cell"]["overrides"])})
@@ -27,7 +28,7 @@ def main(arg: str) -> dict:
     tc = (cfg.stage1 if cell.stage == 1 else cfg.stage2).train
     with tempfile.TemporaryDirectory() as run_dir:
         acc = engines.make_accelerator(tc, setup.resolve_mixed_precision(tc.mixed_precision), None, run_dir,
-                                       extra_handlers=optim.ddp_kwargs(tc))
+                                       extra_handlers=factory.ddp_kwargs(tc))
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         unet = device_check._build(plan, acc.device)
@@ -35,7 +36,7 @@ def main(arg: str) -> dict:
         unet.train()
         params = [p for p in unet.parameters() if p.requires_grad]
         opt, sched, opt_name = engines.make_optimizer_and_scheduler(
-            acc, params, tc, lambda ps, *_: optim.build(ps, tc, acc.num_processes, tc.seed, acc.mixed_precision))
+            acc, params, tc, lambda ps, *_: factory.build(ps, tc, acc.num_processes, tc.seed, acc.mixed_precision))
         n = plan.batch * (2 if plan.prior else 1)
         engines.configure_deepspeed(acc, unet, tc, n)
         unet, opt, sched = acc.prepare(unet, opt, sched)
@@ -46,7 +47,7 @@ def main(arg: str) -> dict:
             x, t, enc, labels = (v if v is None else v.to(acc.device) for v in synthetic_batch(
                 unet.config if hasattr(unet, "config") else unet.module.config, n, plan.text_len, generator=gen,
                 resolution=plan.resolution))
-            x, enc = precision.cast_for_model(unet, x, enc)  # bf16/fp16 weights
+            x, enc = low_precision.cast_for_model(unet, x, enc)  # bf16/fp16 weights
             if in_dtype is not None:  # DeepSpeed bf16/fp16 casts the module itself
                 x, enc = x.to(in_dtype), enc.to(in_dtype)
             if acc.device.type == "cuda":

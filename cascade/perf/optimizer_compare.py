@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from stages import optimizers_torchao
-from stages.precision import LowPrecisionAdamW, _State8bit
+from stages.optimizers import torchao_lowbit
+from stages.optimizers.low_precision import LowPrecisionAdamW, _State8bit
 
 
 def param_set(matrices: int = 3, seed: int = 0) -> list[torch.Tensor]:
@@ -49,7 +49,7 @@ def _bnb(params, lr):
 
 
 def _ao(kind, sr=True):
-    return lambda params, lr: optimizers_torchao.make(params, lr=lr, states=kind, bf16_stochastic_round=sr)
+    return lambda params, lr: torchao_lowbit.make(params, lr=lr, states=kind, bf16_stochastic_round=sr)
 
 
 def _ao_bf16_states(params, lr):

@@ -9,7 +9,7 @@ is computed and nothing is downloaded, so IF-I-XL plans on a laptop.
 What it counts and what it does not: tensor bytes on the training device (the CUDA context, ~0.5-1
 GB, and allocator fragmentation come on top; the fit verdict adds a margin for them). The optimizer
 state is created before tracing (one step on zero gradients), so the trace is a steady-state step;
-every state tensor is handed to the tracker (`optim.state_tensors`), including those of the
+every state tensor is handed to the tracker (`factory.state_tensors`), including those of the
 per-parameter optimizers that optimizer-in-backward keeps in hooks.
 8-bit AdamW (bitsandbytes kernels do not run on fake tensors) is stood in for by an optimizer that
 allocates exactly bitsandbytes' state layout; tests/test_memory.py checks it against the real one.
@@ -26,7 +26,8 @@ import torch
 from cascade.perf import arch, engine_buffers
 from cascade.perf.cuda_autocast import cuda_rules
 from cascade.perf.step import synthetic_batch, train_step
-from stages import activation_ckpt, optim, precision, setup
+from stages import activation_ckpt, setup
+from stages.optimizers import factory, low_precision
 
 GB = 1e9
 
@@ -165,19 +166,19 @@ class _HostStep(torch.optim.Optimizer):
 
 def _make_optimizer(params, plan: Plan):
     if plan.offload:
-        return optim.InBackwardOptimizer(params, lambda ps, i: _HostStep(ps))
+        return factory.InBackwardOptimizer(params, lambda ps, i: _HostStep(ps))
     cfg = _train_cfg(plan)
     if plan.use_8bit_adam and params[0].dtype == torch.float32:
-        factory = lambda ps, *_: Bnb8bitStandIn(ps)  # noqa: E731
+        standin = lambda ps, *_: Bnb8bitStandIn(ps)  # noqa: E731
         if plan.in_backward:
-            return optim.InBackwardOptimizer(params, factory)
-        return factory(params)
-    return optim.build(params, cfg)[0]
+            return factory.InBackwardOptimizer(params, standin)
+        return standin(params)
+    return factory.build(params, cfg)[0]
 
 
 def _prime(optimizer, params):
     """Create the optimizer state (a step on zero gradients) so the traced step is a steady-state one."""
-    opts = list(optimizer.inner.values()) if isinstance(optimizer, optim.InBackwardOptimizer) else [optimizer]
+    opts = list(optimizer.inner.values()) if isinstance(optimizer, factory.InBackwardOptimizer) else [optimizer]
     for p in params:
         p.grad = torch.zeros_like(p)
     for o in opts:
@@ -213,8 +214,8 @@ def trace_step(plan: Plan) -> dict:
 
     asked, plan = plan, plan.device_plan()
     cfg = unet_config(plan.model)
-    saved = precision._State8bit
-    precision._State8bit = _Fake8bitState
+    saved = low_precision._State8bit
+    low_precision._State8bit = _Fake8bitState
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             unet = _build(plan, cfg)
@@ -227,7 +228,7 @@ def trace_step(plan: Plan) -> dict:
             dtype = next(unet.parameters()).dtype
             batch = synthetic_batch(cfg, n, plan.text_len, dtype, resolution=plan.resolution)
             tracker = _tracker(unet)
-            tracker.track_external(unet, opt, _StateView(optim.state_tensors(opt)))
+            tracker.track_external(unet, opt, _StateView(factory.state_tensors(opt)))
             ac = torch.autocast("cpu", dtype=getattr(torch, plan.autocast), enabled=plan.autocast is not None) \
                 if plan.autocast else torch.autocast("cpu", enabled=False)
             with tracker, cuda_rules(plan.autocast is not None and plan.autocast_rules == "cuda"):
@@ -238,7 +239,7 @@ def trace_step(plan: Plan) -> dict:
             cur = {str(k.value) if hasattr(k, "value") else str(k): v for k, v in now.items()}
             grads_max = max(p.numel() * p.element_size() for p in params)
     finally:
-        precision._State8bit = saved
+        low_precision._State8bit = saved
     n_all = sum(p.numel() for p in unet.parameters())
     n_train = sum(p.numel() for p in params)
     # DeepSpeed ZeRO-Offload's device buffers at the sizes cascade sets (stages/engines.py)

@@ -50,12 +50,13 @@ def main():
     from accelerate.state import AcceleratorState
 
     from cascade.cli.main import main as cascade_main
-    from stages import optim, trainer
+    from stages import trainer
+    from stages.optimizers import factory
 
     rank0 = trainer.step_generator
     trainer.step_generator = lambda seed, step, rank: rank0(seed, step, 0)  # every rank: rank 0's data
     fsdp_forced = False
-    results, built = {}, optim.build
+    results, built = {}, factory.build
     for job in spec["jobs"]:
         for key in ALL_KEYS:
             os.environ.pop(key, None)
@@ -64,7 +65,7 @@ def main():
             train_engine.force_fsdp_on_cpu()  # patches Accelerator.__init__; only acts with ACCELERATE_USE_FSDP
             fsdp_forced = True
         AcceleratorState._reset_state(True)
-        optim.build = reference_build if job.get("reference") else built
+        factory.build = reference_build if job.get("reference") else built
         sets = [x for s in job["sets"] for x in ("--set", s)]
         try:  # a crash is recorded and the walk goes on (the common args give the process group a short timeout)
             results[job["name"]] = cascade_main(["train", "stage1", *spec["common"], *sets,

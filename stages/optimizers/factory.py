@@ -21,7 +21,7 @@ import logging
 import torch
 
 from stages.errors import InputError
-from stages.precision import LowPrecisionAdamW
+from stages.optimizers.low_precision import LowPrecisionAdamW
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +34,8 @@ def _fused_ok(params) -> bool:
 def make(params, cfg, seed: int = 0):
     """(optimizer, name) for the trainable `params` and a Train config section."""
     params = list(params)
-    if getattr(cfg, "optimizer", "adamw") in ("adafactor", "prodigy"):  # stages/optimizers.py
-        from stages.optimizers import make_extra
+    if getattr(cfg, "optimizer", "adamw") in ("adafactor", "prodigy"):  # stages/optimizers/beyond_adamw.py
+        from stages.optimizers.beyond_adamw import make_extra
 
         return make_extra(params, cfg)
     low_precision = params[0].dtype != torch.float32
