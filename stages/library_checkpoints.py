@@ -1,8 +1,8 @@
 """The folders of a checkpoint that an engine reads itself, checked before it does.
 
 Both sharded engines unpickle with code allowed: FSDP's folders (torch.distributed.checkpoint) read
-`.metadata` with `pickle.load` and every non-tensor entry (an optimizer's lr, step) with
-`torch.load(weights_only=False)`; DeepSpeed's engine reads its `*_states.pt` with `weights_only=False`.
+`.metadata` with plain pickle and every non-tensor entry (an optimizer's lr, step) with torch's loader
+in its unrestricted mode; DeepSpeed's engine reads its `*_states.pt` in that mode too.
 Here each is read first with an unpickler that admits only the plain-data classes these libraries write
 (their metadata dataclasses, DeepSpeed's loss scaler and stage enum); a file that names anything else is
 refused before the library opens it. Tensors inside `.distcp` files are read by torch with weights_only."""
@@ -48,10 +48,8 @@ def _weights_only(data, what: str, extra: list = ()) -> str | None:
 
     try:
         with torch.serialization.safe_globals(list(extra)):
-            if isinstance(data, Path):
-                torch.load(data, map_location="cpu", weights_only=True, mmap=True)
-            else:
-                torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            source, mmap = (data, True) if isinstance(data, Path) else (io.BytesIO(data), False)
+            torch.load(source, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         found = str(e).split("GLOBAL ", 1)[1].split(" ", 1)[0] if "GLOBAL " in str(e) else "objects"
         return f"{what} holds pickled objects, not plain data, and is never unpickled (it calls {found})"
