@@ -5,8 +5,8 @@ adapters under LoRA), with an fp32 shadow copy (a bf16 shadow would round away u
 EMAModel's decay warms up as (1 + n) / (10 + n) after `update_after_step` optimizer steps (before
 that it copies the weights) and is capped at `decay`. The trainer steps it once per optimizer step,
 writes it into every checkpoint as `ema.safetensors` + `ema.json` (resume-exact; not accelerate's
-`register_for_checkpointing`, whose loader unpickles without the weights-only guard and would run code from
-a crafted checkpoint), and copies the average into the model before the export, which then holds the
+custom-state registration, whose loader unpickles without the weights-only guard: a crafted checkpoint
+would run code, tests/test_safety_resume.py), and copies the average into the model before the export, which then holds the
 EMA weights (cascade.json says so)."""
 from __future__ import annotations
 
