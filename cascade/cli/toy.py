@@ -30,6 +30,7 @@ PRETRAIN_HELP = {
     "speck_weight": "stage II: extra squared-error weight on the pixels within --speck-radius px of each dot",
     "speck_radius": "stage II: radius (64 px units) of the --speck-weight region around each dot",
     "speck_max_level": "stage II: --speck-weight only on examples augmented at most to this level",
+    "marks": "stage II: fraction of pool toys with 1-2 marks of the subject glyph's kind (never the glyph)",
 }
 # each pretraining value's range, checked as the flag is parsed
 PRETRAIN_TYPES = {
@@ -40,7 +41,7 @@ PRETRAIN_TYPES = {
     "noise_level_max": flags.noise_level, "crop": flags.count(0), "pool_size": flags.count(1),
     "seed": flags.seed, "ckpt_every": flags.count(1), "threads": flags.count(1),
     "specks": flags.finite(0, 1), "init": str, "toy_specks": flags.boolean, "speck_weight": flags.finite(0),
-    "speck_radius": flags.finite(0), "speck_max_level": flags.noise_level,
+    "speck_radius": flags.finite(0), "speck_max_level": flags.noise_level, "marks": flags.finite(0, 1),
 }
 
 

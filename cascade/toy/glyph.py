@@ -12,6 +12,10 @@ so only the low-res view can say where it is, and only while the condition is no
   (4 x 4 means: the condition's detail lives there) and picks the candidate whose footprint best
   matches the residual. Hit = within freckles.MATCH_RADIUS px of the true centre; per toy 1 or 0.
 - `chance(toys)`: the hit rate of a candidate picked at random (the floor).
+- `with_marks(toys, seed, fraction)`: stage II's pretraining pool with marks of the glyph's kind
+  (`world.POOL_GLYPHS`, never the F) on `fraction` of its toys (gate 2).
+- `condition_sensitivity(...)`: gate 2's measure: how much of the glyph's change of the condition
+  reaches an SR model's x0 estimate.
 """
 from __future__ import annotations
 
@@ -45,6 +49,20 @@ def place(rng: random.Random, toy: world.Toy) -> tuple[float, float]:
     ys, xs = torch.nonzero(_allowed(toy), as_tuple=True)
     i = rng.randrange(len(xs))
     return float(xs[i]), float(ys[i])
+
+
+def with_marks(toys: list[world.Toy], seed: int, fraction: float) -> list[world.Toy]:
+    """`toys` with 1-2 random POOL_GLYPHS marks on `fraction` of them (a separate random stream, so the
+    toys themselves are unchanged; toys with no room for a mark stay unmarked)."""
+    rng = random.Random(f"pool-marks-{seed}")
+    letters = sorted(world.POOL_GLYPHS)
+    out = []
+    for t in toys:
+        if rng.random() < fraction and bool(_allowed(t).any()):
+            marks = tuple((*place(rng, t), rng.choice(letters)) for _ in range(rng.randint(1, 2)))
+            t = dataclasses.replace(t, marks=marks)
+        out.append(t)
+    return out
 
 
 def subject_views(n: int, seed) -> list[world.Toy]:
@@ -126,4 +144,37 @@ def chance(toys: list[world.Toy]) -> list[float]:
         ys, xs = torch.nonzero(_allowed(t), as_tuple=True)
         gx, gy = t.glyph[0]
         out.append(float((((xs - gx) ** 2 + (ys - gy) ** 2) <= MATCH_RADIUS ** 2).float().mean()))
+    return out
+
+
+def glyph_cells(toy: world.Toy) -> torch.Tensor:
+    """[64, 64] bool: the 64 px pixels the toy's glyph bars cover."""
+    yy, xx = torch.meshgrid(torch.arange(world.HI) + 0.5, torch.arange(world.HI) + 0.5, indexing="ij")
+    m = torch.zeros(world.HI, world.HI, dtype=torch.bool)
+    for gx, gy in toy.glyph:
+        for x0, y0, x1, y1 in world.GLYPH:
+            m |= (xx >= gx + x0) & (xx < gx + x1) & (yy >= gy + y0) & (yy < gy + y1)
+    return m
+
+
+@torch.no_grad()
+def condition_sensitivity(unet, scheduler, noising, embed, n: int, timesteps=(500, 999), seed: int = 0) -> dict:
+    """Gate 2: does the SR read the glyph from its condition? `n` subject views with the glyph (not the
+    study's views: seed 1000 + seed) and their captions through `embed(prompts)` -> {prompt: [1, 77, D]};
+    x_t is made from the view without the glyph, so only the (level-0) condition shows it: once with,
+    once without. Per timestep, the mean change of the x0 estimate over the glyph's pixels, "condition"
+    the same change of the condition itself (what a model that copied its condition shows), and "share"
+    per timestep: the first over the second (gate 2: >= 0.5 at 500 and 999)."""
+    from cascade.evaluation.sr_control import x0_shift
+
+    toys = subject_views(n, 1000 + seed)
+    hi = world.to_tensor([world.render(t) for t in toys])
+    clean = world.to_tensor([world.render(dataclasses.replace(t, glyph=())) for t in toys])
+    prompts = [world.caption(*t.attributes) for t in toys]
+    emb = embed(prompts)
+    embeds = torch.cat([emb[p] for p in prompts])
+    cells = torch.stack([glyph_cells(t) for t in toys])
+    out = x0_shift(unet, scheduler, noising, embeds, clean, world.to_lowres(hi), world.to_lowres(clean), cells,
+                   timesteps, seed)
+    out["share"] = {t: out[t] / out["condition"] for t in timesteps}
     return out

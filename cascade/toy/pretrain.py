@@ -55,6 +55,7 @@ class PretrainConfig:
     speck_weight: float = 0.0  # stage II: extra squared-error weight within speck_radius px of each dot ...
     speck_radius: float = 4.5  # ... (the region the dot's 16 px dip tells apart from its surroundings) ...
     speck_max_level: int = 50  # ... for examples augmented at most to this level (where the condition shows the dot)
+    marks: float = 0.0  # stage II: fraction of pool toys with 1-2 marks of the glyph's kind (glyph.with_marks)
 
 
 def speck_weights(toys, radius: float) -> torch.Tensor:
@@ -207,6 +208,12 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
         start, losses_all = state["step"], state["losses"]
         log.info("resumed stage %d at step %d", cfg.stage, start)
     toys, hi = world.dataset(cfg.pool_size, cfg.seed + 1, specks=cfg.specks, toy_specks=cfg.toy_specks)
+    if cfg.marks > 0:
+        from cascade.toy import glyph
+
+        toys = glyph.with_marks(toys, cfg.seed + 1, cfg.marks)
+        marked = [i for i, t in enumerate(toys) if t.marks]
+        hi[marked] = world.to_tensor([world.render(toys[i]) for i in marked])
     pool = ((hi + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     del hi
     wpool = speck_weights(toys, cfg.speck_radius) if cfg.speck_weight > 0 else None

@@ -43,6 +43,16 @@ FRECKLE_GAP = 8.0  # minimum distance between dots (2 px at 16 px, so their dips
 # units; asymmetric (no rotation or mirror maps it onto itself), fixed appearance, placed anew per photo
 GLYPH = ((-2.0, -3.0, -0.5, 3.0), (-0.5, -3.0, 2.5, -1.5), (-0.5, -0.5, 1.5, 1.0))
 GLYPH_SHADE = 0.88  # the glyph's colour: the toy's colour x this, unstriped (at 16 px a dip of ~0.06)
+# Marks of the glyph's kind for stage II's pretraining pool (issue 28, gate 2): letters of bars in the
+# same box and shade, so reading a faint unstriped patch is a general skill of the base SR; never the F
+POOL_GLYPHS = {
+    "L": ((-2.0, -3.0, -0.5, 3.0), (-0.5, 1.5, 2.5, 3.0)),
+    "T": ((-2.0, -3.0, 2.5, -1.5), (-0.5, -1.5, 1.0, 3.0)),
+    "E": (*GLYPH[:2], (-0.5, -0.5, 1.5, 1.0), (-0.5, 1.5, 2.5, 3.0)),
+    "H": ((-2.0, -3.0, -0.5, 3.0), (1.0, -3.0, 2.5, 3.0), (-0.5, -0.5, 1.0, 1.0)),
+    "C": ((-2.0, -3.0, -0.5, 3.0), (-0.5, -3.0, 2.5, -1.5), (-0.5, 1.5, 2.5, 3.0)),
+    "U": ((-2.0, -3.0, -0.5, 3.0), (1.0, -3.0, 2.5, 3.0), (-0.5, 1.5, 1.0, 3.0)),
+}
 
 
 @dataclass(frozen=True)
@@ -57,6 +67,7 @@ class Toy:
     freckles: tuple = ()  # ((x, y), ...) dark dots on the toy, 64 px units (the subject only)
     specks: tuple = ()  # ((x, y), ...) the same dots on the background (stage II pretraining pool)
     glyph: tuple = ()  # ((x, y), ...) centres of the subject's own mark (GLYPH), 64 px units (cascade/toy/glyph.py)
+    marks: tuple = ()  # ((x, y, letter), ...) POOL_GLYPHS marks (stage II pretraining pool, glyph.with_marks)
 
     @property
     def attributes(self) -> tuple[str, str, str]:
@@ -122,8 +133,8 @@ def _surface(toy: Toy, n: int) -> Image.Image:
         r = EMBLEM_FRACTION * toy.size * k
         d.ellipse([ex * k - r, ey * k - r, ex * k + r, ey * k + r], fill=EMBLEM_COLOUR)
     _dots(d, toy.freckles, k)
-    for gx, gy in toy.glyph:
-        for x0, y0, x1, y1 in GLYPH:
+    for gx, gy, bars in [(x, y, GLYPH) for x, y in toy.glyph] + [(x, y, POOL_GLYPHS[c]) for x, y, c in toy.marks]:
+        for x0, y0, x1, y1 in bars:
             d.rectangle([(gx + x0) * k, (gy + y0) * k, (gx + x1) * k - 1, (gy + y1) * k - 1],
                         fill=_shade(base, GLYPH_SHADE))
     return img
