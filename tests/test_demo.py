@@ -5,6 +5,8 @@ import json
 import re
 from pathlib import Path
 
+from PIL import Image
+
 from cascade.cli.main import main
 
 
@@ -57,8 +59,13 @@ def test_demo_default_is_the_toy_world(tmp_path, capsys):
     for name in ("before", "after"):
         assert 0 <= toy[name]["subject_fidelity"] <= 1 and 0 <= toy[name]["class_entropy_bits"] <= 4.6
     assert set(toy["sr_heldout_views"]) == {"base", "fine-tuned low", "fine-tuned high"}
-    assert toy["sr_heldout_views"]["fine-tuned high"]["noise_aug"] == [250, 250]
-    assert all(0 <= v["freckle_f1"] <= 1 for v in toy["sr_heldout_views"].values())
+    assert toy["sr_heldout_views"]["fine-tuned high"]["noise_aug"] == [500, 500]  # the glyph oracle's floor
+    assert all(0 <= v["glyph_hit"] <= 1 and v["glyph_drawn"] <= 1.5 for v in toy["sr_heldout_views"].values())
+    # the subject's photos carry its glyph, placed anew in each (issue 28)
+    from cascade.toy import glyph, world
+
+    photos = world.to_tensor([Image.open(p).convert("RGB") for p in sorted((out / "subject").glob("*.png"))])
+    assert torch.equal(photos, world.to_tensor(glyph.photos()))
     assert (out / "stage2-high").is_dir()
     page = (out / "report.html").read_text()
     for link in re.findall(r'(?:src|href)="([^"]+)"', page):

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from tests.helpers.stand_sr import StandSR, zero_embed
 from cascade.toy import freckles, world
 
 
@@ -140,23 +141,8 @@ def test_condition_sensitivity_tells_a_model_that_copies_its_condition_from_one_
     assert scheduler.config.prediction_type == "v_prediction"
     ab = scheduler.alphas_cumprod
 
-    class Stand(torch.nn.Module):
-        def __init__(self, copy: bool):
-            super().__init__()
-            self.copy = copy
-
-        def forward(self, inp, t, encoder_hidden_states, class_labels, return_dict):
-            xt, cond = inp[:, :3], inp[:, 3:]
-            a = ab[t].view(-1, 1, 1, 1)
-            x0 = cond if self.copy else torch.zeros_like(cond)
-            v = (a.sqrt() * xt - x0) / (1 - a).sqrt()  # the v that makes predict_x0 return x0
-            return (torch.cat([v, torch.zeros_like(v)], 1),)
-
-    def embed(prompts):
-        return {p: torch.zeros(1, 77, 32) for p in prompts}
-
-    copy = freckles.condition_sensitivity(Stand(True), scheduler, noising, embed, 6)
-    ignore = freckles.condition_sensitivity(Stand(False), scheduler, noising, embed, 6)
+    copy = freckles.condition_sensitivity(StandSR(ab, True), scheduler, noising, zero_embed, 6)
+    ignore = freckles.condition_sensitivity(StandSR(ab, False), scheduler, noising, zero_embed, 6)
     assert copy["condition"] < -0.02  # the specks darken the level-0 condition
     for t in (300, 500, 700):
         assert copy[t] == pytest.approx(copy["condition"], abs=1e-4)

@@ -31,6 +31,7 @@ PRETRAIN_HELP = {
     "speck_radius": "stage II: radius (64 px units) of the --speck-weight region around each dot",
     "speck_max_level": "stage II: --speck-weight only on examples augmented at most to this level",
     "marks": "stage II: fraction of pool toys with 1-2 marks of the subject glyph's kind (never the glyph)",
+    "low_levels": "stage II: fraction of examples augmented at levels 0..20 only (where faint marks show)",
 }
 # each pretraining value's range, checked as the flag is parsed
 PRETRAIN_TYPES = {
@@ -42,6 +43,7 @@ PRETRAIN_TYPES = {
     "seed": flags.seed, "ckpt_every": flags.count(1), "threads": flags.count(1),
     "specks": flags.finite(0, 1), "init": str, "toy_specks": flags.boolean, "speck_weight": flags.finite(0),
     "speck_radius": flags.finite(0), "speck_max_level": flags.noise_level, "marks": flags.finite(0, 1),
+    "low_levels": flags.finite(0, 1),
 }
 
 
@@ -281,11 +283,11 @@ def add_study(toy):
                    help="stage I fine-tuning steps per run (default 100)")
     p.add_argument("--stage2-steps", type=flags.count(1), default=100,
                    help="stage II fine-tuning steps per run (default 100)")
-    p.add_argument("--levels", default="0,20,250", help="SR sampling noise levels")
+    p.add_argument("--levels", default="0,20,500", help="SR sampling noise levels (500: the glyph oracle's floor)")
     p.add_argument("--sr-inputs", type=flags.count(1), default=2, help="stage I samples upsampled per SR model and level")
     p.add_argument("--sr-steps", type=flags.count(1), default=10, help="SR sampling steps in the sweep (default 10)")
     p.add_argument("--variant", action="append", default=[], metavar="NAME=MIN:MAX[:prior]",
-                   help="SR variants (default aug0=0:0 aug250=250:250 aug0-prior=0:0:prior)")
+                   help="SR variants, training augmentation low/mid/high (default aug0=0:0 aug250=250:250 aug500=500:500)")
     p.add_argument("--sr-only", action="store_true", help="claim (c) only (skips the stage I claims a and b)")
     p.add_argument("--threads", type=flags.count(1), default=1, help="torch CPU threads (1 is fastest on a shared machine)")
     p.add_argument("--cache-dir", default="~/.cache/cascade", help="text-embedding cache")

@@ -19,7 +19,8 @@ from stages import data
 METRICS = {"real": ("psnr", "ssim", "hp_corr", "lpips", "hf_ratio", "dino"), "stage1": ("hf_ratio", "dino"),
            "class": ("hf_ratio", "dino")}
 NAMES = {"psnr": "PSNR (dB)", "ssim": "SSIM", "hp_corr": "high-pass corr.", "lpips": "LPIPS", "hf_ratio": "HF ratio",
-         "dino": "DINO", "freckle_f1": "freckle F1", "freckles": "freckles drawn"}
+         "dino": "DINO", "freckle_f1": "freckle F1", "freckles": "freckles drawn",
+         "glyph_hit": "glyph placed", "glyph_drawn": "glyph drawn", "glyph": "glyph drawn anywhere"}
 TILE = 128
 INSTANCE_VIEW = "instance prompt"  # views of other objects upsampled under "a [V] <class>"
 SECTIONS = (("held-out", "Held-out views: subject photos never trained on, and fresh views (ground truth exists)"),

@@ -41,9 +41,11 @@ def _toy_section(root: Path, s: dict) -> list[str]:
              f"base {_pct(b['class_subject_share'])} -> fine-tuned {_pct(a['class_subject_share'])}"),
             ("diversity of '" + s["prompts"][1] + "' samples: entropy of (colour, shape), bits (uniform: 4.58)",
              f"base {b['class_entropy_bits']:.2f} -> fine-tuned {a['class_entropy_bits']:.2f}"),
-            ("SR of held-out views of the subject (new poses, never trained on): freckle F1 / stripes / emblem",
+            ("SR of held-out views of the subject (new poses and glyph places, never trained on): glyph placed / "
+             "glyph drawn (1 = as in the truth) / stripes / emblem",
              "; ".join(f"{name}{' (aug ' + '..'.join(map(str, v['noise_aug'])) + ')' if 'noise_aug' in v else ''} "
-                       f"{v['freckle_f1']:.2f} / {_pct(v['stripes'])} / {_pct(v['emblem'])}" for name, v in sr.items()))]
+                       f"{_pct(v['glyph_hit'])} / {v['glyph_drawn']:.2f} / {_pct(v['stripes'])} / {_pct(v['emblem'])}"
+                       for name, v in sr.items()))]
     return ["<h2>What the readers measure (toy world)</h2>",
             "<p>This is a <b>toy world</b>: a procedural world of coloured toys and a tiny cascade pretrained on it "
             "(cascade/toy), so the numbers below are measured exactly by attribute readers, on few samples of one run "

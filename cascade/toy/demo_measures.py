@@ -2,9 +2,10 @@
 
 - subject fidelity: "a [V] toy" stage I samples with the subject's colour+shape, base vs fine-tuned;
 - drift: "a toy" stage I samples that took the subject's colour+shape, and their entropy (diversity);
-- SR detail on held-out views (new renders of the subject, never trained on): upsampled by SR base,
-  SR fine-tuned at the config's (low) noise augmentation and at HIGH_AUG: freckle position F1 against
-  the truth, stripes and emblem read.
+- SR detail on held-out views (new renders of the subject with its glyph placed anew, never trained
+  on): upsampled by SR base, SR fine-tuned at the config's (low) noise augmentation and at HIGH_AUG:
+  the glyph's placement (hit) and drawing against the truth (cascade/toy/glyph_read.py), stripes and
+  emblem read.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cascade.toy import measure, readers, world
+from cascade.toy import glyph, glyph_read, measure, readers, world
 from stages import data
 
 
@@ -21,7 +22,7 @@ def _load(folder: Path, idx: list[int]) -> torch.Tensor:
     return world.to_tensor([Image.open(folder / f"{i:05d}.png").convert("RGB") for i in idx])
 
 
-HIGH_AUG = (250, 250)
+HIGH_AUG = (500, 500)  # the study's high level: the glyph oracle finds nothing there (docs/sr-study.md, gate 1)
 HELD_OUT_VIEWS = 4
 
 
@@ -54,14 +55,15 @@ def measure_demo(root: Path, cfg, base, tuned, prompts: list[str], n: int, encod
         out[name] = {"subject_fidelity": measure.fidelity(inst), **{f"class_{k}": v for k, v in measure.drift(cls).items()}}
         if (folder / "stage2").is_dir():
             out[name]["instance_sr_detail"] = measure.detail(_load(folder / "stage2", list(range(n))))
-    truth = world.to_tensor([world.render(t) for t in world.fresh_subject_toys(HELD_OUT_VIEWS, 2)])
+    truth = world.to_tensor([world.render(t) for t in glyph.subject_views(HELD_OUT_VIEWS, 2)])
     low = world.to_lowres(truth)
     lo_aug = (cfg.stage2.train.noise_aug_min, cfg.stage2.train.noise_aug_max)
     sr, ups = {}, []
     for name, path in (("base", base.stage2), ("fine-tuned low", tuned.stage2), ("fine-tuned high", tuned_high)):
         images = _sr_views(cfg, path, prompts[0], encoder, low)
-        f1 = [measure.freckle_f1_vs_truth(im, gt) for im, gt in zip(images, truth)]
-        sr[name] = {**measure.detail(images), "freckle_f1": sum(f1) / len(f1)}
+        reads = {k: [fn(im, gt) for im, gt in zip(images, truth)]
+                 for k, fn in (("glyph_hit", glyph_read.glyph_hit), ("glyph_drawn", glyph_read.glyph_drawn))}
+        sr[name] = {**measure.detail(images), **{k: sum(v) / len(v) for k, v in reads.items()}}
         ups.append(images)
     sr["fine-tuned low"]["noise_aug"], sr["fine-tuned high"]["noise_aug"] = list(lo_aug), list(HIGH_AUG)
     rows = [readers.to_pil(x) for x in torch.cat([torch.nn.functional.interpolate(low, size=world.HI, mode="nearest"),

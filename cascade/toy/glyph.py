@@ -4,7 +4,8 @@ so only the low-res view can say where it is, and only while the condition is no
 
 - `place(rng, toy)`: a glyph centre inside the toy (integer 64 px position, clear of the edge and
   the emblem).
-- `subject_views(n, seed)`: n views of the subject (new poses) carrying the glyph instead of freckles.
+- `subject_views(n, seed)`: n views of the subject (new poses) carrying the glyph instead of freckles;
+  `photo_toys()` / `photos()`: its 5 photos (the world's poses) with the glyph (demo, study).
 - `oracle(toys, level, noising)`: the best placement any SR model could make from its condition. It
   knows everything but the glyph's position: the toy without the glyph and the glyph's exact low-res
   footprint at every candidate position. It takes the condition as stage II sees it (16 px upsampled
@@ -76,6 +77,20 @@ def subject_views(n: int, seed) -> list[world.Toy]:
                       emblem=True)
         out.append(dataclasses.replace(t, glyph=(place(rng, t),)))
     return out
+
+
+def photo_toys() -> list[world.Toy]:
+    """The subject's 5 photos (world.SUBJECT_POSES) with the glyph, placed anew per photo, and no
+    freckles: what the demo and the study fine-tune on since issue 28."""
+    out = []
+    for i, (x, y, size) in enumerate(world.SUBJECT_POSES):
+        t = world.Toy(**world.SUBJECT, cx=x, cy=y, size=size, emblem=True)
+        out.append(dataclasses.replace(t, glyph=(place(random.Random(f"glyph-photo-{i}"), t),)))
+    return out
+
+
+def photos():
+    return [world.render(t) for t in photo_toys()]
 
 
 def _project(x: torch.Tensor) -> torch.Tensor:

@@ -18,9 +18,11 @@ from cascade.toy import freckles, readers, world
 
 
 def write_subject(folder: Path) -> Path:
-    """The subject's photos (64 px PNGs) into `folder` (created)."""
+    """The subject's photos (64 px PNGs, each with its glyph placed anew: glyph.photos) into `folder` (created)."""
+    from cascade.toy import glyph
+
     folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(world.subject_photos()):
+    for i, im in enumerate(glyph.photos()):
         im.save(folder / f"subject-{i:02d}.png")
     return folder
 
@@ -82,13 +84,14 @@ def freckles_drawn(image: torch.Tensor) -> float:
     return float(len(freckles.detect(image, freckles.object_mask(image))))
 
 
-def other_toys(n: int, seed: int) -> list:
-    """n toys that are not the subject: random colour and shape other than the subject's pair, plain or
-    striped (the dotted pattern's own dots would read as freckles), never freckled."""
+def other_toys(n: int, seed: int, patterns=("plain", "striped")) -> list:
+    """n toys that are not the subject: random colour and shape other than the subject's pair, of
+    `patterns` (not dotted: its own dots would read as freckles; striped only for the glyph, which
+    reads as a place where the stripes stop), never freckled."""
     rng = random.Random(f"other-toys-{seed}")
     out = []
     while len(out) < n:
-        t = world.random_toy(rng, pattern=rng.choice(("plain", "striped")))
+        t = world.random_toy(rng, pattern=rng.choice(patterns))
         if (t.colour, t.shape) != (world.SUBJECT["colour"], world.SUBJECT["shape"]):
             out.append(t)
     return out
@@ -98,13 +101,16 @@ FRESH_VIEWS, OTHER_TOYS = 6, 6
 
 
 def study_extras(req, fresh: int = FRESH_VIEWS, others: int = OTHER_TOYS):
-    """The toy world's additions to a `cascade study-sr` request: its readers (stripes, emblem, freckles
-    drawn), freckle F1 against the truth, `fresh` new views of the subject as held-out ground truth, and
-    `others` renders of other toys as drift inputs."""
-    req.readers = {**study_readers(), "freckles": freckles_drawn}
-    req.truth_readers = {"freckle_f1": freckle_f1_vs_truth}
-    req.fresh_views = world.to_tensor([world.render(t) for t in world.fresh_subject_toys(fresh, 1)]) if fresh else None
-    req.class_inputs = world.to_lowres(world.to_tensor([world.render(t) for t in other_toys(others, 0)])) \
+    """The toy world's additions to a `cascade study-sr` request (issue 28: the subject's glyph): its
+    readers (stripes, emblem, glyph drawn anywhere), the glyph's placement and drawing against the
+    truth (glyph_read), `fresh` new views of the subject with the glyph (glyph.subject_views, seed 1)
+    as held-out ground truth, and `others` renders of other striped toys as drift inputs."""
+    from cascade.toy import glyph, glyph_read
+
+    req.readers = {**study_readers(), "glyph": glyph_read.glyph_anywhere}
+    req.truth_readers = {"glyph_hit": glyph_read.glyph_hit, "glyph_drawn": glyph_read.glyph_drawn}
+    req.fresh_views = world.to_tensor([world.render(t) for t in glyph.subject_views(fresh, 1)]) if fresh else None
+    req.class_inputs = world.to_lowres(world.to_tensor([world.render(t) for t in other_toys(others, 0, ("striped",))])) \
         if others else None
     return req
 

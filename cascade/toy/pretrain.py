@@ -32,6 +32,9 @@ from stages.trainer import step_generator
 log = logging.getLogger(__name__)
 
 
+LOW_LEVEL_MAX = 20  # the study's low levels (0, 20): where the condition shows the glyph (gate 1)
+
+
 @dataclass
 class PretrainConfig:
     stage: int = 1
@@ -56,10 +59,11 @@ class PretrainConfig:
     speck_radius: float = 4.5  # ... (the region the dot's 16 px dip tells apart from its surroundings) ...
     speck_max_level: int = 50  # ... for examples augmented at most to this level (where the condition shows the dot)
     marks: float = 0.0  # stage II: fraction of pool toys with 1-2 marks of the glyph's kind (glyph.with_marks)
+    low_levels: float = 0.0  # stage II: fraction of examples augmented at levels 0..LOW_LEVEL_MAX only
 
 
 def speck_weights(toys, radius: float) -> torch.Tensor:
-    """[N, 1, 64, 64] uint8: 1 within `radius` px of each toy's specks and freckles. The dots are a small
+    """[N, 1, 64, 64] uint8: 1 within `radius` px of each toy's specks, freckles and marks' centres. The dots are a small
     part of an image's squared error, too little for the small SR to learn to place them from its
     condition; this map lets the loss weigh them more. It must stay a function of what the model sees, or
     the optimum moves (weighing exactly the dots' pixels, which it cannot see, taught it to draw four
@@ -69,7 +73,7 @@ def speck_weights(toys, radius: float) -> torch.Tensor:
     yy, xx = torch.meshgrid(torch.arange(world.HI) + 0.5, torch.arange(world.HI) + 0.5, indexing="ij")
     out = torch.zeros(len(toys), 1, world.HI, world.HI, dtype=torch.uint8)
     for i, t in enumerate(toys):
-        for x, y in (*t.specks, *t.freckles):
+        for x, y, *_ in (*t.specks, *t.freckles, *t.marks):
             out[i, 0][(xx - x) ** 2 + (yy - y) ** 2 <= radius ** 2] = 1
     return out
 
@@ -230,6 +234,9 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
         x0, cond, class_labels, wmap = lo, None, None, None
         if cfg.stage == 2:
             levels = torch.randint(0, cfg.noise_level_max + 1, (hi.shape[0],), generator=gen)
+            if cfg.low_levels > 0:  # reading a faint mark is learned where the condition shows it
+                low = torch.rand(hi.shape[0], generator=gen) < cfg.low_levels
+                levels = torch.where(low, torch.randint(0, LOW_LEVEL_MAX + 1, levels.shape, generator=gen), levels)
             cond = noise_aug.noised_condition(lo, world.HI, levels, noising, generator=gen)
             wmap = None if wpool is None else wpool[idx] * (levels <= cfg.speck_max_level).view(-1, 1, 1, 1)
             x0, cond, wmap = _crop(hi, cond, cfg.crop, gen, wmap)
