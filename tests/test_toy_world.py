@@ -156,3 +156,31 @@ def test_committed_weights_pass_their_checksums():
     if not (weights.WEIGHTS / weights.SUMS).is_file():
         pytest.fail("no committed toy weights")
     assert (weights.toy_root() / "stage1" / "model_index.json").is_file()
+
+
+def test_low_levels_and_high_t_move_the_stage2_examples_where_the_condition_shows_marks(tmp_path, one_thread,
+                                                                                        monkeypatch):
+    """--low-levels 1 puts every augmentation level in 0..20, --high-t 1 every timestep in the upper half,
+    and --marks 1 marks the pool's toys (issue 28, gate 2's recipe); without them both span their ranges."""
+    from diffusers import UNet2DConditionModel
+
+    from cascade.toy.pretrain import LOW_LEVEL_MAX, PretrainConfig, pretrain
+
+    seen = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, *a, class_labels=None, **k):
+        seen.append((timestep.clone(), class_labels.clone()))
+        return forward(self, sample, timestep, *a, class_labels=class_labels, **k)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    base = dict(stage=2, steps=2, batch_size=16, warmup_steps=1, pool_size=8, marks=1.0)
+    pretrain(tmp_path / "a", PretrainConfig(**base, low_levels=1.0, high_t=1.0), progress=False)
+    t = torch.cat([s[0] for s in seen])
+    lv = torch.cat([s[1] for s in seen])
+    assert int(lv.max()) <= LOW_LEVEL_MAX and int(t.min()) >= 500
+    seen.clear()
+    pretrain(tmp_path / "b", PretrainConfig(**base), progress=False)
+    t = torch.cat([s[0] for s in seen])
+    lv = torch.cat([s[1] for s in seen])
+    assert int(lv.max()) > LOW_LEVEL_MAX and int(t.min()) < 500

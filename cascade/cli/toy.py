@@ -32,6 +32,7 @@ PRETRAIN_HELP = {
     "speck_max_level": "stage II: --speck-weight only on examples augmented at most to this level",
     "marks": "stage II: fraction of pool toys with 1-2 marks of the subject glyph's kind (never the glyph)",
     "low_levels": "stage II: fraction of examples augmented at levels 0..20 only (where faint marks show)",
+    "high_t": "fraction of examples drawn at timesteps in the upper half (where the condition says the most)",
 }
 # each pretraining value's range, checked as the flag is parsed
 PRETRAIN_TYPES = {
@@ -43,7 +44,7 @@ PRETRAIN_TYPES = {
     "seed": flags.seed, "ckpt_every": flags.count(1), "threads": flags.count(1),
     "specks": flags.finite(0, 1), "init": str, "toy_specks": flags.boolean, "speck_weight": flags.finite(0),
     "speck_radius": flags.finite(0), "speck_max_level": flags.noise_level, "marks": flags.finite(0, 1),
-    "low_levels": flags.finite(0, 1),
+    "low_levels": flags.finite(0, 1), "high_t": flags.finite(0, 1),
 }
 
 

@@ -60,6 +60,7 @@ class PretrainConfig:
     speck_max_level: int = 50  # ... for examples augmented at most to this level (where the condition shows the dot)
     marks: float = 0.0  # stage II: fraction of pool toys with 1-2 marks of the glyph's kind (glyph.with_marks)
     low_levels: float = 0.0  # stage II: fraction of examples augmented at levels 0..LOW_LEVEL_MAX only
+    high_t: float = 0.0  # fraction of examples at timesteps T/2..T-1 (where x_t says little and the condition most)
 
 
 def speck_weights(toys, radius: float) -> torch.Tensor:
@@ -242,7 +243,11 @@ def pretrain(out: Path, cfg: PretrainConfig, resume: bool = False, progress: boo
             x0, cond, wmap = _crop(hi, cond, cfg.crop, gen, wmap)
             class_labels = levels
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        n_t = scheduler.config.num_train_timesteps
+        t = torch.randint(0, n_t, (x0.shape[0],), generator=gen)
+        if cfg.high_t > 0:  # the same optimum, more of the gradient where reading the condition is all there is
+            high = torch.rand(x0.shape[0], generator=gen) < cfg.high_t
+            t = torch.where(high, torch.randint(n_t // 2, n_t, t.shape, generator=gen), t)
         xt = math_.q_sample(x0, noise, t)
         inp = xt if cond is None else noise_aug.model_input(xt, cond)
         for g in opt.param_groups:
