@@ -49,7 +49,8 @@ def test_8bit_spellings_agree():
                                           ("adamw8bit", "bitsandbytes")])
 def test_missing_package_is_refused_in_one_line(monkeypatch, name, package):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] == package else real(n, *a))
+    hidden = {package, "torchao"}  # torchao's AdamW8bit would stand in for bitsandbytes' on fp32 weights
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] in hidden else real(n, *a))
     cfg = load_config("tiny", [f"stage1.train.optimizer={name}"]).stage1.train
     with pytest.raises(InputError, match=f"{package}") as e:
         setup.early_checks(cfg)  # before any model loads
@@ -69,3 +70,18 @@ def test_bad_combinations_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match="optimizer_in_backward"):
         load_config("tiny", ["stage1.train.optimizer=prodigy", "stage1.train.optimizer_in_backward=true"])
 
+
+
+def test_8bit_adamw_on_fp32_weights_is_bitsandbytes_where_torchao_is_absent(monkeypatch):
+    """The factory steps 8-bit AdamW with torchao's where it is installed (tests/test_torchao_train.py), else
+    with bitsandbytes'; the name it logs says which library steps."""
+    pytest.importorskip("bitsandbytes")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] == "torchao" else real(n, *a))
+    cfg = load_config("tiny", ["stage1.train.use_8bit_adam=true", "stage1.train.learning_rate=0.05"]).stage1.train
+    params = [torch.nn.Parameter(torch.zeros(64, 64))]  # 4096 values: 8-bit moments
+    opt, name = factory.build(params, cfg)
+    assert name == "adamw8bit-bitsandbytes" and type(opt).__module__.startswith("bitsandbytes"), (name, type(opt))
+    setup.early_checks(cfg)  # bitsandbytes is there: no refusal
+    losses = _train(opt, params)
+    assert losses[-1] < 0.5 * losses[0]

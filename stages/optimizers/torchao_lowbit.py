@@ -42,15 +42,35 @@ def _classes() -> dict:
     return {"8bit": (AdamW8bit, OptimState8bit), "4bit": (AdamW4bit, OptimState4bit), "fp8": (AdamWFp8, OptimStateFp8)}
 
 
+def _kind(v) -> str | None:
+    return next((kind for kind, (_, sub) in _classes().items() if type(v) is sub), None)
+
+
+def _shard(v):
+    """The quantised local shard of an FSDP2 moment (a DTensor wrapping torchao's state), else None."""
+    from torch.distributed.tensor import DTensor
+
+    return v.to_local() if isinstance(v, DTensor) and _kind(v.to_local()) else None
+
+
 def _to_plain(v):
-    """A quantised moment as {tag: kind, inner tensors..., ctx: its flatten context in plain types}."""
-    for kind, (_, sub) in _classes().items():
-        if type(v) is sub:
-            names, ctx = v.__tensor_flatten__()
-            plain_ctx = [str(c).removeprefix("torch.") if isinstance(c, torch.dtype) else
-                         (list(c) if isinstance(c, torch.Size) else c) for c in ctx]
-            return {_TAG: kind, **{n: getattr(v, n) for n in names}, "ctx": plain_ctx}
-    return v
+    """A quantised moment as {tag: kind, inner tensors..., ctx: its flatten context in plain types}. Under
+    FSDP2 the moment is a DTensor whose shard is quantised: torch.distributed.checkpoint lays out (and
+    reshards) DTensors, not torchao's inner tensors, so it is written as its dequantised fp32 values in the
+    parameter's layout ({tag: kind, "sharded": DTensor}; 4 B a value on disk, not 1) and quantised again
+    by `load_state_dict` (the codes come back unchanged: tests/test_torchao_train.py resumes bit-identically)."""
+    if (local := _shard(v)) is not None:
+        from torch.distributed.tensor import DTensor
+
+        values = DTensor.from_local(local.dequantize(), v.device_mesh, v.placements, run_check=False,
+                                    shape=v.shape, stride=v.stride())
+        return {_TAG: _kind(local), "sharded": values}
+    if (kind := _kind(v)) is None:
+        return v
+    names, ctx = v.__tensor_flatten__()
+    plain_ctx = [str(c).removeprefix("torch.") if isinstance(c, torch.dtype) else
+                 (list(c) if isinstance(c, torch.Size) else c) for c in ctx]
+    return {_TAG: kind, **{n: getattr(v, n) for n in names}, "ctx": plain_ctx}
 
 
 def _from_plain(d):
@@ -71,8 +91,55 @@ class _PlainStates:
         return sd
 
     def load_state_dict(self, state_dict):
-        state = {i: {k: _from_plain(v) for k, v in st.items()} for i, st in state_dict["state"].items()}
+        saved = (i for g in state_dict["param_groups"] for i in g["params"])  # ids, or names under FSDP2
+        live = dict(zip(saved, (p for g in self.param_groups for p in g["params"])))
+        state, requantise = {}, []
+        for i, st in state_dict["state"].items():
+            state[i] = {}
+            for k, v in st.items():
+                if isinstance(v, dict) and "sharded" in v:  # FSDP2: fp32 values, quantised below
+                    requantise.append((live[i], k, v["sharded"]))
+                    v = v["sharded"]
+                state[i][k] = _from_plain(v)
         super().load_state_dict({**state_dict, "state": state})
+        for p, k, values in requantise:  # torchao's own buffer for this shard, as its first step made it
+            buf = self._new_buffer(p, signed=k == "exp_avg")
+            local = _shard(buf)
+            if local is None:
+                buf.to_local().copy_(values.to_local())
+            else:
+                _requantise(local, values.to_local())
+            self.state[p][k] = buf
+
+
+def _requantise(state, values: torch.Tensor):
+    """Quantise dequantised `values` into torchao's `state` so that it dequantises to the same values (a
+    step reads a moment only through its dequantised values). Quantising them afresh is not enough: the
+    signed map ends at -0.993, not -1, so a block whose largest value was negative would get a 0.993x scale
+    and some codes one step up. The block's scale is found again instead (its largest value / 0.993 when
+    that value is negative, within 2 float steps), and the codes are taken with it."""
+    from torchao.optim.quant_utils import quantize_8bit_with_qmap
+
+    state.copy_(values)  # torchao's quantisation: kept for a block no scale reproduces (none in the tests)
+    if _kind(state) != "8bit":  # 4-bit codes are packed, fp8 has no map: as close as one requantisation
+        return
+    n, qmap = state.scale.numel(), state.qmap
+    want = values.reshape(n, -1)
+    top = want.abs().amax(-1)
+    negative_top = (want == -top[:, None]).any(-1)
+    guess = torch.where(negative_top, top / qmap.min().abs(), top)
+    codes, scale = state.codes.view(n, -1).clone(), state.scale.clone()
+    found = torch.zeros(n, dtype=torch.bool, device=scale.device)
+    for steps in (0, 1, -1, 2, -2):
+        cand = guess
+        for _ in range(abs(steps)):
+            cand = torch.nextafter(cand, torch.full_like(cand, float("inf") if steps > 0 else float("-inf")))
+        cand_codes = quantize_8bit_with_qmap((want / cand[:, None]).nan_to_num(), qmap).view(n, -1)
+        fits = (qmap[cand_codes.int()] * cand[:, None] == want).all(-1) & ~found & (top > 0)
+        codes, scale = torch.where(fits[:, None], cand_codes, codes), torch.where(fits, cand, scale)
+        found |= fits
+    state.codes.copy_(codes.view_as(state.codes))
+    state.scale.copy_(scale)
 
 
 _WRAPPED: dict = {}
