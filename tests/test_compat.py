@@ -82,25 +82,18 @@ def test_issue_26_pairs_are_refused_naming_both_settings(engine, sets, names):
         assert str(e.value).startswith("--set stage1.train.")
 
 
-def _without(monkeypatch, package: str):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] == package else real(n, *a))
-
-
 def test_fsdp2_with_8bit_adamw_runs_on_torchao_and_without_it_names_the_extra(monkeypatch, cli, photos, tmp_path):
     """FSDP2 + 8-bit AdamW on fp32 weights runs where torchao is installed (its AdamW8bit steps DTensors:
     tests/test_torchao_train.py trains it); without torchao it is one line naming both settings and the extra,
     before any model loads or folder is made (bitsandbytes' AdamW8bit crashed there at step 1)."""
-    from tests.conftest import error_line
+    from tests.conftest import error_line, hide_packages
 
     cell = compat.Cell("fsdp2", "adamw8bit")
     monkeypatch.setattr(compat, "installed", lambda package: True)
     assert compat.verdict(cell) is None
     load_config("tiny", ["stage1.train.use_8bit_adam=true"], engine="fsdp2")
     monkeypatch.undo()
-    _without(monkeypatch, "torchao")
+    hide_packages(monkeypatch, "torchao")
     with pytest.raises(ConfigError) as e:
         load_config("tiny", ["stage1.train.optimizer=adamw8bit"], engine="fsdp2")
     line = str(e.value)

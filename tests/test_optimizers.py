@@ -2,8 +2,6 @@
 the config key and train; a missing package is refused in one line, early and where it is built."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -11,6 +9,7 @@ from cascade.config import ConfigError, load_config
 from stages import setup
 from stages.optimizers import factory
 from stages.errors import InputError
+from tests.conftest import hide_packages
 
 
 def _train(opt, params, steps=30):
@@ -48,9 +47,7 @@ def test_8bit_spellings_agree():
 @pytest.mark.parametrize("name,package", [("prodigy", "prodigyopt"), ("adafactor", "transformers"),
                                           ("adamw8bit", "bitsandbytes")])
 def test_missing_package_is_refused_in_one_line(monkeypatch, name, package):
-    real = importlib.util.find_spec
-    hidden = {package, "torchao"}  # torchao's AdamW8bit would stand in for bitsandbytes' on fp32 weights
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] in hidden else real(n, *a))
+    hide_packages(monkeypatch, package, "torchao")  # torchao's AdamW8bit would stand in for bitsandbytes' on fp32
     cfg = load_config("tiny", [f"stage1.train.optimizer={name}"]).stage1.train
     with pytest.raises(InputError, match=f"{package}") as e:
         setup.early_checks(cfg)  # before any model loads
@@ -76,8 +73,7 @@ def test_8bit_adamw_on_fp32_weights_is_bitsandbytes_where_torchao_is_absent(monk
     """The factory steps 8-bit AdamW with torchao's where it is installed (tests/test_torchao_train.py), else
     with bitsandbytes'; the name it logs says which library steps."""
     pytest.importorskip("bitsandbytes")
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] == "torchao" else real(n, *a))
+    hide_packages(monkeypatch, "torchao")
     cfg = load_config("tiny", ["stage1.train.use_8bit_adam=true", "stage1.train.learning_rate=0.05"]).stage1.train
     params = [torch.nn.Parameter(torch.zeros(64, 64))]  # 4096 values: 8-bit moments
     opt, name = factory.build(params, cfg)

@@ -7,7 +7,8 @@ launch --config_file configs/accelerate/X.yaml` exports; FSDP forced on gloo as 
 Every rank draws rank 0's data, so the averaged gradient of N processes is the one-process gradient and
 every engine's update can be compared with a one-process reference run. A reference job builds the
 library's own optimizer (torch AdamW, torchao's or else bitsandbytes' AdamW8bit, prodigyopt Prodigy,
-transformers Adafactor) in place of cascade's, on fp32 weights. Results: OUT/results.json (rank 0), {name: exit code}."""
+transformers Adafactor) in place of cascade's, on fp32 weights. Results: OUT/results.json (rank 0), {name: exit
+code}."""
 import importlib.util
 import json
 import os
