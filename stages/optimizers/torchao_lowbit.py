@@ -18,6 +18,7 @@ resumed run rounds as the uninterrupted one would)."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 
@@ -46,25 +47,25 @@ def _kind(v) -> str | None:
     return next((kind for kind, (_, sub) in _classes().items() if type(v) is sub), None)
 
 
-def _shard(v):
-    """The quantised local shard of an FSDP2 moment (a DTensor wrapping torchao's state), else None."""
+def _is_dtensor(v) -> bool:
     from torch.distributed.tensor import DTensor
 
-    return v.to_local() if isinstance(v, DTensor) and _kind(v.to_local()) else None
+    return isinstance(v, DTensor)
 
 
 def _to_plain(v):
     """A quantised moment as {tag: kind, inner tensors..., ctx: its flatten context in plain types}. Under
-    FSDP2 the moment is a DTensor whose shard is quantised: torch.distributed.checkpoint lays out (and
-    reshards) DTensors, not torchao's inner tensors, so it is written as its dequantised fp32 values in the
-    parameter's layout ({tag: kind, "sharded": DTensor}; 4 B a value on disk, not 1) and quantised again
-    by `load_state_dict` (the codes come back unchanged: tests/test_torchao_train.py resumes bit-identically)."""
-    if (local := _shard(v)) is not None:
+    FSDP2 every moment is a DTensor, whose shard torchao quantises or not by the shard's own size (so ranks
+    may differ): torch.distributed.checkpoint lays out (and reshards) DTensors, not torchao's inner tensors,
+    so each is written the same way on every rank, as its fp32 values in the parameter's layout ({tag:
+    "sharded", "values": DTensor}; 4 B a value on disk, not 1), and `load_state_dict` quantises it again."""
+    if _is_dtensor(v):
         from torch.distributed.tensor import DTensor
 
-        values = DTensor.from_local(local.dequantize(), v.device_mesh, v.placements, run_check=False,
-                                    shape=v.shape, stride=v.stride())
-        return {_TAG: _kind(local), "sharded": values}
+        local = v.to_local()
+        values = local.dequantize() if _kind(local) else local.float()
+        return {_TAG: "sharded", "values": DTensor.from_local(values, v.device_mesh, v.placements, run_check=False,
+                                                              shape=v.shape, stride=v.stride())}
     if (kind := _kind(v)) is None:
         return v
     names, ctx = v.__tensor_flatten__()
@@ -97,18 +98,14 @@ class _PlainStates:
         for i, st in state_dict["state"].items():
             state[i] = {}
             for k, v in st.items():
-                if isinstance(v, dict) and "sharded" in v:  # FSDP2: fp32 values, quantised below
-                    requantise.append((live[i], k, v["sharded"]))
-                    v = v["sharded"]
+                if isinstance(v, dict) and v.get(_TAG) == "sharded":  # FSDP2: fp32 values, quantised below
+                    requantise.append((live[i], k, v["values"]))
+                    v = v["values"]
                 state[i][k] = _from_plain(v)
         super().load_state_dict({**state_dict, "state": state})
         for p, k, values in requantise:  # torchao's own buffer for this shard, as its first step made it
             buf = self._new_buffer(p, signed=k == "exp_avg")
-            local = _shard(buf)
-            if local is None:
-                buf.to_local().copy_(values.to_local())
-            else:
-                _requantise(local, values.to_local())
+            _requantise(buf.to_local(), values.to_local())
             self.state[p][k] = buf
 
 
@@ -120,8 +117,8 @@ def _requantise(state, values: torch.Tensor):
     that value is negative, within 2 float steps), and the codes are taken with it."""
     from torchao.optim.quant_utils import quantize_8bit_with_qmap
 
-    state.copy_(values)  # torchao's quantisation: kept for a block no scale reproduces (none in the tests)
-    if _kind(state) != "8bit":  # 4-bit codes are packed, fp8 has no map: as close as one requantisation
+    state.copy_(values)  # torchao's quantisation (or a plain copy): kept for a block no scale reproduces
+    if _kind(state) != "8bit":  # plain, or 4-bit (packed codes) / fp8 (no map): as close as one requantisation
         return
     n, qmap = state.scale.numel(), state.qmap
     want = values.reshape(n, -1)
@@ -152,12 +149,30 @@ def _wrapped(kind: str):
     return _WRAPPED[kind]
 
 
+def _own_compile_cache_per_rank():
+    """torchao compiles its step per parameter; under FSDP2 the compiled code is cached on disk under a key
+    that holds the parameter's global shape, not its shard's. Where the shards differ (a (1, 32) tensor on
+    2 ranks: 1 row and none), a rank that finds another rank's code steps its shard wrongly: rank 0 left
+    that tensor unchanged on every run after the first (tests/test_torchao_train.py). So each rank of each
+    process count keeps its own inductor cache, below the one the user set (or torch's default)."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world == "1":
+        return
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    base = cache_dir()
+    marker = f"rank{os.environ.get('RANK', '0')}-of-{world}"
+    if os.path.basename(base) != marker:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, marker)
+
+
 def make(params, lr: float, weight_decay: float = 0.0, states: str = "8bit", bf16_stochastic_round: bool = True,
          betas=(0.9, 0.999), eps: float = 1e-8):
     """torchao AdamW with `states` moments (tensors under 4096 values, or not a multiple of the block
     size, keep moments in the parameter's dtype, as bitsandbytes does). bf16 weights are written with
     stochastic rounding when `bf16_stochastic_round`; fp32 weights are written exactly."""
     check_available()
+    _own_compile_cache_per_rank()
     if states not in KINDS:
         raise ValueError(f"states must be one of {KINDS}, not {states!r}")
     return _wrapped(states)(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
