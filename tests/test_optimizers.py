@@ -2,6 +2,8 @@
 the config key and train; a missing package is refused in one line, early and where it is built."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -81,3 +83,19 @@ def test_8bit_adamw_on_fp32_weights_is_bitsandbytes_where_torchao_is_absent(monk
     setup.early_checks(cfg)  # bitsandbytes is there: no refusal
     losses = _train(opt, params)
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_each_rank_of_a_launch_compiles_into_its_own_inductor_cache(monkeypatch, tmp_path):
+    """torchao's compiled step is cached under the global shape; ranks with different shards must not share
+    it (tests/test_torchao_train.py shows the wrong step a shared cache gives). One process keeps the cache."""
+    from stages.optimizers import torchao_lowbit
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torchao_lowbit._own_compile_cache_per_rank()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for _ in range(2):  # once per process, however often the optimizer is built
+        torchao_lowbit._own_compile_cache_per_rank()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "rank1-of-2")
