@@ -89,7 +89,8 @@ def early_checks(train_cfg):
     check_tracker(train_cfg.report_to)
     torchao_steps_it = train_cfg.weights_dtype == "float32" and importlib.util.find_spec("torchao") is not None
     if train_cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None and not torchao_steps_it:
-        raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
+        raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'" +
+                         (" (or, for float32 weights, '[torchao]')" if train_cfg.weights_dtype == "float32" else ""))
     from stages.optimizers.beyond_adamw import check_available
 
     check_available(getattr(train_cfg, "optimizer", "adamw"))

@@ -1,6 +1,6 @@
 """Optimizer construction for every memory option: torch AdamW (fused where the device has it),
-8-bit AdamW (torchao's, else bitsandbytes'), LowPrecisionAdamW for bf16/fp16 weights, and the optimizer step taken
-inside backward.
+8-bit AdamW (torchao's, else bitsandbytes'), LowPrecisionAdamW for bf16/fp16 weights, and the
+optimizer step taken inside backward.
 
 Optimizer-in-backward: each parameter gets a `register_post_accumulate_grad_hook` that steps that
 parameter's own optimizer as soon as its gradient is complete and frees the gradient, so a full set

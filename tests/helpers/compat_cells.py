@@ -1,8 +1,8 @@
 """Train several cells of cascade/compat.py's table in ONE launch: `python compat_cells.py JOBS.json` for
 the one-process cells and references, `torchrun --nproc_per_node 2 compat_cells.py JOBS.json` for the
 engines. JOBS.json: {"common": [train args], "out": folder, "jobs": [{"name", "engine", "sets",
-"reference", optional "args"}]}. Each job is `cascade train stage1` with its engine's environment (what `accelerate
-launch --config_file configs/accelerate/X.yaml` exports; FSDP forced on gloo as train_engine.py does).
+"reference", optional "args"}]}. Each job is `cascade train stage1` with its engine's environment (what
+`accelerate launch --config_file configs/accelerate/X.yaml` exports; FSDP forced on gloo as train_engine.py does).
 
 Every rank draws rank 0's data, so the averaged gradient of N processes is the one-process gradient and
 every engine's update can be compared with a one-process reference run. A reference job builds the
