@@ -99,3 +99,17 @@ def test_each_rank_of_a_launch_compiles_into_its_own_inductor_cache(monkeypatch,
     for _ in range(2):  # once per process, however often the optimizer is built
         torchao_lowbit._own_compile_cache_per_rank()
         assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "rank1-of-2")
+
+
+def test_8bit_adamw_on_fp32_weights_needs_only_one_of_torchao_and_bitsandbytes(monkeypatch):
+    """Without bitsandbytes, torchao steps 8-bit AdamW on fp32 weights; bf16 weights still need bitsandbytes
+    (ours quantises with its maps)."""
+    import importlib.util
+
+    hide_packages(monkeypatch, "bitsandbytes")
+    hidden = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "torchao" else hidden(n, *a))
+    setup.early_checks(load_config("tiny", ["stage1.train.use_8bit_adam=true"]).stage1.train)
+    bf16 = load_config("tiny", ["stage1.train.use_8bit_adam=true", "stage1.train.weights_dtype=bfloat16"])
+    with pytest.raises(InputError, match=r"needs bitsandbytes: pip install 'cascade-dreambooth\[bnb\]'$"):
+        setup.early_checks(bf16.stage1.train)
