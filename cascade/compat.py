@@ -4,12 +4,15 @@ A cell is one choice per axis (engine, optimizer, weights dtype, optimizer-state
 offload, adapter, EMA, mixed precision). `verdict(cell)` is None when the cell runs, else the
 one-line reason it is refused, naming both settings at fault. `cells()` walks every combination
 (tests/test_compat.py trains a covering set of the running ones on their real engines);
-config_checks.validate consults `check_train` before any model loads or folder is made.
+config_checks.validate consults `check_train` before any model loads or folder is made. A rule may
+refuse a cell only where an optional package is missing (FSDP2 + 8-bit AdamW runs on torchao's), so
+how many cells run depends on the extras installed.
 
 The engine comes from the launcher's environment (what `accelerate launch --config_file
 configs/accelerate/X.yaml` exports), so a preset is checked against the engine it will run on."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import os
@@ -56,11 +59,19 @@ class Cell:
         return f"{SETTING[axis]}={str(value).lower() if isinstance(value, bool) else value}"
 
 
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 @dataclass(frozen=True)
 class Rule:
     axes: tuple[str, str]  # the two settings the refusal names (the first is the key it is filed under)
     when: object  # Cell -> bool: the cell is refused
     why: str
+    unless_installed: str | None = None  # an optional package that makes the cell run (the why names its extra)
+
+    def refuses(self, cell: Cell) -> bool:
+        return self.when(cell) and (self.unless_installed is None or not installed(self.unless_installed))
 
 
 _LOW = ("bfloat16", "float16")
@@ -94,9 +105,12 @@ RULES = (
     Rule(("weights", "engine"), lambda c: c.weights in _LOW and c.engine == "fsdp2",
          "accelerate's FSDP2 upcasts trainable parameters to fp32 DTensors: 8-bit/bf16 states crash on them "
          "and bf16 master weights silently become fp32; use weights_dtype=float32"),
-    Rule(("optimizer", "engine"), lambda c: c.optimizer != "adamw" and c.engine == "fsdp2",
-         "FSDP2's parameters are DTensors, which only torch's AdamW steps here (bitsandbytes' 8-bit update has "
-         "no sharding rule, Prodigy and Adafactor mix in plain tensors: crash at step 1); use DeepSpeed ZeRO or DDP"),
+    Rule(("optimizer", "engine"), lambda c: c.optimizer in ("prodigy", "adafactor") and c.engine == "fsdp2",
+         "FSDP2's parameters are DTensors, which Prodigy and Adafactor mix with plain tensors (crash at step 1); "
+         "use DeepSpeed ZeRO or DDP"),
+    Rule(("optimizer", "engine"), lambda c: c.optimizer == "adamw8bit" and c.engine == "fsdp2",
+         "FSDP2's parameters are DTensors, which of the 8-bit AdamWs only torchao's steps (bitsandbytes' has no "
+         "sharding rule: crash at step 1); pip install 'cascade-dreambooth[torchao]'", unless_installed="torchao"),
     Rule(("states", "engine"), lambda c: c.states == "bf16" and c.engine == "fsdp2",
          "the bf16 moments are plain tensors, FSDP2's parameters DTensors (crash at step 1)"),
     Rule(("optimizer", "engine"), lambda c: c.optimizer == "adafactor" and c.engine in DEEPSPEED,
@@ -131,14 +145,14 @@ RULES = (
 def verdict(cell: Cell) -> str | None:
     """None when the cell runs, else 'A and B: reason' for the first rule that refuses it."""
     for rule in RULES:
-        if rule.when(cell):
+        if rule.refuses(cell):
             a, b = rule.axes
             return f"{cell.describe(a)} and {cell.describe(b)}: {rule.why}"
     return None
 
 
 def refusing_rule(cell: Cell) -> Rule | None:
-    return next((r for r in RULES if r.when(cell)), None)
+    return next((r for r in RULES if r.refuses(cell)), None)
 
 
 def cells():

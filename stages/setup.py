@@ -87,8 +87,10 @@ def make_optimizer(params, lr: float, weight_decay: float, use_8bit: bool):
 def early_checks(train_cfg):
     """Optional packages a setting needs, checked before any model loads."""
     check_tracker(train_cfg.report_to)
-    if train_cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'")
+    torchao_steps_it = train_cfg.weights_dtype == "float32" and importlib.util.find_spec("torchao") is not None
+    if train_cfg.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None and not torchao_steps_it:
+        raise InputError("use_8bit_adam needs bitsandbytes: pip install 'cascade-dreambooth[bnb]'" +
+                         (" (or, for float32 weights, '[torchao]')" if train_cfg.weights_dtype == "float32" else ""))
     from stages.optimizers.beyond_adamw import check_available
 
     check_available(getattr(train_cfg, "optimizer", "adamw"))

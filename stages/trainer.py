@@ -145,7 +145,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
                disable=not accelerator.is_local_main_process)
     for step in bar:
         inst_acc = prior_acc = 0.0
-        lr_used = lr_sched.get_last_lr()[0]  # the rate this step's update uses (step_lr then moves it on)
+        lr_used = float(lr_sched.get_last_lr()[0])  # this step's rate (step_lr then moves it on); torchao: a tensor
         for micro in range(cfg.gradient_accumulation_steps):
             gen = step_generator(cfg.seed, step * cfg.gradient_accumulation_steps + micro, accelerator.process_index)
             batch = task.batch(n_inst, prior_on, gen)

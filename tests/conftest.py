@@ -110,6 +110,14 @@ def sets(*items: str) -> list[str]:
     return [x for item in items for x in ("--set", item)]
 
 
+def hide_packages(monkeypatch, *packages: str):
+    """importlib.util.find_spec finds none of `packages` (as on a machine without those extras)."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] in packages else real(n, *a))
+
+
 def error_line(err: str) -> str:
     """A command's one error line (log lines may precede it): exactly one, and no traceback."""
     lines = [line for line in err.splitlines() if ": error: " in line]

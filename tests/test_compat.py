@@ -54,11 +54,10 @@ def test_every_cell_runs_or_is_refused_in_its_own_line():
     # 1. DeepSpeed + in-backward: our hook frees the gradient DeepSpeed's hook reads next
     ("zero2", ["stage1.train.optimizer_in_backward=true"], ("optimizer_in_backward=true", "engine zero2")),
     ("zero3", ["stage1.train.optimizer_in_backward=true"], ("optimizer_in_backward=true", "engine zero3")),
-    # 2. FSDP2 + bf16 weights (8-bit, bf16 or fp32 states), and 8-bit / bf16 states on fp32 DTensors
+    # 2. FSDP2 + bf16 weights (8-bit, bf16 or fp32 states), and bf16 states on fp32 DTensors (8-bit: below)
     ("fsdp2", ["stage1.train.weights_dtype=bfloat16", "stage1.train.use_8bit_adam=true"],
      ("weights_dtype=bfloat16", "engine fsdp2")),
     ("fsdp2", ["stage1.train.weights_dtype=bfloat16"], ("weights_dtype=bfloat16", "silently become fp32")),
-    ("fsdp2", ["stage1.train.optimizer=adamw8bit"], ("optimizer=adamw8bit", "engine fsdp2")),
     ("fsdp2", ["stage1.train.optimizer_states=bf16"], ("optimizer_states=bf16", "engine fsdp2")),
     # 3. offload swaps the optimizer for DeepSpeedCPUAdam: only plain AdamW with fp32 states
     ("zero2-offload", ["stage1.train.offload_optimizer=true", "stage1.train.optimizer=prodigy",
@@ -81,6 +80,29 @@ def test_issue_26_pairs_are_refused_naming_both_settings(engine, sets, names):
     assert "\n" not in str(e.value)
     if sets:  # the flag the user typed is named
         assert str(e.value).startswith("--set stage1.train.")
+
+
+def test_fsdp2_with_8bit_adamw_runs_on_torchao_and_without_it_names_the_extra(monkeypatch, cli, photos, tmp_path):
+    """FSDP2 + 8-bit AdamW on fp32 weights runs where torchao is installed (its AdamW8bit steps DTensors:
+    tests/test_torchao_train.py trains it); without torchao it is one line naming both settings and the extra,
+    before any model loads or folder is made (bitsandbytes' AdamW8bit crashed there at step 1)."""
+    from tests.conftest import error_line, hide_packages
+
+    cell = compat.Cell("fsdp2", "adamw8bit")
+    monkeypatch.setattr(compat, "installed", lambda package: True)
+    assert compat.verdict(cell) is None
+    load_config("tiny", ["stage1.train.use_8bit_adam=true"], engine="fsdp2")
+    monkeypatch.undo()
+    hide_packages(monkeypatch, "torchao")
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", ["stage1.train.optimizer=adamw8bit"], engine="fsdp2")
+    line = str(e.value)
+    assert line.startswith("--set stage1.train.optimizer: train.optimizer=adamw8bit and engine fsdp2:") and \
+        "pip install 'cascade-dreambooth[torchao]'" in line and "\n" not in line, line
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports for configs/accelerate/fsdp.yaml
+    code, err = cli("train", "stage1", "--subject", photos, "--class-noun", "dog", "--output", tmp_path / "o",
+                    "--set", "stage1.train.use_8bit_adam=true")
+    assert code == 2 and "cascade-dreambooth[torchao]" in error_line(err) and not (tmp_path / "o").exists()
 
 
 def test_auto_precision_resolving_to_fp16_is_judged_as_fp16(monkeypatch):

@@ -78,12 +78,12 @@ def name_of(cell: compat.Cell, reference=False) -> str:
     return ("ref-" if reference else "") + "-".join(str(v).lower() for v in compat.as_dict(cell).values())
 
 
-def _launch(jobs: list[dict], common: list[str], out: Path, processes: int):
+def _launch(jobs: list[dict], common: list[str], out: Path, processes: int, torchrun: bool = False):
     out.mkdir(parents=True, exist_ok=True)
     spec = out / f"jobs-{processes}.json"
     spec.write_text(json.dumps({"common": common, "out": str(out), "jobs": jobs}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DS_BUILD_OPS": "0"}
-    if processes == 1:
+    if processes == 1 and not torchrun:
         cmd = [sys.executable, str(HELPER), str(spec)]
     else:
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
@@ -117,21 +117,28 @@ def _base(cache: Path) -> dict[str, torch.Tensor]:
     return {f"diffusion_pytorch_model.safetensors:{k}": v.float() for k, v in sd.items()}
 
 
-def walk(cells: list[compat.Cell], subject: Path, cache: Path, out: Path) -> dict:
-    """Train `cells` and their references; {cell: relative update error}."""
-    common = ["--subject", str(subject), "--class-noun", "dog", "--max-steps", "2",
-              "--set", f"models.cache_dir={cache}", "--set", "stage1.train.prior_preservation=false",
-              "--set", "stage1.train.validation_images=0", "--set", "stage1.train.checkpoint_every=2",
-              "--set", "stage1.train.max_grad_norm=0", "--set", "stage1.train.lr_warmup_steps=0",
-              "--set", "stage1.train.weight_decay=0.1", "--set", "stage1.train.ema_decay=0.5",
-              "--set", "stage1.train.batch_size=1", "--set", "distributed_timeout_minutes=2"]
+def common_args(subject: Path, cache: Path, checkpoint_every: int = 2) -> list[str]:
+    """The arguments every job of a walk shares: 2 steps of the tiny stage I, no prior, no validation."""
+    return ["--subject", str(subject), "--class-noun", "dog", "--max-steps", "2",
+            "--set", f"models.cache_dir={cache}", "--set", "stage1.train.prior_preservation=false",
+            "--set", "stage1.train.validation_images=0", "--set", f"stage1.train.checkpoint_every={checkpoint_every}",
+            "--set", "stage1.train.max_grad_norm=0", "--set", "stage1.train.lr_warmup_steps=0",
+            "--set", "stage1.train.weight_decay=0.1", "--set", "stage1.train.ema_decay=0.5",
+            "--set", "stage1.train.batch_size=1", "--set", "distributed_timeout_minutes=2"]
+
+
+def walk(cells: list[compat.Cell], subject: Path, cache: Path, out: Path, engine_processes: int = 2,
+         checkpoint_every: int = 2) -> dict:
+    """Train `cells` and their references; {cell: relative update error}. The engine cells run under torchrun
+    with `engine_processes` processes."""
+    common = common_args(subject, cache, checkpoint_every)
     refs = sorted({reference_of(c) for c in cells}, key=name_of)
     one = [{"name": name_of(r, True), "engine": "single", "sets": sets_of(r), "reference": True} for r in refs]
     one += [{"name": name_of(c), "engine": "single", "sets": sets_of(c)} for c in cells if c.engine == "single"]
     many = [{"name": name_of(c), "engine": c.engine, "sets": sets_of(c)} for c in cells if c.engine != "single"]
     results = _launch(one, common, out, 1)[0]
     if many:
-        results.update(_launch(many, common, out, 2)[0])
+        results.update(_launch(many, common, out, engine_processes, torchrun=True)[0])
     assert all(rc == 0 for rc in results.values()), {k: v for k, v in results.items() if v}
     base = _base(cache)
     errors, swaps = {}, {}

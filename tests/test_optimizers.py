@@ -2,7 +2,7 @@
 the config key and train; a missing package is refused in one line, early and where it is built."""
 from __future__ import annotations
 
-import importlib.util
+import os
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ from cascade.config import ConfigError, load_config
 from stages import setup
 from stages.optimizers import factory
 from stages.errors import InputError
+from tests.conftest import hide_packages
 
 
 def _train(opt, params, steps=30):
@@ -48,8 +49,7 @@ def test_8bit_spellings_agree():
 @pytest.mark.parametrize("name,package", [("prodigy", "prodigyopt"), ("adafactor", "transformers"),
                                           ("adamw8bit", "bitsandbytes")])
 def test_missing_package_is_refused_in_one_line(monkeypatch, name, package):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n.split(".")[0] == package else real(n, *a))
+    hide_packages(monkeypatch, package, "torchao")  # torchao's AdamW8bit would stand in for bitsandbytes' on fp32
     cfg = load_config("tiny", [f"stage1.train.optimizer={name}"]).stage1.train
     with pytest.raises(InputError, match=f"{package}") as e:
         setup.early_checks(cfg)  # before any model loads
@@ -69,3 +69,47 @@ def test_bad_combinations_are_refused_naming_the_key():
     with pytest.raises(ConfigError, match="optimizer_in_backward"):
         load_config("tiny", ["stage1.train.optimizer=prodigy", "stage1.train.optimizer_in_backward=true"])
 
+
+
+def test_8bit_adamw_on_fp32_weights_is_bitsandbytes_where_torchao_is_absent(monkeypatch):
+    """The factory steps 8-bit AdamW with torchao's where it is installed (tests/test_torchao_train.py), else
+    with bitsandbytes'; the name it logs says which library steps."""
+    pytest.importorskip("bitsandbytes")
+    hide_packages(monkeypatch, "torchao")
+    cfg = load_config("tiny", ["stage1.train.use_8bit_adam=true", "stage1.train.learning_rate=0.05"]).stage1.train
+    params = [torch.nn.Parameter(torch.zeros(64, 64))]  # 4096 values: 8-bit moments
+    opt, name = factory.build(params, cfg)
+    assert name == "adamw8bit-bitsandbytes" and type(opt).__module__.startswith("bitsandbytes"), (name, type(opt))
+    setup.early_checks(cfg)  # bitsandbytes is there: no refusal
+    losses = _train(opt, params)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_each_rank_of_a_launch_compiles_into_its_own_inductor_cache(monkeypatch, tmp_path):
+    """torchao's compiled step is cached under the global shape; ranks with different shards must not share
+    it (tests/test_torchao_train.py shows the wrong step a shared cache gives). One process keeps the cache."""
+    from stages.optimizers import torchao_lowbit
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    torchao_lowbit._own_compile_cache_per_rank()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for _ in range(2):  # once per process, however often the optimizer is built
+        torchao_lowbit._own_compile_cache_per_rank()
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "rank1-of-2")
+
+
+def test_8bit_adamw_on_fp32_weights_needs_only_one_of_torchao_and_bitsandbytes(monkeypatch):
+    """Without bitsandbytes, torchao steps 8-bit AdamW on fp32 weights; bf16 weights still need bitsandbytes
+    (ours quantises with its maps)."""
+    import importlib.util
+
+    hide_packages(monkeypatch, "bitsandbytes")
+    hidden = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "torchao" else hidden(n, *a))
+    setup.early_checks(load_config("tiny", ["stage1.train.use_8bit_adam=true"]).stage1.train)
+    bf16 = load_config("tiny", ["stage1.train.use_8bit_adam=true", "stage1.train.weights_dtype=bfloat16"])
+    with pytest.raises(InputError, match=r"needs bitsandbytes: pip install 'cascade-dreambooth\[bnb\]'$"):
+        setup.early_checks(bf16.stage1.train)

@@ -86,6 +86,28 @@ def test_torchao_state_round_trips_through_our_checkpoint_without_its_classes(tm
     assert torch.equal(model.weight, model2.weight)
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_a_dequantised_8bit_moment_quantises_back_to_the_same_values(signed):
+    """How an FSDP2 checkpoint holds torchao's moments (fp32 values, quantised again on load): the codes and
+    every dequantised value come back. Without the scale fix, blocks whose largest value is negative come
+    back 0.993x (the signed map ends at -0.993) with some codes one up, and the resumed FSDP2 run differed
+    at step 2 (tests/test_torchao_train.py)."""
+    from torchao.optim.subclass_8bit import OptimState8bit
+
+    x = torch.randn(64 * 256, generator=torch.Generator().manual_seed(0)) * 1e-3
+    x[:256] = 0  # an all-zero block
+    saved = OptimState8bit.zeros(x.shape, signed=signed)
+    saved.copy_(x if signed else x.abs())
+    values = saved.dequantize()
+    plain = OptimState8bit.zeros(x.shape, signed=signed)
+    plain.copy_(values)  # torchao's own quantisation of the values
+    back = OptimState8bit.zeros(x.shape, signed=signed)
+    torchao_lowbit._requantise(back, values)
+    assert torch.equal(back.codes, saved.codes) and torch.equal(back.dequantize(), values)
+    # torchao's quantisation alone shifts blocks only on the signed map
+    assert torch.equal(plain.dequantize(), values) == (not signed)
+
+
 def test_torchao_without_our_state_dict_pickles_its_classes(tmp_path):
     """Why the wrapper exists: torchao's own state dict pickles OptimState8bit objects."""
     from torchao.optim import AdamW8bit

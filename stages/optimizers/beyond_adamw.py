@@ -16,8 +16,8 @@ from stages.errors import InputError
 
 log = logging.getLogger(__name__)
 
+# 8-bit AdamW (torchao's or bitsandbytes') is checked in setup.early_checks
 PACKAGES = {"adafactor": ("transformers", "pip install transformers"),
-            "adamw8bit": ("bitsandbytes", "pip install 'cascade-dreambooth[bnb]'"),
             "prodigy": ("prodigyopt", "pip install 'cascade-dreambooth[prodigy]'")}
 
 

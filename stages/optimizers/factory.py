@@ -1,6 +1,6 @@
 """Optimizer construction for every memory option: torch AdamW (fused where the device has it),
-bitsandbytes 8-bit AdamW, LowPrecisionAdamW for bf16/fp16 weights, and the optimizer step taken
-inside backward.
+8-bit AdamW (torchao's, else bitsandbytes'), LowPrecisionAdamW for bf16/fp16 weights, and the
+optimizer step taken inside backward.
 
 Optimizer-in-backward: each parameter gets a `register_post_accumulate_grad_hook` that steps that
 parameter's own optimizer as soon as its gradient is complete and frees the gradient, so a full set
@@ -47,15 +47,28 @@ def make(params, cfg, seed: int = 0):
                                 rounding=cfg.bf16_update, states=states, seed=seed)
         return opt, f"adamw-{states}-states/{cfg.bf16_update}-rounding"
     if cfg.use_8bit_adam:
-        from stages.setup import make_optimizer
-
-        return make_optimizer(params, cfg.learning_rate, cfg.weight_decay, True)
+        return make_8bit(params, cfg)
     if cfg.optimizer_states == "bf16":
         return LowPrecisionAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, rounding="nearest",
                                  states="bf16", seed=seed), "adamw-bf16-states"
     fused = bool(cfg.fused_optimizer) and _fused_ok(params)
     return (torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, fused=fused or None),
             "adamw-fused" if fused else "adamw")
+
+
+def make_8bit(params, cfg):
+    """8-bit AdamW on fp32 weights: torchao's AdamW8bit where torchao is installed (the comparison in
+    docs/precision.md: the same update error, bytes and resume as bitsandbytes', and the only one that
+    steps FSDP2's DTensors), else bitsandbytes'. The name says which library steps."""
+    if importlib.util.find_spec("torchao") is not None:
+        from stages.optimizers import torchao_lowbit
+
+        return (torchao_lowbit.make(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, states="8bit",
+                                    bf16_stochastic_round=False), "adamw8bit-torchao")
+    from stages.setup import make_optimizer
+
+    opt, name = make_optimizer(params, cfg.learning_rate, cfg.weight_decay, True)
+    return opt, "adamw8bit-bitsandbytes" if name == "adamw-8bit" else name  # "adamw": no CPU backend (warned)
 
 
 class InBackwardOptimizer(torch.optim.Optimizer):

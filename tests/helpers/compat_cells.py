@@ -1,13 +1,15 @@
 """Train several cells of cascade/compat.py's table in ONE launch: `python compat_cells.py JOBS.json` for
 the one-process cells and references, `torchrun --nproc_per_node 2 compat_cells.py JOBS.json` for the
 engines. JOBS.json: {"common": [train args], "out": folder, "jobs": [{"name", "engine", "sets",
-"reference"}]}. Each job is `cascade train stage1` with its engine's environment (what `accelerate
-launch --config_file configs/accelerate/X.yaml` exports; FSDP forced on gloo as train_engine.py does).
+"reference", optional "args"}]}. Each job is `cascade train stage1` with its engine's environment (what
+`accelerate launch --config_file configs/accelerate/X.yaml` exports; FSDP forced on gloo as train_engine.py does).
 
 Every rank draws rank 0's data, so the averaged gradient of N processes is the one-process gradient and
 every engine's update can be compared with a one-process reference run. A reference job builds the
-library's own optimizer (torch AdamW, bitsandbytes AdamW8bit, prodigyopt Prodigy, transformers
-Adafactor) in place of cascade's, on fp32 weights. Results: OUT/results.json (rank 0), {name: exit code}."""
+library's own optimizer (torch AdamW, torchao's or else bitsandbytes' AdamW8bit, prodigyopt Prodigy,
+transformers Adafactor) in place of cascade's, on fp32 weights. Results: OUT/results.json (rank 0), {name: exit
+code}."""
+import importlib.util
 import json
 import os
 import sys
@@ -31,6 +33,10 @@ def reference_build(params, cfg, *args, **kwargs):
     lr, wd = cfg.learning_rate, cfg.weight_decay
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False), "reference-adamw"
+    if name == "adamw8bit" and params[0].dtype == torch.float32 and importlib.util.find_spec("torchao") is not None:
+        from torchao.optim import AdamW8bit  # what cascade steps 8-bit AdamW with where torchao is installed
+
+        return AdamW8bit(params, lr=lr, weight_decay=wd), "reference-adamw8bit-torchao"
     if name == "adamw8bit":
         import bitsandbytes as bnb
 
@@ -68,7 +74,7 @@ def main():
         factory.build = reference_build if job.get("reference") else built
         sets = [x for s in job["sets"] for x in ("--set", s)]
         try:  # a crash is recorded and the walk goes on (the common args give the process group a short timeout)
-            results[job["name"]] = cascade_main(["train", "stage1", *spec["common"], *sets,
+            results[job["name"]] = cascade_main(["train", "stage1", *spec["common"], *sets, *job.get("args", []),
                                                  "--output", str(Path(spec["out"]) / job["name"])])
         except Exception as e:  # noqa: BLE001
             results[job["name"]] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
