@@ -9,11 +9,16 @@ from pathlib import Path
 from cascade.evaluation import paired, sr_control
 from cascade.evaluation.sr_study_report import control_markdown, merge, paired_rows
 
-COLUMNS = [("held-out", "freckle_f1", "held-out: freckle F1"), ("held-out", "hp_corr", "held-out: high-pass corr."),
+# every column a toy study may have (the glyph's since issue 28, the freckles' before); empty ones are left out
+COLUMNS = [("held-out", "glyph_drawn", "held-out: glyph drawn"), ("held-out", "glyph_hit", "held-out: glyph placed"),
+           ("held-out", "freckle_f1", "held-out: freckle F1"), ("held-out", "hp_corr", "held-out: high-pass corr."),
            ("held-out", "psnr", "held-out: PSNR (dB)"), ("held-out", "ssim", "held-out: SSIM"),
+           ("training", "glyph_drawn", "training views: glyph drawn"),
            ("training", "freckle_f1", "training views: freckle F1"),
+           ("class", "glyph", "other toys, class prompt: glyph drawn"),
            ("class", "freckles", "other toys, class prompt: freckles drawn"),
            ("class", "emblem", "other toys, class prompt: emblem drawn"),
+           ("instance prompt", "glyph", "other toys, instance prompt: glyph drawn"),
            ("instance prompt", "emblem", "other toys, instance prompt: emblem drawn"),
            ("stage I sample", "freckles", "stage I samples: freckles drawn")]
 
@@ -45,23 +50,24 @@ def main(argv: list[str]) -> int:
         sd = a.get(metric + "_std")
         return f"{a[metric]:.3f}" + (f" ± {sd:.3f}" if sd is not None else "")
 
+    columns = [c for c in COLUMNS if any(a["view"] == c[0] and a.get(c[1]) is not None for a in means)]
     n = sorted({s["seed"] for s in seeds})
     print(f"seeds {n} (mean ± std over seeds)")
-    print("| SR model | training aug | sampling level | " + " | ".join(c[2] for c in COLUMNS) + " |")
-    print("|---|---|---|" + "---|" * len(COLUMNS))
+    print("| SR model | training aug | sampling level | " + " | ".join(c[2] for c in columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     for model in dict.fromkeys(a["model"] for a in means):
         for level in dict.fromkeys(a["noise_level"] for a in means if a["model"] == model):
             aug = next(a["train_aug"] for a in means if a["model"] == model)
             print(f"| {label(model)} | {aug} | {'-' if level is None else level} | "
-                  + " | ".join(cell(v, model, level, m) for v, m, _ in COLUMNS) + " |")
+                  + " | ".join(cell(v, model, level, m) for v, m, _ in columns) + " |")
     print("\npaired differences A - B, same seed and inputs: mean over seeds [95% paired t interval]")
-    print("| A - B | sampling level | seeds | " + " | ".join(c[2] for c in COLUMNS) + " |")
-    print("|---|---|---|" + "---|" * len(COLUMNS))
+    print("| A - B | sampling level | seeds | " + " | ".join(c[2] for c in columns) + " |")
+    print("|---|---|---|" + "---|" * len(columns))
     for a, level in dict.fromkeys((p["a"], p["noise_level"]) for p in pairs):
         sel = {p["view"]: p for p in pairs if (p["a"], p["noise_level"]) == (a, level)}
         any_p = next(iter(sel.values()))
         print(f"| {label(a)} - {label(any_p['b'])} | {level} | {len(any_p['seeds'])} | "
-              + " | ".join(paired.cell(sel[v], m) if v in sel else "-" for v, m, _ in COLUMNS) + " |")
+              + " | ".join(paired.cell(sel[v], m) if v in sel else "-" for v, m, _ in columns) + " |")
     print("\n".join(control_markdown(controls)))
     if out:
         Path(out).write_text(json.dumps({"per_seed": seeds, "means": means, "paired": pairs, "controls": controls},
