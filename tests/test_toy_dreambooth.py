@@ -36,8 +36,8 @@ def world_root():
 
 def test_toy_study_measures_the_three_claims_with_study_sr(tmp_path, one_thread):
     """`cascade toy study` (1 seed, 1-step fine-tunes): claims (a) and (b) from its own samples, claim (c)
-    from one `cascade study-sr` sweep: freckle F1 on held-out views (bilinear upsampling places none),
-    freckles drawn on other toys, per SR variant with its training augmentation."""
+    from one `cascade study-sr` sweep: the glyph placed on held-out views (bilinear upsampling places none),
+    the glyph drawn on other toys, per SR variant with its training augmentation."""
     import csv
 
     out = tmp_path / "study"
@@ -53,11 +53,12 @@ def test_toy_study_measures_the_three_claims_with_study_sr(tmp_path, one_thread)
     assert {r["model"] for r in sr} == {"bilinear upsampling (no model)", "base", "low (aug 0..0)",
                                         "high (aug 250..250, prior)"}
     assert {r["train_aug"] for r in sr} == {"none", "pretrained", "0:0", "250:250"}
-    f1 = {r["model"]: float(r["value"]) for r in sr if r["claim"] == "c SR (held-out views)" and r["metric"] ==
-          "freckle_f1"}
-    assert f1["bilinear upsampling (no model)"] == 0.0 and all(0.0 <= v <= 1.0 for v in f1.values())
+    hit = {r["model"]: float(r["value"]) for r in sr if r["claim"] == "c SR (held-out views)" and r["metric"] ==
+           "glyph_hit"}
+    # bilinear upsampling draws no stripes, so no place where they stop: it never places the glyph
+    assert hit["bilinear upsampling (no model)"] == 0.0 and all(0.0 <= v <= 1.0 for v in hit.values())
     means = json.loads((out / "study-sr" / "results.json").read_text())["means"]
-    assert {m["model"] for m in means} == {r["model"] for r in sr} and all("freckles" in m for m in means)
+    assert {m["model"] for m in means} == {r["model"] for r in sr} and all("glyph" in m for m in means)
     # study-sr reads the SR detail with the toy world's exact readers: the pretrained SR base never draws
     # the emblem (no toy of the class has one), while the true photos carry stripes and emblem
     truth = world.to_tensor(world.subject_photos())
@@ -66,7 +67,7 @@ def test_toy_study_measures_the_three_claims_with_study_sr(tmp_path, one_thread)
     assert base and all(m["emblem"] == 0.0 and 0.0 <= m["stripes"] <= 1.0 for m in base), base
     assert all("stripes" in m and "emblem" in m for m in means if m["input"] == "stage1")
     table = (out / "study-sr" / "table.md").read_text()
-    assert "| freckle F1 | stripes | emblem | freckles drawn |" in table
+    assert "| glyph placed | glyph drawn | stripes | emblem | glyph drawn anywhere |" in table
     held = [m for m in means if m["view"] == "held-out"]  # fresh renders of the subject, never trained on
-    assert held and all(0.0 <= m["freckle_f1"] <= 1.0 for m in held)
+    assert held and all(0.0 <= m["glyph_hit"] <= 1.0 for m in held)
     assert (out / "plots.png").stat().st_size > 0 and (out / "study-sr" / "grid-real.png").exists()
