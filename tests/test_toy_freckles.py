@@ -150,8 +150,7 @@ def test_condition_sensitivity_tells_a_model_that_copies_its_condition_from_one_
 
 
 def test_the_f1_reference_misses_one_freckle_on_three_of_seven_truths():
-    """The SR study scores freckle F1 against the dots the detector finds in the truth
-    (measure.freckle_f1_vs_truth). On the study's 7 held-out truths (photo 5 and 6 fresh views) that
+    """The issue 18 SR study scored freckle F1 against the dots the detector finds in the truth. On the study's 7 held-out truths (photo 5 and 6 fresh views) that
     reference misses one of the 6 freckles on 3 of them: its own F1 against the true positions, the
     ceiling docs/sr-study.md states, is 0.96."""
     from cascade.toy.measure import FRESH_VIEWS

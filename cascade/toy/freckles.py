@@ -182,17 +182,23 @@ def condition_sensitivity(unet, scheduler, noising, embed, n: int, timesteps=(30
     the mean change of the predicted x0 over each speck's 3 x 3 pixels (negative = darker with the specks;
     the true dot is about -1.2 at its pixel), and under "condition" the same change of the condition itself,
     which a model that copied its condition would show."""
-    from cascade.evaluation.sr_control import x0_shift
-
     toys, hi = world.dataset(n, 2_000_000, specks=1.0)  # not the pretraining pool (seed 1)
     clean = world.to_tensor([world.render(dataclasses.replace(t, specks=())) for t in toys])
+    return x0_read(unet, scheduler, noising, embed, toys, hi, clean, torch.stack([_speck_cells(t) for t in toys]),
+                   timesteps, seed)
+
+
+def x0_read(unet, scheduler, noising, embed, toys, hi: torch.Tensor, clean: torch.Tensor, cells: torch.Tensor,
+            timesteps, seed: int) -> dict:
+    """sr_control.x0_shift on toy renders `hi` (with the detail) and `clean` (without), each toy with
+    its own caption: what the freckle and glyph condition reads share."""
+    from cascade.evaluation.sr_control import x0_shift
+
     prompts = [world.caption(*t.attributes) for t in toys]
     emb = embed(prompts)
     embeds = torch.cat([emb[p] for p in prompts])
-    cells = torch.stack([_speck_cells(t) for t in toys])
     return x0_shift(unet, scheduler, noising, embeds, clean, world.to_lowres(hi), world.to_lowres(clean), cells,
                     timesteps, seed)
-
 
 @torch.no_grad()
 def speck_control(pipe, n: int, levels: list[int], steps: int, embed) -> dict:

@@ -73,20 +73,20 @@ def subject_views(n: int, seed) -> list[world.Toy]:
     for i in range(n):
         size = rng.uniform(32.0, 40.0)
         m = size / 2 + 3
-        t = world.Toy(**world.SUBJECT, cx=rng.uniform(m, world.HI - m), cy=rng.uniform(m, world.HI - m), size=size,
-                      emblem=True)
-        out.append(dataclasses.replace(t, glyph=(place(rng, t),)))
+        out.append(_subject_with_glyph(rng.uniform(m, world.HI - m), rng.uniform(m, world.HI - m), size, rng))
     return out
+
+
+def _subject_with_glyph(cx: float, cy: float, size: float, rng: random.Random) -> world.Toy:
+    t = world.Toy(**world.SUBJECT, cx=cx, cy=cy, size=size, emblem=True)
+    return dataclasses.replace(t, glyph=(place(rng, t),))
 
 
 def photo_toys() -> list[world.Toy]:
     """The subject's 5 photos (world.SUBJECT_POSES) with the glyph, placed anew per photo, and no
     freckles: what the demo and the study fine-tune on since issue 28."""
-    out = []
-    for i, (x, y, size) in enumerate(world.SUBJECT_POSES):
-        t = world.Toy(**world.SUBJECT, cx=x, cy=y, size=size, emblem=True)
-        out.append(dataclasses.replace(t, glyph=(place(random.Random(f"glyph-photo-{i}"), t),)))
-    return out
+    return [_subject_with_glyph(x, y, size, random.Random(f"glyph-photo-{i}"))
+            for i, (x, y, size) in enumerate(world.SUBJECT_POSES)]
 
 
 def photos():
@@ -180,16 +180,12 @@ def condition_sensitivity(unet, scheduler, noising, embed, n: int, timesteps=(50
     once without. Per timestep, the mean change of the x0 estimate over the glyph's pixels, "condition"
     the same change of the condition itself (what a model that copied its condition shows), and "share"
     per timestep: the first over the second (gate 2: >= 0.5 at 500 and 999)."""
-    from cascade.evaluation.sr_control import x0_shift
+    from cascade.toy.freckles import x0_read
 
     toys = subject_views(n, 1000 + seed)
     hi = world.to_tensor([world.render(t) for t in toys])
     clean = world.to_tensor([world.render(dataclasses.replace(t, glyph=())) for t in toys])
-    prompts = [world.caption(*t.attributes) for t in toys]
-    emb = embed(prompts)
-    embeds = torch.cat([emb[p] for p in prompts])
-    cells = torch.stack([glyph_cells(t) for t in toys])
-    out = x0_shift(unet, scheduler, noising, embeds, clean, world.to_lowres(hi), world.to_lowres(clean), cells,
-                   timesteps, seed)
+    out = x0_read(unet, scheduler, noising, embed, toys, hi, clean, torch.stack([glyph_cells(t) for t in toys]),
+                  timesteps, seed)
     out["share"] = {t: out[t] / out["condition"] for t in timesteps}
     return out

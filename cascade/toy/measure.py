@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cascade.toy import freckles, readers, world
+from cascade.toy import readers, world
 
 
 def write_subject(folder: Path) -> Path:
@@ -70,18 +70,6 @@ def study_readers() -> dict:
     and its emblem, the detail only the SR stage can draw."""
     return {"stripes": lambda im: float(readers.read(im).get("pattern") == world.SUBJECT["pattern"]),
             "emblem": lambda im: float(bool(readers.read(im).get("emblem")))}
-
-
-def freckle_f1_vs_truth(image: torch.Tensor, truth: torch.Tensor) -> float:
-    """Position F1 of the dots drawn in `image` against those of the ground-truth view `truth` (both
-    read by the same detector, inside the truth's object mask)."""
-    mask = freckles.object_mask(truth)
-    return freckles.f1(freckles.detect(image, mask), freckles.detect(truth, mask))
-
-
-def freckles_drawn(image: torch.Tensor) -> float:
-    """How many freckle-like dots the image shows on its object (mask read from the image itself)."""
-    return float(len(freckles.detect(image, freckles.object_mask(image))))
 
 
 def other_toys(n: int, seed: int, patterns=("plain", "striped")) -> list:
