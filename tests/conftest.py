@@ -153,14 +153,24 @@ def train_cli(cli):
     return go
 
 
-def torchrun(args: list, port: int, **extra_env) -> str:
+def free_port() -> int:
+    """A port no other process holds now: a fixed rendezvous port collides with another test launched
+    beside it (pytest -n 2) or with an ephemeral port the system handed out, and torchrun then fails."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(args: list, **extra_env) -> str:
     """Run `args` (a script and its arguments) in 2 CPU processes (gloo); its output; fails on an error."""
     import subprocess
     import sys
 
     exe = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **extra_env}
-    proc = subprocess.run([str(exe), "--nproc_per_node", "2", "--master_port", str(port), *map(str, args)],
+    proc = subprocess.run([str(exe), "--nproc_per_node", "2", "--master_port", str(free_port()), *map(str, args)],
                           env=env, capture_output=True, text=True, timeout=900)  # ~1 min idle
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]

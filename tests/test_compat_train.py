@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from cascade import compat
+from tests.conftest import free_port
 
 HELPER = Path(__file__).parent / "helpers" / "compat_cells.py"
 # 1e-2: a step of several 16-bit ulps, so the rounding of 16-bit weights stays small beside it
@@ -87,7 +88,7 @@ def _launch(jobs: list[dict], common: list[str], out: Path, processes: int, torc
         cmd = [sys.executable, str(HELPER), str(spec)]
     else:
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
-               "--master_port", "29561", str(HELPER), str(spec)]
+               "--master_port", str(free_port()), str(HELPER), str(spec)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]

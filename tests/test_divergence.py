@@ -11,19 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from cascade.cli.main import main
+from tests.conftest import free_port
 
 HELPER = Path(__file__).resolve().parent / "helpers" / "diverge_on_one_rank.py"
 ARGS = ["--class-noun", "dog", "--set", "stage1.train.prior_preservation=false",
         "--set", "stage1.train.validation_images=0", "--set", "stage1.train.checkpoint_every=1"]
-
-
-def _free_port() -> int:
-    """A port no other test run on this machine holds (a fixed one collides with parallel runs)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_nan_loss_stops_training_keeps_last_good_checkpoint(make_cfg, write_subject, tmp_path, capsys):
@@ -51,7 +43,7 @@ def test_nan_on_one_rank_stops_both_ranks(make_cfg, write_subject, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "DIVERGE_LOG": str(tmp_path / "stderr"),
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port()), str(HELPER), "--subject", str(subject),
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(HELPER), "--subject", str(subject),
          "--output", str(out), "--max-steps", "4", *ARGS, "--set", f"models.cache_dir={make_cfg().models.cache_dir}"],
         env=env, capture_output=True, text=True, timeout=600)
     text = proc.stdout + proc.stderr

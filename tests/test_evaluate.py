@@ -167,7 +167,7 @@ def test_two_process_evaluate_matches_one(tmp_path, make_cfg, metric_models, wri
               "--set", "stage1.sample.batch_size=1"]
     assert main(common + ["--output", str(tmp_path / "one")]) == 0
     helper = __import__("pathlib").Path(__file__).parent / "helpers" / "cli_main.py"
-    text = torchrun([helper], 29561, CASCADE_ARGV=json.dumps(common + ["--output", str(tmp_path / "two")]))
+    text = torchrun([helper], CASCADE_ARGV=json.dumps(common + ["--output", str(tmp_path / "two")]))
     assert "process 0/2" in text and "process 1/2" in text, text[-2000:]
     one = sorted((tmp_path / "one" / "dog" / "fine-tuned").glob("*.png"))
     two = sorted((tmp_path / "two" / "dog" / "fine-tuned").glob("*.png"))

@@ -20,7 +20,7 @@ def test_two_process_sampling_matches_one(make_cfg, tmp_path):
             "--set", f"models.cache_dir={cache}", "--set", "stage1.sample.steps=2", "--set", "stage2.sample.steps=1",
             "--set", "stage1.sample.batch_size=1", "--set", "stage2.sample.batch_size=1"]
     assert main(["sample", *args, "--output", str(tmp_path / "one")]) == 0
-    text = torchrun([HELPER], 29517, CASCADE_ARGV=json.dumps(["sample", *args, "--output", str(tmp_path / "two")]))
+    text = torchrun([HELPER], CASCADE_ARGV=json.dumps(["sample", *args, "--output", str(tmp_path / "two")]))
     assert "process 0/2 samples 2 of 4 images" in text and "process 1/2 samples 2 of 4 images" in text
     for stage in ("stage1", "stage2"):
         one = sorted((tmp_path / "one" / stage).glob("*.png"))

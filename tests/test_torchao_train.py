@@ -16,6 +16,7 @@ import torch
 
 from cascade import compat
 from tests import test_compat_train as cells_walk
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("torchao")
@@ -73,7 +74,7 @@ def test_each_rank_steps_an_uneven_shard_with_its_own_compiled_code(tmp_path):
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
     for launch in range(2):  # the second launch finds the first one's compiled steps
-        out = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", "29563", str(helper)], env=env,
+        out = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(helper)], env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
         moved = float(out.stdout.split("moved ")[1].split()[0])

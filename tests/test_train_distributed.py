@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tests.conftest import free_port
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_stage1.py"
 
@@ -36,7 +37,7 @@ def test_two_process_training(make_cfg, subject_dir, tmp_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_port", "29531", str(SCRIPT), "--subject", str(subject_dir),
+        [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(SCRIPT), "--subject", str(subject_dir),
          "--class-noun", "dog", "--output", str(out), "--max-steps", "4", "--set", f"models.cache_dir={cache}",
          "--set", "stage1.sample.steps=2",
          "--set", "stage1.train.num_class_images=2", "--set", "stage1.train.validation_images=1",
