@@ -89,7 +89,8 @@ def _launch(jobs: list[dict], common: list[str], out: Path, processes: int, torc
     else:
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", str(processes),
                "--master_port", str(free_port()), str(HELPER), str(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3000)
+    # a launch runs its jobs one after another: fp16 cells take ~30 s each on CPU, the slow walk's launches 150+ jobs
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=max(3000, 120 * len(jobs)))
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text[-4000:]
     results = json.loads((out / "results.json").read_text())
