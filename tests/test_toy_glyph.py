@@ -97,6 +97,10 @@ def test_the_drift_reader_sees_a_glyph_drawn_on_other_toys_and_not_a_surface_wit
     for name, x in {"without": without, "plain": plain, "bilinear": bilinear}.items():
         assert max(score(x)) <= glyph_read.DRAWN - 0.05, (name, score(x))
     assert [glyph_read.glyph_anywhere(im) for im in with_glyph] == [1.0] * len(marked)
+    # the mirrored control: the F scores above its mirror image (measured by 0.06-0.17), stripes alone do not
+    mirror = [glyph_read.glyph_score(im, mirrored=True) for im in with_glyph]
+    assert min(a - b for a, b in zip(score(with_glyph), mirror)) >= 0.04, list(zip(score(with_glyph), mirror))
+    assert max(abs(a - glyph_read.glyph_score(im, mirrored=True)) for a, im in zip(score(without), without)) < 0.03
 
 
 def test_the_pool_marks_are_of_the_glyphs_kind_but_never_the_glyph():

@@ -87,10 +87,13 @@ def _ring() -> torch.Tensor:
     return k
 
 
-def glyph_score(image: torch.Tensor) -> float:
+def glyph_score(image: torch.Tensor, mirrored: bool = False) -> float:
+    """`mirrored`: the same score for the F mirrored left-right, a control: a mark that is the subject's F
+    scores higher unmirrored (renders: by 0.06-0.17), a symmetric flat patch the same both ways."""
     flat = flatness(image)
     inside = object_mask(image, margin=1).float()
     bars = (_bar_mask() > 0).float()
+    bars = bars.flip(-1).roll(-1, -1) if mirrored else bars  # about the F's own centre column
     bar_flat = F.conv2d(flat[None, None], bars[None, None], padding=4)[0, 0] / bars.sum()
     ring = _ring()[None, None]
     striped = F.conv2d(((1 - flat) * inside)[None, None], ring, padding=6)[0, 0]
