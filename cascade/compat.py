@@ -111,6 +111,10 @@ RULES = (
     Rule(("optimizer", "engine"), lambda c: c.optimizer == "adamw8bit" and c.engine == "fsdp2",
          "FSDP2's parameters are DTensors, which of the 8-bit AdamWs only torchao's steps (bitsandbytes' has no "
          "sharding rule: crash at step 1); pip install 'cascade-dreambooth[torchao]'", unless_installed="torchao"),
+    Rule(("optimizer", "engine"), lambda c: c.optimizer == "adamw8bit" and c.engine in DEEPSPEED,
+         "ZeRO takes per-parameter views of the optimizer state at offsets torchao's 8-bit blocks refuse "
+         "(crash at step 1), so 8-bit AdamW under DeepSpeed is bitsandbytes'; pip install "
+         "'cascade-dreambooth[bnb]'", unless_installed="bitsandbytes"),
     Rule(("states", "engine"), lambda c: c.states == "bf16" and c.engine == "fsdp2",
          "the bf16 moments are plain tensors, FSDP2's parameters DTensors (crash at step 1)"),
     Rule(("optimizer", "engine"), lambda c: c.optimizer == "adafactor" and c.engine in DEEPSPEED,

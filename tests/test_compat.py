@@ -105,6 +105,25 @@ def test_fsdp2_with_8bit_adamw_runs_on_torchao_and_without_it_names_the_extra(mo
     assert code == 2 and "cascade-dreambooth[torchao]" in error_line(err) and not (tmp_path / "o").exists()
 
 
+def test_zero_with_8bit_adamw_is_bitsandbytes_and_without_it_names_the_extra(monkeypatch):
+    """Under DeepSpeed 8-bit AdamW is always bitsandbytes' (torchao's 8-bit state refuses the views ZeRO takes:
+    tests/test_optimizers_torchao.py), so torchao alone does not make the cell run."""
+    import importlib.util
+
+    from tests.conftest import hide_packages
+
+    assert compat.verdict(compat.Cell("zero2", "adamw8bit")) is None  # bitsandbytes is installed here
+    hide_packages(monkeypatch, "bitsandbytes")
+    hidden = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "torchao" else hidden(n, *a))
+    for engine in ("zero2", "zero3"):
+        with pytest.raises(ConfigError) as e:
+            load_config("tiny", ["stage1.train.use_8bit_adam=true"], engine=engine)
+        line = str(e.value)
+        assert f"train.optimizer=adamw8bit and engine {engine}:" in line and "cascade-dreambooth[bnb]" in line, line
+    load_config("tiny", ["stage1.train.use_8bit_adam=true"], engine="fsdp2")  # torchao's steps FSDP2's DTensors
+
+
 def test_auto_precision_resolving_to_fp16_is_judged_as_fp16(monkeypatch):
     """mixed_precision=auto on a GPU without bf16 becomes fp16: fp16 weights are refused there, not at step 1."""
     sets = ["stage1.train.weights_dtype=float16", "stage1.train.mixed_precision=auto"]

@@ -66,12 +66,19 @@ def sets_of(cell: compat.Cell) -> list[str]:
             f"{t}ema={str(cell.ema).lower()}", f"{t}mixed_precision={cell.mixed_precision}"]
 
 
+BNB_REFERENCE = "single-bitsandbytes"  # a reference's engine label: one process, bitsandbytes' 8-bit AdamW
+
+
 def reference_of(cell: compat.Cell) -> compat.Cell:
     """One process, fp32 states, no in-backward or offload; the rest as the cell. bf16 weights too (torch's
     AdamW then rounds to nearest, cascade stochastically); fp16 weights are compared with fp32 ones, since
-    torch's AdamW on fp16 weights diverges at step 2 (its eps 1e-8 is below fp16's range)."""
+    torch's AdamW on fp16 weights diverges at step 2 (its eps 1e-8 is below fp16's range). 8-bit AdamW under
+    DeepSpeed is bitsandbytes' even where torchao is installed (factory.make_8bit), and so is its reference
+    (against torchao's the fp32 ZeRO cells read 0.049-0.050, against bitsandbytes' 0.020-0.022)."""
     weights = "float32" if cell.weights == "float16" else cell.weights
-    return compat.Cell("single", cell.optimizer, weights, "fp32", False, False, cell.adapter, cell.ema,
+    engine = BNB_REFERENCE if cell.optimizer == "adamw8bit" and cell.engine in compat.DEEPSPEED \
+        and compat.installed("torchao") else "single"
+    return compat.Cell(engine, cell.optimizer, weights, "fp32", False, False, cell.adapter, cell.ema,
                        cell.mixed_precision)
 
 
@@ -135,7 +142,8 @@ def walk(cells: list[compat.Cell], subject: Path, cache: Path, out: Path, engine
     with `engine_processes` processes."""
     common = common_args(subject, cache, checkpoint_every)
     refs = sorted({reference_of(c) for c in cells}, key=name_of)
-    one = [{"name": name_of(r, True), "engine": "single", "sets": sets_of(r), "reference": True} for r in refs]
+    one = [{"name": name_of(r, True), "engine": "single", "sets": sets_of(r), "reference": True,
+            "library": "bitsandbytes" if r.engine == BNB_REFERENCE else None} for r in refs]
     one += [{"name": name_of(c), "engine": "single", "sets": sets_of(c)} for c in cells if c.engine == "single"]
     many = [{"name": name_of(c), "engine": c.engine, "sets": sets_of(c)} for c in cells if c.engine != "single"]
     results = _launch(one, common, out, 1)[0]

@@ -85,6 +85,24 @@ def test_8bit_adamw_on_fp32_weights_is_bitsandbytes_where_torchao_is_absent(monk
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_under_deepspeed_8bit_adamw_is_bitsandbytes_even_where_torchao_is_installed(monkeypatch):
+    """ZeRO takes per-parameter views of the flat partition's state, which torchao's 8-bit state refuses
+    (tests/test_optimizers_torchao.py): the trainer passes deepspeed=True and gets bitsandbytes'."""
+    import importlib.util
+
+    from stages.optimizers import torchao_lowbit
+
+    pytest.importorskip("bitsandbytes")
+    hidden = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: object() if n == "torchao" else hidden(n, *a))
+    monkeypatch.setattr(torchao_lowbit, "make", lambda *a, **k: (torch.optim.SGD(a[0], lr=0.1), "torchao stand-in"))
+    cfg = load_config("tiny", ["stage1.train.use_8bit_adam=true"]).stage1.train
+    params = [torch.nn.Parameter(torch.zeros(64, 64))]
+    assert factory.build(params, cfg)[1] == "adamw8bit-torchao"
+    opt, name = factory.build(params, cfg, deepspeed=True)
+    assert name == "adamw8bit-bitsandbytes" and type(opt).__module__.startswith("bitsandbytes"), (name, type(opt))
+
+
 def test_each_rank_of_a_launch_compiles_into_its_own_inductor_cache(monkeypatch, tmp_path):
     """torchao's compiled step is cached under the global shape; ranks with different shards must not share
     it (tests/test_torchao_train.py shows the wrong step a shared cache gives). One process keeps the cache."""

@@ -199,3 +199,26 @@ def test_cpu_offload_keeps_the_chosen_optimizer_and_its_update():
     host.grad = grad.clone()
     ref.step()
     torch.testing.assert_close(p.detach().cpu(), host.detach())
+
+
+def test_zero_views_of_the_state_fail_on_torchao_8bit_and_work_on_bitsandbytes():
+    """Why 8-bit AdamW under DeepSpeed is bitsandbytes' (stages/optimizers/factory.make_8bit): ZeRO-1/2 link each
+    parameter to its slice of the flat partition's optimizer state with `narrow` at the parameter's offset
+    (deepspeed/utils/tensor_fragment.py). torchao's 8-bit state refuses an offset off its 256-value blocks;
+    the ZeRO-2 + DoRA cell of the torchao walk crashed at step 1 on exactly this (start 512, end 576)."""
+    import bitsandbytes as bnb
+
+    flat = [torch.nn.Parameter(torch.zeros(6912))]  # 27 blocks of 256: 8-bit moments
+    opt = torchao_lowbit.make(flat, lr=1e-3)
+    flat[0].grad = torch.ones(6912)
+    opt.step()
+    state = opt.state[flat[0]]["exp_avg"]
+    assert type(state).__name__ == "OptimState8bit"
+    assert state.narrow(0, 512, 256).dequantize().shape == (256,)  # on a block boundary: a view
+    with pytest.raises(ValueError, match="block boundary"):
+        state.narrow(0, 512, 64)
+    ref = bnb.optim.AdamW8bit([torch.nn.Parameter(torch.zeros(6912))], lr=1e-3)
+    ref.param_groups[0]["params"][0].grad = torch.ones(6912)
+    ref.step()
+    q = ref.state[ref.param_groups[0]["params"][0]]["state1"]
+    assert q.dtype == torch.uint8 and q.narrow(0, 512, 64).shape == (64,)

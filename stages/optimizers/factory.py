@@ -31,8 +31,9 @@ def _fused_ok(params) -> bool:
     return p.dtype in (torch.float32, torch.float16, torch.bfloat16) and p.device.type in ("cuda", "cpu", "mps")
 
 
-def make(params, cfg, seed: int = 0):
-    """(optimizer, name) for the trainable `params` and a Train config section."""
+def make(params, cfg, seed: int = 0, deepspeed: bool = False):
+    """(optimizer, name) for the trainable `params` and a Train config section; `deepspeed`: the optimizer
+    will step DeepSpeed's flat fp32 partitions (ZeRO), which picks the 8-bit AdamW (make_8bit)."""
     params = list(params)
     if getattr(cfg, "optimizer", "adamw") in ("adafactor", "prodigy"):  # stages/optimizers/beyond_adamw.py
         from stages.optimizers.beyond_adamw import make_extra
@@ -47,7 +48,7 @@ def make(params, cfg, seed: int = 0):
                                 rounding=cfg.bf16_update, states=states, seed=seed)
         return opt, f"adamw-{states}-states/{cfg.bf16_update}-rounding"
     if cfg.use_8bit_adam:
-        return make_8bit(params, cfg)
+        return make_8bit(params, cfg, deepspeed)
     if cfg.optimizer_states == "bf16":
         return LowPrecisionAdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, rounding="nearest",
                                  states="bf16", seed=seed), "adamw-bf16-states"
@@ -56,11 +57,16 @@ def make(params, cfg, seed: int = 0):
             "adamw-fused" if fused else "adamw")
 
 
-def make_8bit(params, cfg):
+def make_8bit(params, cfg, deepspeed: bool = False):
     """8-bit AdamW on fp32 weights: torchao's AdamW8bit where torchao is installed (the comparison in
     docs/precision.md: the same update error, bytes and resume as bitsandbytes', and the only one that
-    steps FSDP2's DTensors), else bitsandbytes'. The name says which library steps."""
-    if importlib.util.find_spec("torchao") is not None:
+    steps FSDP2's DTensors), else bitsandbytes'. Under DeepSpeed always bitsandbytes': ZeRO-1/2 take a
+    view of each parameter's slice of the optimizer state (`narrow` at the parameter's offset in the flat
+    partition), which torchao's 8-bit state refuses unless the offset falls on its 256-value block
+    boundary (step 1 crashed with DoRA's small magnitude vectors: tests/test_optimizers_torchao.py), and
+    it keeps fp32 moments for a partition that is not a multiple of 256 values (its `_new_buffer`), which
+    ZeRO's padding does not promise. The name says which library steps."""
+    if importlib.util.find_spec("torchao") is not None and not deepspeed:
         from stages.optimizers import torchao_lowbit
 
         return (torchao_lowbit.make(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, states="8bit",
@@ -119,12 +125,13 @@ def parameter_seed(seed: int, index: int) -> int:
     return (seed * 1_000_003 + (index + 1) * 7_919) % (2**63)
 
 
-def build(params, cfg, num_processes: int = 1, seed: int = 0, mixed_precision: str = "no"):
+def build(params, cfg, num_processes: int = 1, seed: int = 0, mixed_precision: str = "no", deepspeed: bool = False):
     """The optimizer the trainer uses: `make`, optionally moved inside backward. `mixed_precision` is
-    the resolved setting (mixed_precision=auto becomes fp16 on a GPU without bf16)."""
+    the resolved setting (mixed_precision=auto becomes fp16 on a GPU without bf16); `deepspeed`: the
+    accelerator runs DeepSpeed (in-backward is refused there by the config check)."""
     params = list(params)
     if not cfg.optimizer_in_backward:
-        return make(params, cfg, seed)
+        return make(params, cfg, seed, deepspeed)
     if mixed_precision == "fp16":
         raise InputError("train.optimizer_in_backward cannot run under fp16 mixed precision (the gradients would "
                          "step unscaled and inf steps would not be skipped); use bf16 or optimizer_in_backward=false")

@@ -1,7 +1,7 @@
 """Train several cells of cascade/compat.py's table in ONE launch: `python compat_cells.py JOBS.json` for
 the one-process cells and references, `torchrun --nproc_per_node 2 compat_cells.py JOBS.json` for the
 engines. JOBS.json: {"common": [train args], "out": folder, "jobs": [{"name", "engine", "sets",
-"reference", optional "args"}]}. Each job is `cascade train stage1` with its engine's environment (what
+"reference", optional "library" and "args"}]}. Each job is `cascade train stage1` with its engine's environment (what
 `accelerate launch --config_file configs/accelerate/X.yaml` exports; FSDP forced on gloo as train_engine.py does).
 
 Every rank draws rank 0's data, so the averaged gradient of N processes is the one-process gradient and
@@ -9,6 +9,7 @@ every engine's update can be compared with a one-process reference run. A refere
 library's own optimizer (torch AdamW, torchao's or else bitsandbytes' AdamW8bit, prodigyopt Prodigy,
 transformers Adafactor) in place of cascade's, on fp32 weights. Results: OUT/results.json (rank 0), {name: exit
 code}."""
+import functools
 import importlib.util
 import json
 import os
@@ -24,8 +25,9 @@ ENGINE_ENV = {"single": {}, "ddp": {}, "fsdp2": train_engine.ENV["fsdp"], "zero2
 ALL_KEYS = {k for env in ENGINE_ENV.values() for k in env}
 
 
-def reference_build(params, cfg, *args, **kwargs):
-    """The library optimizer the cell names, with the cell's lr and weight decay (no cascade code)."""
+def reference_build(params, cfg, *args, library=None, **kwargs):
+    """The library optimizer the cell names, with the cell's lr and weight decay (no cascade code);
+    `library="bitsandbytes"`: bitsandbytes' 8-bit AdamW even where torchao is installed (the DeepSpeed cells')."""
     import torch
 
     params = list(params)
@@ -33,7 +35,8 @@ def reference_build(params, cfg, *args, **kwargs):
     lr, wd = cfg.learning_rate, cfg.weight_decay
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd, foreach=False), "reference-adamw"
-    if name == "adamw8bit" and params[0].dtype == torch.float32 and importlib.util.find_spec("torchao") is not None:
+    if name == "adamw8bit" and params[0].dtype == torch.float32 and importlib.util.find_spec("torchao") is not None \
+            and library != "bitsandbytes":
         from torchao.optim import AdamW8bit  # what cascade steps 8-bit AdamW with where torchao is installed
 
         return AdamW8bit(params, lr=lr, weight_decay=wd), "reference-adamw8bit-torchao"
@@ -71,7 +74,7 @@ def main():
             train_engine.force_fsdp_on_cpu()  # patches Accelerator.__init__; only acts with ACCELERATE_USE_FSDP
             fsdp_forced = True
         AcceleratorState._reset_state(True)
-        factory.build = reference_build if job.get("reference") else built
+        factory.build = functools.partial(reference_build, library=job.get("library")) if job.get("reference") else built
         sets = [x for s in job["sets"] for x in ("--set", s)]
         try:  # a crash is recorded and the walk goes on (the common args give the process group a short timeout)
             results[job["name"]] = cascade_main(["train", "stage1", *spec["common"], *sets, *job.get("args", []),
