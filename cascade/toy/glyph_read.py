@@ -18,7 +18,9 @@ Reader without a truth (drift: does the SR draw the glyph on other striped toys?
   stop: a surface with no stripes (a plain toy, bilinear upsampling) scores ~0 however flat it is.
 - `glyph_anywhere(image)`: 1.0 where glyph_score reaches DRAWN (a glyph drawn somewhere), else 0.0.
   On renders (tests/test_toy_glyph.py) 20 other striped toys with the glyph placed score 0.55-0.91, the
-  same toys without it 0.05-0.32, plain toys 0.00-0.03 and bilinear upsampling 0.09-0.28.
+  same toys without it 0.05-0.32, plain toys 0.00-0.03 and bilinear upsampling 0.09-0.28. On SR outputs
+  it is not specific: it fires on 0.70 of the base SR's striped samples of other toys, which cannot hold
+  the F (docs/sr-study.md, "Drift onto other toys").
 """
 from __future__ import annotations
 
