@@ -174,6 +174,16 @@ def configure_deepspeed(accelerator, unet, cfg, micro_batch: int):
              conf["train_batch_size"], conf["gradient_clipping"])
 
 
+def optimizer_builder(accelerator, cfg):
+    """The `make_optimizer` the trainer and the device check pass below: factory.build with this launch's
+    process count, resolved mixed precision and engine (under DeepSpeed the 8-bit AdamW is bitsandbytes')."""
+    from stages.optimizers import factory
+
+    deepspeed = deepspeed_config(accelerator) is not None
+    return lambda ps, *_: factory.build(ps, cfg, accelerator.num_processes, cfg.seed, accelerator.mixed_precision,
+                                        deepspeed=deepspeed)
+
+
 def make_optimizer_and_scheduler(accelerator, params, cfg, make_optimizer):
     """Our optimizer with the configured LR schedule (stages/schedules.py), unless a DeepSpeed config defines its
     own optimizer/scheduler: then accelerate's placeholders carry our lr/warmup into that config."""

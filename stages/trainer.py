@@ -110,8 +110,7 @@ def train(task, unet, scheduler, embeds: Embeddings, cfg, run_dir: Path, export_
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer, lr_sched, opt_name = engines.make_optimizer_and_scheduler(
-        accelerator, params, cfg, lambda ps, *_: factory.build(ps, cfg, accelerator.num_processes, cfg.seed, accelerator.mixed_precision,
-                                       deepspeed=engines.deepspeed_config(accelerator) is not None))
+        accelerator, params, cfg, engines.optimizer_builder(accelerator, cfg))
     per_process_batch = cfg.batch_size * (2 if task.has_prior and cfg.prior_preservation else 1)
     engines.configure_deepspeed(accelerator, unet, cfg, per_process_batch)
     unet, optimizer, lr_sched = accelerator.prepare(unet, optimizer, lr_sched)

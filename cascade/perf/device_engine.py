@@ -36,8 +36,7 @@ def main(arg: str) -> dict:
         unet.train()
         params = [p for p in unet.parameters() if p.requires_grad]
         opt, sched, opt_name = engines.make_optimizer_and_scheduler(
-            acc, params, tc, lambda ps, *_: factory.build(ps, tc, acc.num_processes, tc.seed, acc.mixed_precision,
-                                          deepspeed=engines.deepspeed_config(acc) is not None))
+            acc, params, tc, engines.optimizer_builder(acc, tc))
         n = plan.batch * (2 if plan.prior else 1)
         engines.configure_deepspeed(acc, unet, tc, n)
         unet, opt, sched = acc.prepare(unet, opt, sched)
